@@ -1,0 +1,55 @@
+"""The ``billing`` command. Each area of the product registers its commands from its own
+module in this package, so a newcomer finds ``billing plans check`` in ``cli/plans.py``.
+
+Errors the user can fix (``BillingError``) end in one red line on stderr and the error's
+exit status (2 for bad input), never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from billing.errors import BillingError
+
+app = typer.Typer(
+    name="billing",
+    help="Klik & Pay subscription re-billing: worker, beat, sandbox and operations.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err_console = Console(stderr=True, highlight=False)
+
+
+def _register() -> None:
+    from billing.cli import db, plans, processes, sandbox, subscriptions
+
+    for module in (db, plans, subscriptions, sandbox, processes):
+        module.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app(standalone_mode=False)
+    except BillingError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", markup=True, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(1)
+    except Exception as exc:  # click's usage errors arrive here with standalone_mode=False
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,82 @@
+"""Engines and sessions for PostgreSQL (psycopg 3) and the embedded SQLite default.
+
+One engine per URL per process, pooled: a charge must not pay for a new connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+
+def normalize_url(url: str) -> str:
+    """Point ``postgresql://`` URLs at psycopg 3, the driver we install."""
+    for prefix in ("postgresql://", "postgres://", "postgresql+psycopg2://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets the CLI read while a worker writes; busy_timeout waits instead of failing.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+_ENGINES: dict[str, Engine] = {}
+_MAKERS: dict[str, sessionmaker[Session]] = {}
+
+
+def get_engine(url: str) -> Engine:
+    """The pooled engine for ``url``, created once per process."""
+    url = normalize_url(url)
+    engine = _ENGINES.get(url)
+    if engine is None:
+        if is_sqlite(url):
+            engine = create_engine(url, connect_args={"timeout": 30})
+            event.listen(engine, "connect", _sqlite_pragmas)
+        else:
+            engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=80)
+        _ENGINES[url] = engine
+    return engine
+
+
+def get_sessionmaker(url: str) -> sessionmaker[Session]:
+    url = normalize_url(url)
+    maker = _MAKERS.get(url)
+    if maker is None:
+        maker = _MAKERS[url] = sessionmaker(bind=get_engine(url), expire_on_commit=False)
+    return maker
+
+
+@contextmanager
+def session_scope(url: str) -> Iterator[Session]:
+    """A transaction: committed when the block ends, rolled back if it raises."""
+    session = get_sessionmaker(url)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def dispose_all() -> None:
+    """Drop every pooled connection (after a fork, or at the end of tests)."""
+    for engine in _ENGINES.values():
+        engine.dispose()
+    _ENGINES.clear()
+    _MAKERS.clear()

@@ -1,0 +1,71 @@
+"""Every tunable default in one place, each next to the reason for its value.
+
+Settings (``billing.settings``) read these as their defaults, so changing a value here
+changes it everywhere a user did not override it through ``BILLING_*`` variables.
+"""
+
+from __future__ import annotations
+
+#: Where the gateway's scripts live. The four server-to-server scripts hang off it.
+GATEWAY_URL = "https://www.klikandpay.com/paiement"
+
+#: Seconds to open a TCP/TLS connection to the gateway. A connect timeout proves the
+#: request never reached the script, so it is retried safely: keep it short.
+CONNECT_TIMEOUT = 5.0
+
+#: Seconds to wait for the gateway's answer once the request is sent. Past it the
+#: outcome is UNKNOWN (the card may be charged), so it is generous.
+READ_TIMEOUT = 30.0
+
+#: The embedded default: a SQLite file in the working folder, so that one command runs.
+DATABASE_URL = "sqlite:///billing.db"
+
+#: Celery's broker. Redis is what the tests and the compose file run.
+BROKER_URL = "redis://localhost:6379/0"
+
+#: Plans file, relative to the working folder.
+PLANS_FILE = "schedules/plans.toml"
+
+#: Seconds a message may stay unacknowledged in Redis before it is handed to another
+#: worker. Every countdown and every task's run time stays well below it; long waits
+#: (retry ladders, deferred captures) live in the database instead.
+VISIBILITY_TIMEOUT = 3600
+
+#: How often the engine sweep runs (seconds): due retries, captures, stuck charges.
+ENGINE_SWEEP_SECONDS = 60.0
+
+#: Charge messages allowed in the broker or in workers at once. The sweep sends no more,
+#: so broker memory depends on this number, not on how many subscriptions are due.
+MAX_IN_FLIGHT = 500
+
+#: Subscriptions read and charge rows written per database round trip during a sweep.
+SWEEP_BATCH_SIZE = 1000
+
+#: Seconds added to the read timeout before an in-flight charge is declared stuck
+#: (its worker died mid-call) and marked UNKNOWN.
+STUCK_MARGIN_SECONDS = 60.0
+
+#: Seconds a charge may sit as ``queued`` (message sent) before the engine sweep sends
+#: its message again, in case the broker lost it. Re-sending is safe: a charge task
+#: claims its charge atomically and does nothing if another message already did.
+REQUEUE_AFTER_SECONDS = 600.0
+
+#: Celery retries of a charge whose request provably never reached the gateway.
+NOT_SENT_MAX_RETRIES = 6
+
+#: First backoff (seconds) after a NOT SENT outcome; it doubles each time, with jitter.
+NOT_SENT_BACKOFF_BASE = 2.0
+
+#: Cap of that backoff (seconds), far below the visibility timeout.
+NOT_SENT_BACKOFF_CAP = 300.0
+
+#: Queue the charge tasks travel on.
+QUEUE = "billing"
+
+#: Minimum hours between two successful engine charges of one subscription.
+MIN_CHARGE_GAP_HOURS = 20.0
+
+#: Where ``billing metrics`` and ``billing sandbox`` listen unless told otherwise.
+BIND_HOST = "127.0.0.1"
+METRICS_PORT = 9108
+SANDBOX_PORT = 8999

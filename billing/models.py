@@ -1,0 +1,278 @@
+"""The tables: plan versions, subscriptions, charges, attempts, the ledger, dead letters.
+
+Why the shape:
+- ``charges`` has one row per (subscription, period) under a unique constraint, so the
+  database itself refuses a second charge for a period, whatever the workers do.
+- ``attempts`` gets its row committed *before* each gateway call, so a crash mid-call
+  leaves evidence that a call may have been made.
+- ``ledger`` is append-only: no code path updates or deletes it, an ORM guard refuses
+  it in every database, and on PostgreSQL a trigger refuses it too.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    event,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+from billing.errors import StateError
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware in Python, UTC in storage, on PostgreSQL and SQLite alike."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: every time must carry its offset")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+Money = Numeric(12, 2, asdecimal=True)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime(),
+        Decimal: Money,
+        dict[str, Any]: JSON,
+    }
+
+
+class SubscriptionStatus(enum.StrEnum):
+    ACTIVE = "active"
+    PAST_DUE = "past_due"
+    SUSPENDED = "suspended"
+    CANCELLED = "cancelled"
+    PAUSED = "paused"
+
+
+class ChargeState(enum.StrEnum):
+    """Where a charge is. Only ``pending`` and ``queued`` charges are ever sent."""
+
+    PENDING = "pending"  # waiting for next_attempt_at, then dispatched
+    QUEUED = "queued"  # a task message is on its way
+    IN_FLIGHT = "in_flight"  # claimed by a worker; a gateway call may be under way
+    APPROVED = "approved"  # collected (or validated after a deferred authorization)
+    AUTHORIZED = "authorized"  # deferred: authorized, waiting for validation
+    FAILED = "failed"  # in the failed-charge queue (hard decline, ladder or retries spent)
+    UNKNOWN = "unknown"  # in the failed-charge queue: the card may have been charged
+    DECLINED = "declined"  # a person recorded a decline; final
+    DISCARDED = "discarded"  # a person gave up on this period
+    SKIPPED = "skipped"  # an overdue period not charged (catch-up policy)
+    CANCELLED = "cancelled"  # an authorization released before validation
+
+
+#: States a charge can still move from without a person.
+OPEN_STATES = (ChargeState.PENDING, ChargeState.QUEUED, ChargeState.IN_FLIGHT)
+#: States that wait for a person: the failed-charge queue.
+ATTENTION_STATES = (ChargeState.FAILED, ChargeState.UNKNOWN)
+
+
+class PlanVersion(Base):
+    """One row per distinct (amount, currency, interval) a plan has had."""
+
+    __tablename__ = "plan_versions"
+    __table_args__ = (UniqueConstraint("plan", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    plan: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    amount: Mapped[Decimal]
+    currency: Mapped[str] = mapped_column(String(3))
+    every: Mapped[str] = mapped_column(String(32))
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Subscription(Base):
+    __tablename__ = "subscriptions"
+    __table_args__ = (Index("ix_subscriptions_due", "plan", "status", "next_charge_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    external_ref: Mapped[str] = mapped_column(String(128), unique=True)
+    plan: Mapped[str] = mapped_column(String(64))
+    alias: Mapped[str] = mapped_column(String(128))
+    customer_ip: Mapped[str] = mapped_column(String(45))
+    email: Mapped[str | None] = mapped_column(String(254))
+    amount_override: Mapped[Decimal | None]
+    #: Period n is due at anchor + n x interval (in the plan's time zone).
+    anchor_at: Mapped[datetime]
+    #: The next period to charge, counted from the anchor.
+    next_period: Mapped[int] = mapped_column(Integer, default=0)
+    next_charge_at: Mapped[datetime]
+    status: Mapped[str] = mapped_column(String(16), default=SubscriptionStatus.ACTIVE)
+    paused_at: Mapped[datetime | None]
+    last_charged_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    charges: Mapped[list[Charge]] = relationship(back_populates="subscription")
+
+    def __repr__(self) -> str:
+        from billing.redact import mask_alias
+
+        return (
+            f"Subscription(id={self.id}, ref={self.external_ref!r}, plan={self.plan!r}, "
+            f"alias={mask_alias(self.alias)!r}, status={self.status!r})"
+        )
+
+
+class Charge(Base):
+    __tablename__ = "charges"
+    __table_args__ = (
+        UniqueConstraint("subscription_id", "period"),
+        Index("ix_charges_dispatch", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    subscription_id: Mapped[int] = mapped_column(ForeignKey("subscriptions.id"))
+    period: Mapped[int] = mapped_column(Integer)
+    due_at: Mapped[datetime]
+    plan: Mapped[str] = mapped_column(String(64))
+    plan_version: Mapped[int] = mapped_column(Integer)
+    amount: Mapped[Decimal]
+    currency: Mapped[str] = mapped_column(String(3))
+    merchant_id: Mapped[str] = mapped_column(String(32))
+    deferred: Mapped[bool] = mapped_column(Boolean, default=False)
+    state: Mapped[str] = mapped_column(String(16), default=ChargeState.PENDING)
+    #: Gateway calls made for this charge (duplicate.pl attempts).
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: Declines so far: the position on the plan's retry ladder.
+    declines: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    queued_at: Mapped[datetime | None]
+    claimed_at: Mapped[datetime | None]
+    tx: Mapped[str | None] = mapped_column(String(64))
+    last_code: Mapped[str | None] = mapped_column(String(32))
+    last_message: Mapped[str | None] = mapped_column(String(255))
+    #: Why the charge waits for a person (hard_decline, ladder_exhausted, ...).
+    reason: Mapped[str | None] = mapped_column(String(64))
+    authorized_amount: Mapped[Decimal | None]
+    collected_amount: Mapped[Decimal | None]
+    refunded_amount: Mapped[Decimal | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    subscription: Mapped[Subscription] = relationship(back_populates="charges")
+
+
+class Attempt(Base):
+    """One gateway call, written and committed before the call is made."""
+
+    __tablename__ = "attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    charge_id: Mapped[int] = mapped_column(ForeignKey("charges.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    #: duplicate | validate | cancel
+    operation: Mapped[str] = mapped_column(String(16))
+    amount: Mapped[Decimal]
+    worker: Mapped[str] = mapped_column(String(128))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    code: Mapped[str | None] = mapped_column(String(32))
+
+
+class LedgerEntry(Base):
+    """An append-only record of a gateway call's outcome or a money movement."""
+
+    __tablename__ = "ledger"
+    __table_args__ = (Index("ix_ledger_sub_at", "subscription_id", "at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    #: approved, declined, not_sent, unknown, authorized, validated, cancelled, refunded,
+    #: resolved_approved, resolved_declined, discarded, skipped, retry_requested
+    outcome: Mapped[str] = mapped_column(String(24), index=True)
+    #: duplicate | validate | cancel | person | engine
+    operation: Mapped[str] = mapped_column(String(16))
+    charge_id: Mapped[int | None] = mapped_column(ForeignKey("charges.id"), index=True)
+    attempt_id: Mapped[int | None] = mapped_column(ForeignKey("attempts.id"))
+    subscription_id: Mapped[int | None] = mapped_column(ForeignKey("subscriptions.id"))
+    external_ref: Mapped[str | None] = mapped_column(String(128))
+    plan: Mapped[str | None] = mapped_column(String(64))
+    period: Mapped[int | None] = mapped_column(Integer)
+    #: Money that moved with this row (0 when none did), in ``currency``.
+    amount: Mapped[Decimal]
+    currency: Mapped[str] = mapped_column(String(3))
+    merchant_id: Mapped[str] = mapped_column(String(32))
+    tx: Mapped[str | None] = mapped_column(String(64))
+    alias_masked: Mapped[str | None] = mapped_column(String(16))
+    code: Mapped[str | None] = mapped_column(String(32))
+    message: Mapped[str | None] = mapped_column(Text)
+    #: The gateway's body with secrets removed, so a real answer can be read later.
+    raw: Mapped[str | None] = mapped_column(Text)
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    actor: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str | None] = mapped_column(Text)
+    details: Mapped[dict[str, Any] | None]
+
+
+class DeadLetter(Base):
+    """A task that raised something unexpected, kept whole for a person to requeue."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_name: Mapped[str] = mapped_column(String(128))
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    args: Mapped[dict[str, Any]]
+    exc_type: Mapped[str] = mapped_column(String(128))
+    exc_message: Mapped[str] = mapped_column(Text)
+    traceback: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    requeued_at: Mapped[datetime | None]
+    requeued_by: Mapped[str | None] = mapped_column(String(128))
+
+
+@event.listens_for(Session, "before_flush")
+def _ledger_is_append_only(session: Session, _ctx: Any, _instances: Any) -> None:
+    """Refuse, in every database, an ORM update or delete of a ledger row."""
+    for obj in list(session.dirty) + list(session.deleted):
+        if isinstance(obj, LedgerEntry) and (obj in session.deleted or session.is_modified(obj)):
+            raise StateError("the ledger is append-only: rows are never updated or deleted")

@@ -1,0 +1,6 @@
+"""Shared fixtures. Each area keeps its own fixtures in ``tests/fixtures/``."""
+
+pytest_plugins = [
+    "tests.fixtures.db",
+    "tests.fixtures.sandbox",
+]
