@@ -178,6 +178,8 @@ class Charge(Base):
     currency: Mapped[str] = mapped_column(String(3))
     merchant_id: Mapped[str] = mapped_column(String(32))
     deferred: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: A person asked for the current attempt: the engine's velocity guard does not apply.
+    manual: Mapped[bool] = mapped_column(Boolean, default=False)
     state: Mapped[str] = mapped_column(String(16), default=ChargeState.PENDING)
     #: Gateway calls made for this charge (duplicate.pl attempts).
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -3,4 +3,6 @@
 pytest_plugins = [
     "tests.fixtures.db",
     "tests.fixtures.sandbox",
+    "tests.fixtures.processes",
+    "tests.fixtures.engine",
 ]

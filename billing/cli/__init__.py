@@ -11,6 +11,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from billing.errors import BillingError
 
@@ -25,9 +26,29 @@ err_console = Console(stderr=True, highlight=False)
 
 
 def _register() -> None:
-    from billing.cli import db, plans, processes, sandbox, subscriptions
+    from billing.cli import (
+        db,
+        deadletters,
+        failed,
+        ledger,
+        metrics,
+        plans,
+        processes,
+        sandbox,
+        subscriptions,
+    )
 
-    for module in (db, plans, subscriptions, sandbox, processes):
+    for module in (
+        db,
+        plans,
+        subscriptions,
+        sandbox,
+        processes,
+        failed,
+        deadletters,
+        ledger,
+        metrics,
+    ):
         module.register(app)
 
 
@@ -37,9 +58,10 @@ _register()
 def main() -> None:
     """Console-script entry point."""
     try:
-        app(standalone_mode=False)
+        # With standalone_mode=False click returns a typer.Exit code instead of raising it.
+        code = app(standalone_mode=False)
     except BillingError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", markup=True, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -53,3 +75,5 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-28 13:04:42.833229
+Create Date: 2026-11-28 13:09:26.866042
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ def upgrade() -> None:
     sa.Column('currency', sa.String(length=3), nullable=False),
     sa.Column('merchant_id', sa.String(length=32), nullable=False),
     sa.Column('deferred', sa.Boolean(), nullable=False),
+    sa.Column('manual', sa.Boolean(), nullable=False),
     sa.Column('state', sa.String(length=16), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('declines', sa.Integer(), nullable=False),

@@ -1,0 +1,602 @@
+"""The plans file: which merchant account charges what, how often, and what to do on failure.
+
+The file (TOML, ``schedules/plans.toml`` by default) holds ``[accounts.CUR]`` tables (one
+Klik & Pay merchant ID per currency, as the gateway issues them) and ``[plans.NAME]`` tables.
+It is checked whole: :func:`load_plans` reports every problem at once, each naming the table,
+the key and what is wrong, so one run of ``billing plans check`` fixes a file.
+
+Private keys never appear in the file: an account names the environment variable holding
+its key, and the key is read from the environment only when a charge needs it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+import os
+import re
+import threading
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, cast
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sqlalchemy import func, select
+
+from billing.durations import Cron, Interval, parse_cron, parse_delay, parse_interval, quote
+from billing.errors import ConfigError, InvalidInput, NotFound, PlanFileError
+from billing.models import PlanVersion
+from billing.money import format_amount, parse_amount
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from billing.settings import Settings
+
+T = TypeVar("T")
+
+#: Largest amount the ``Numeric(12, 2)`` money columns hold.
+MAX_AMOUNT: Final = Decimal("9999999999.99")
+
+_CURRENCY = re.compile(r"[A-Z]{3}")
+_MERCHANT_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+# Dots would make "plans.a.b.amount" ambiguous; 64 is the width of the plan columns.
+_PLAN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+_ACCOUNT_KEYS: Final = ("merchant_id", "private_key_env", "max_charges_per_second")
+_PLAN_KEYS: Final = (
+    "amount",
+    "currency",
+    "every",
+    "sweep",
+    "timezone",
+    "deferred",
+    "capture_after",
+    "retry_ladder",
+    "after_ladder",
+    "catch_up",
+    "catch_up_spacing",
+)
+
+DEFAULT_SWEEP: Final = "1 hour"
+DEFAULT_TIMEZONE: Final = "UTC"
+DEFAULT_CAPTURE_AFTER: Final = "2 days"
+DEFAULT_RETRY_LADDER: Final = ("1 day", "3 days", "5 days", "7 days")
+DEFAULT_AFTER_LADDER: Final = "suspend"
+DEFAULT_CATCH_UP: Final = "latest"
+DEFAULT_CATCH_UP_SPACING: Final = "1 day"
+
+
+@dataclass(frozen=True)
+class Account:
+    """A Klik & Pay merchant account: one per currency, the key kept in the environment."""
+
+    currency: str
+    merchant_id: str
+    private_key_env: str
+    #: Charges per second this merchant may send (the gateway may refuse rapid repeats).
+    max_charges_per_second: float | None
+
+    def private_key(self) -> str:
+        """The account's private key, read from the environment at the moment it is needed."""
+        key = os.environ.get(self.private_key_env, "").strip()
+        if not key:
+            raise ConfigError(
+                f"accounts.{self.currency}: environment variable {self.private_key_env} is not "
+                f"set; it must hold the Klik & Pay private key of merchant {self.merchant_id}"
+            )
+        return key
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One plan of the file, every default filled in."""
+
+    name: str
+    amount: Decimal
+    currency: str
+    every: Interval
+    #: When beat looks for due charges: a cron line, or a fixed period.
+    sweep: Cron | timedelta
+    timezone: ZoneInfo
+    deferred: bool
+    capture_after: timedelta
+    #: Delays after each soft decline; empty means no retry.
+    retry_ladder: tuple[timedelta, ...]
+    after_ladder: Literal["suspend", "cancel"]
+    catch_up: Literal["latest", "all"]
+    catch_up_spacing: timedelta
+
+    def fingerprint(self) -> str:
+        """What a plan version is keyed by: the terms a customer agreed to pay.
+
+        Only amount, currency and interval count; changing the sweep or the retry ladder is
+        operations, not a new price.
+        """
+        terms = f"{format_amount(self.amount)}|{self.currency}|{self.every}"
+        return hashlib.sha256(terms.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class PlanSet:
+    """A whole, valid plans file."""
+
+    path: str
+    #: By currency.
+    accounts: dict[str, Account]
+    plans: dict[str, Plan]
+
+    def plan(self, name: str) -> Plan:
+        try:
+            return self.plans[name]
+        except KeyError:
+            known = ", ".join(sorted(self.plans)) or "none"
+            raise NotFound(f"unknown plan {name!r} (known: {known})") from None
+
+    def account_for(self, plan: Plan | str) -> Account:
+        """The merchant account that charges ``plan`` (by its currency)."""
+        found = self.plan(plan) if isinstance(plan, str) else plan
+        return self.accounts[found.currency]
+
+    def warnings(self) -> list[str]:
+        """What is valid but will hurt later: keys missing from the environment, idle accounts."""
+        used = {plan.currency for plan in self.plans.values()}
+        out = []
+        for currency, account in self.accounts.items():
+            if not os.environ.get(account.private_key_env, "").strip():
+                out.append(
+                    f"accounts.{currency}: environment variable {account.private_key_env} is "
+                    f"not set; charges in {currency} will fail until it holds the private key"
+                )
+            if currency not in used:
+                out.append(f"accounts.{currency}: no plan is charged in {currency}")
+        return out
+
+
+# --- reading ----------------------------------------------------------------------------
+
+
+class _Bad(Exception):
+    """One problem with one value; the message follows the value's location."""
+
+
+def _show(value: object) -> str:
+    """A value as the user wrote it in TOML, for messages."""
+    if isinstance(value, str):
+        return quote(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()
+    return repr(value)
+
+
+def _string(value: object, example: str) -> str:
+    if not isinstance(value, str):
+        raise _Bad(f"{_show(value)} must be a quoted string such as {quote(example)}")
+    return value
+
+
+def _amount(value: object) -> Decimal:
+    if isinstance(value, float):
+        raise _Bad(
+            f"{value!r} is a TOML float, which cannot hold cents exactly: "
+            f'quote it, amount = "{value!r}"'
+        )
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise _Bad(f'{_show(value)} must be a quoted amount such as "29.90"')
+    problem = f"{quote(str(value))} is not a positive amount with at most two decimal places"
+    try:
+        amount = parse_amount(value)
+    except InvalidInput:
+        raise _Bad(problem) from None
+    if amount > MAX_AMOUNT:
+        raise _Bad(f"{quote(str(value))} is larger than {format_amount(MAX_AMOUNT)}")
+    return amount
+
+
+def _currency_code(value: object) -> str:
+    code = _string(value, "EUR")
+    if not _CURRENCY.fullmatch(code):
+        raise _Bad(f"{quote(code)} is not a currency code (three capital letters such as EUR)")
+    return code
+
+
+def _interval(value: object) -> Interval:
+    try:
+        return parse_interval(_string(value, "1 month"))
+    except ValueError as exc:
+        raise _Bad(str(exc)) from None
+
+
+def _delay(value: object) -> timedelta:
+    try:
+        return parse_delay(_string(value, "1 day"))
+    except ValueError as exc:
+        raise _Bad(str(exc)) from None
+
+
+def _sweep(value: object) -> Cron | timedelta:
+    text = _string(value, "0 3 * * *")
+    fields = len(text.split())
+    try:
+        if fields == 5:
+            return parse_cron(text)
+        if fields == 2:
+            return parse_delay(text)
+    except ValueError as exc:
+        raise _Bad(str(exc)) from None
+    raise _Bad(
+        f"{quote(text)} is neither a cron line (five fields: minute hour day-of-month month "
+        'day-of-week) nor a duration such as "30 seconds"'
+    )
+
+
+def _timezone(value: object) -> ZoneInfo:
+    name = _string(value, "Europe/Paris")
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise _Bad(f"{quote(name)} is not a known time zone (e.g. Europe/Paris, UTC)") from None
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad(f"{_show(value)} must be true or false (unquoted)")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def read(value: object) -> str:
+        text = _string(value, choices[0])
+        if text not in choices:
+            raise _Bad(f"{quote(text)} must be " + " or ".join(quote(c) for c in choices))
+        return text
+
+    return read
+
+
+def _rate(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Bad(f"{_show(value)} must be a positive number such as 5 or 0.1")
+    if not math.isfinite(value) or value <= 0:
+        raise _Bad(f"{value!r} must be a positive number such as 5 or 0.1")
+    return float(value)
+
+
+def _merchant_id(value: object) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise _Bad(f'{value} must be quoted: merchant_id = "{value}"')
+    text = _string(value, "1234567")
+    if not _MERCHANT_ID.fullmatch(text):
+        raise _Bad(f"{quote(text)} is not a merchant ID (1-32 letters or digits)")
+    return text
+
+
+def _env_name(value: object) -> str:
+    # The value is never echoed: someone may have pasted the private key itself here.
+    if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
+        raise _Bad(
+            "must be the NAME of the environment variable that holds the private key "
+            "(capital letters, digits and _, e.g. KLIKANDPAY_KEY_EUR), never the key itself"
+        )
+    return value
+
+
+class _Table:
+    """Reads one TOML table, collecting a problem per bad key instead of stopping."""
+
+    def __init__(self, where: str, table: Mapping[str, Any], problems: list[str]) -> None:
+        self.where = where
+        self.table = table
+        self.problems = problems
+        self.ok = True
+
+    def _problem(self, key: str, message: str) -> None:
+        self.ok = False
+        self.problems.append(f"{self.where}.{key}: {message}")
+
+    def required(self, key: str, read: Callable[[object], T]) -> T | None:
+        if key not in self.table:
+            self._problem(key, "missing")
+            return None
+        return self.optional(key, read, None)
+
+    def optional(self, key: str, read: Callable[[object], T], default: object) -> T | None:
+        value = self.table.get(key, default)
+        try:
+            return read(value)
+        except _Bad as exc:
+            self._problem(key, str(exc))
+            return None
+
+    def ladder(self, key: str, default: tuple[str, ...]) -> tuple[timedelta, ...] | None:
+        value = self.table.get(key, list(default))
+        if not isinstance(value, list):
+            self._problem(
+                key, f'{_show(value)} must be a list of delays such as ["1 day", "3 days"]'
+            )
+            return None
+        delays = []
+        for index, item in enumerate(value):
+            try:
+                delays.append(_delay(item))
+            except _Bad as exc:
+                self._problem(f"{key}[{index}]", str(exc))
+        return tuple(delays) if len(delays) == len(value) else None
+
+    def unknown_keys(self, known: tuple[str, ...], hints: Mapping[str, str] | None = None) -> None:
+        for key in self.table:
+            if key in known:
+                continue
+            self.ok = False
+            hint = (hints or {}).get(key)
+            if hint is None:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {quote(close[0])}?)" if close else ""
+            self.problems.append(f"{self.where}: unknown key {quote(key)}{hint}")
+
+
+_ACCOUNT_HINTS: Final = {
+    key: (
+        ": the key itself never goes in this file; set private_key_env to the name of the "
+        "environment variable that holds it"
+    )
+    for key in ("private_key", "key", "secret", "PRIVATE_KEY")
+}
+
+
+def _read_account(currency: str, value: object, problems: list[str]) -> Account | None:
+    where = f"accounts.{currency}"
+    if not isinstance(value, dict):
+        problems.append(f"{where}: must be a table, written [{where}]")
+        return None
+    ok = True
+    if not _CURRENCY.fullmatch(currency):
+        problems.append(
+            f"{where}: {quote(currency)} is not a currency code (three capital letters such as EUR)"
+        )
+        ok = False
+    table = _Table(where, value, problems)
+    merchant_id = table.required("merchant_id", _merchant_id)
+    env = table.required("private_key_env", _env_name)
+    rate = table.optional("max_charges_per_second", lambda v: None if v is None else _rate(v), None)
+    table.unknown_keys(_ACCOUNT_KEYS, _ACCOUNT_HINTS)
+    if not (ok and table.ok) or merchant_id is None or env is None:
+        return None
+    return Account(currency, merchant_id, env, rate)
+
+
+def _read_plan(
+    name: str, value: object, accounts: Mapping[str, object], problems: list[str]
+) -> Plan | None:
+    where = f"plans.{name}"
+    if not isinstance(value, dict):
+        problems.append(f"{where}: must be a table, written [{where}]")
+        return None
+    ok = True
+    if not _PLAN_NAME.fullmatch(name):
+        problems.append(
+            f"{where}: plan name {quote(name)} must be 1-64 letters, digits, '-' or '_'"
+        )
+        ok = False
+    table = _Table(where, value, problems)
+    amount = table.required("amount", _amount)
+    currency = table.required("currency", _currency_code)
+    if currency is not None and currency not in accounts:
+        table._problem("currency", f"{quote(currency)} has no [accounts.{currency}]")
+    every = table.required("every", _interval)
+    sweep = table.optional("sweep", _sweep, DEFAULT_SWEEP)
+    timezone = table.optional("timezone", _timezone, DEFAULT_TIMEZONE)
+    deferred = table.optional("deferred", _boolean, False)
+    capture_after = table.optional("capture_after", _delay, DEFAULT_CAPTURE_AFTER)
+    ladder = table.ladder("retry_ladder", DEFAULT_RETRY_LADDER)
+    after = table.optional("after_ladder", _choice("suspend", "cancel"), DEFAULT_AFTER_LADDER)
+    catch_up = table.optional("catch_up", _choice("latest", "all"), DEFAULT_CATCH_UP)
+    spacing = table.optional("catch_up_spacing", _delay, DEFAULT_CATCH_UP_SPACING)
+    table.unknown_keys(_PLAN_KEYS)
+    if not (ok and table.ok):
+        return None
+    # Every value is set once table.ok holds; the casts only tell mypy so.
+    return Plan(
+        name=name,
+        amount=cast(Decimal, amount),
+        currency=cast(str, currency),
+        every=cast(Interval, every),
+        sweep=cast(Cron | timedelta, sweep),
+        timezone=cast(ZoneInfo, timezone),
+        deferred=cast(bool, deferred),
+        capture_after=cast(timedelta, capture_after),
+        retry_ladder=cast(tuple[timedelta, ...], ladder),
+        after_ladder=cast(Literal["suspend", "cancel"], after),
+        catch_up=cast(Literal["latest", "all"], catch_up),
+        catch_up_spacing=cast(timedelta, spacing),
+    )
+
+
+def _duplicate_merchants(accounts: dict[str, Account], problems: list[str]) -> None:
+    seen: dict[str, str] = {}
+    for currency, account in accounts.items():
+        other = seen.setdefault(account.merchant_id, currency)
+        if other != currency:
+            problems.append(
+                f"accounts.{currency}.merchant_id: {quote(account.merchant_id)} is also the "
+                f"merchant ID of accounts.{other} (Klik & Pay issues one per currency)"
+            )
+
+
+def parse_plans(text: str, *, source: str = "<string>") -> PlanSet:
+    """Validate a plans file's text; raise ``PlanFileError`` listing every problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PlanFileError(source, [f"TOML syntax error: {exc}"]) from None
+    problems: list[str] = []
+    for key in data:
+        if key not in ("accounts", "plans"):
+            problems.append(
+                f"unknown top-level key {quote(key)}: the file holds only [accounts.CURRENCY] "
+                "and [plans.NAME] tables"
+            )
+    raw_accounts = data.get("accounts", {})
+    if not isinstance(raw_accounts, dict):
+        problems.append("accounts: must hold tables such as [accounts.EUR]")
+        raw_accounts = {}
+    raw_plans = data.get("plans", {})
+    if not isinstance(raw_plans, dict):
+        problems.append("plans: must hold tables such as [plans.pro-monthly]")
+        raw_plans = {}
+    elif not raw_plans:
+        problems.append("plans: no plan defined (add a [plans.NAME] table)")
+
+    accounts: dict[str, Account] = {}
+    for currency, value in raw_accounts.items():
+        account = _read_account(currency, value, problems)
+        if account is not None:
+            accounts[currency] = account
+    _duplicate_merchants(accounts, problems)
+    plans: dict[str, Plan] = {}
+    for name, value in raw_plans.items():
+        plan = _read_plan(name, value, raw_accounts, problems)
+        if plan is not None:
+            plans[name] = plan
+    if problems:
+        raise PlanFileError(source, problems)
+    return PlanSet(path=source, accounts=accounts, plans=plans)
+
+
+def load_plans(path: str | Path) -> PlanSet:
+    """Read and validate the plans file at ``path``; raise ``PlanFileError`` on any problem."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PlanFileError(source, ["file not found"]) from None
+    except IsADirectoryError:
+        raise PlanFileError(source, ["is a directory, not a plans file"]) from None
+    except UnicodeDecodeError as exc:
+        raise PlanFileError(source, [f"not UTF-8 text (byte {exc.start})"]) from None
+    except OSError as exc:
+        raise PlanFileError(source, [f"cannot be read: {exc.strerror}"]) from None
+    return parse_plans(text, source=source)
+
+
+_CACHE: dict[str, tuple[tuple[int, int], PlanSet]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def get_plans(settings: Settings | None = None) -> PlanSet:
+    """The plans file named by the settings, re-read only when it changes.
+
+    A worker asks for the plans at every charge; this costs one ``stat`` unless the file was
+    edited. An edit that breaks the file raises ``PlanFileError`` rather than silently
+    charging with the old plans.
+    """
+    if settings is None:
+        from billing.settings import get_settings
+
+        settings = get_settings()
+    path = Path(settings.plans_file)
+    key = str(path.resolve())
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise PlanFileError(str(path), ["file not found"]) from None
+    except OSError as exc:
+        raise PlanFileError(str(path), [f"cannot be read: {exc.strerror}"]) from None
+    stamp = (stat.st_mtime_ns, stat.st_size)
+    with _CACHE_LOCK:
+        cached = _CACHE.get(key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        plans = load_plans(path)
+        _CACHE[key] = (stamp, plans)
+        return plans
+
+
+# --- plan versions ----------------------------------------------------------------------
+
+#: Rounds of "someone else took that version number" before giving up.
+_SYNC_ATTEMPTS: Final = 5
+
+
+def _latest_versions(session: Session, names: list[str]) -> dict[str, tuple[int, str]]:
+    """plan -> (newest version, its fingerprint), in one query."""
+    newest = (
+        select(PlanVersion.plan, func.max(PlanVersion.version).label("version"))
+        .where(PlanVersion.plan.in_(names))
+        .group_by(PlanVersion.plan)
+        .subquery()
+    )
+    rows = session.execute(
+        select(PlanVersion.plan, PlanVersion.version, PlanVersion.fingerprint).join(
+            newest,
+            (PlanVersion.plan == newest.c.plan) & (PlanVersion.version == newest.c.version),
+        )
+    )
+    return {plan: (version, fingerprint) for plan, version, fingerprint in rows}
+
+
+def _insert_version(session: Session, plan: Plan, version: int) -> None:
+    """Insert the row unless another process just took ``(plan, version)``."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        statement: Any = pg_insert(PlanVersion)
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        statement = sqlite_insert(PlanVersion)
+    else:  # pragma: no cover - only the two databases are supported
+        raise ConfigError(f"unsupported database dialect {dialect!r}")
+    session.execute(
+        statement.values(
+            plan=plan.name,
+            version=version,
+            amount=plan.amount,
+            currency=plan.currency,
+            every=str(plan.every),
+            fingerprint=plan.fingerprint(),
+        ).on_conflict_do_nothing(index_elements=["plan", "version"])
+    )
+
+
+def sync_plan_versions(session: Session, plans: PlanSet) -> dict[str, int]:
+    """Make sure each plan's current terms have a ``PlanVersion`` row; return plan -> version.
+
+    A plan's current version is its newest row when that row's fingerprint matches the file;
+    otherwise a row numbered newest + 1 is added (so going back to an old price is a new
+    version too: versions record the order terms were in force). Safe to run at every start
+    and every sweep, from many processes at once: a version number taken concurrently is
+    not an error, the row is read back and the loop tries the next number. The caller commits.
+    """
+    current: dict[str, int] = {}
+    pending = dict(plans.plans)
+    for _ in range(_SYNC_ATTEMPTS):
+        latest = _latest_versions(session, list(pending))
+        for name, plan in list(pending.items()):
+            version, fingerprint = latest.get(name, (0, ""))
+            if fingerprint == plan.fingerprint():
+                current[name] = version
+                del pending[name]
+            else:
+                _insert_version(session, plan, version + 1)
+        if not pending:
+            return current
+    raise ConfigError(
+        "plan versions keep changing under this process (another process with a different "
+        f"plans file?): {', '.join(sorted(pending))}"
+    )

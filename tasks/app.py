@@ -1,0 +1,47 @@
+"""The Celery app. Configuration comes from ``billing.settings``; beat's schedule from the
+plans file, so a worker or beat refuses to start on an invalid plans file.
+
+Why these settings:
+- ``task_acks_late`` + ``task_reject_on_worker_lost``: a message is acknowledged only once
+  its task has finished, so a worker that dies mid-task leaves the message to be delivered
+  again. Redelivery is safe because a charge is claimed atomically in the database.
+- ``worker_prefetch_multiplier = 1``: a worker holds no more messages than it runs, so a
+  crash strands nothing and the sweep's in-flight bound is real.
+- ``visibility_timeout``: how long Redis waits for an acknowledgement before handing a
+  message to another worker. No task runs or waits (countdown) longer than a fraction of
+  it; long delays (retry ladders, captures) live in the database.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from billing.plans import get_plans
+from billing.settings import Settings, get_settings
+from schedules.beat import build_beat_schedule
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    app = Celery("klikandpay_billing", include=["tasks.charges"])
+    app.conf.update(
+        broker_url=settings.broker_url,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        timezone="UTC",
+        enable_utc=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=settings.queue,
+        worker_hijack_root_logger=False,
+        beat_schedule=build_beat_schedule(get_plans(settings), settings),
+    )
+    return app
+
+
+app = make_app()

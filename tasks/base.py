@@ -1,0 +1,88 @@
+"""The base every task runs on: one engine per process, dead letters, clean forks.
+
+Task bodies stay a few lines: they unpack arguments and call the engine; what goes wrong
+unexpectedly lands in the dead-letter table here, once, for every task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Ignore, Reject, Retry
+from celery.signals import worker_process_init
+
+from billing import deadletters
+from billing.db import dispose_all
+from billing.engine import Engine
+from billing.settings import get_settings
+
+log = logging.getLogger("billing.tasks")
+
+_engine: Engine | None = None
+_engine_pid: int | None = None
+
+
+@worker_process_init.connect
+def _after_fork(**_: Any) -> None:
+    """A forked pool process must not share its parent's sockets or pooled connections."""
+    global _engine, _engine_pid
+    dispose_all()
+    _engine = _engine_pid = None
+
+
+def send_charges(charge_ids: Sequence[int]) -> None:
+    """Send one charge message per ID over a single pooled producer connection."""
+    from tasks.charges import charge
+
+    with charge.app.producer_or_acquire() as producer:
+        for charge_id in charge_ids:
+            charge.apply_async((charge_id,), producer=producer)
+
+
+def get_engine() -> Engine:
+    """The process's engine, built on first use (after any fork)."""
+    global _engine, _engine_pid
+    if _engine is None or _engine_pid != os.getpid():
+        _engine = Engine(get_settings(), dispatcher=send_charges)
+        _engine_pid = os.getpid()
+    return _engine
+
+
+class BillingTask(Task):
+    """Base task: gives access to the engine and dead-letters unexpected exceptions."""
+
+    abstract = True
+    #: Celery's control-flow exceptions, never dead-lettered.
+    control_flow = (Retry, Ignore, Reject)
+
+    @property
+    def engine(self) -> Engine:
+        return get_engine()
+
+    def on_failure(
+        self,
+        exc: BaseException,
+        task_id: str,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        einfo: Any,
+    ) -> None:
+        if isinstance(exc, self.control_flow):
+            return
+        try:
+            letter = deadletters.record(
+                get_settings().database_url,
+                task_name=self.name,
+                task_id=task_id,
+                args=list(args),
+                kwargs=dict(kwargs),
+                exc=exc,
+                traceback=str(einfo),
+            )
+            log.error("task %s[%s] failed; dead letter %d: %s", self.name, task_id, letter, exc)
+        except Exception:  # the database itself is down: the worker log is all we have
+            log.exception("task %s[%s] failed and could not be dead-lettered", self.name, task_id)

@@ -1,0 +1,48 @@
+"""The tasks beat and the sweeps send. Each only unpacks arguments and calls the engine."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import Any
+
+from kombu.exceptions import OperationalError
+
+from billing.intake import add_subscription_from_dict
+from billing.settings import get_settings
+from schedules.beat import ENGINE_SWEEP, SWEEP_PLAN
+from tasks.app import app
+from tasks.base import BillingTask
+
+log = logging.getLogger("billing.tasks")
+
+
+@app.task(base=BillingTask, bind=True, name=SWEEP_PLAN)
+def sweep_plan(self: BillingTask, plan: str) -> dict[str, Any]:
+    return asdict(self.engine.sweep_plan(plan))
+
+
+@app.task(base=BillingTask, bind=True, name=ENGINE_SWEEP)
+def engine_sweep(self: BillingTask) -> dict[str, Any]:
+    return asdict(self.engine.engine_sweep())
+
+
+@app.task(base=BillingTask, bind=True, name="billing.charge", max_retries=None)
+def charge(self: BillingTask, charge_id: int) -> str:
+    result = self.engine.charge(charge_id, retries=self.request.retries)
+    if result.status != "retry":
+        return result.status
+    try:
+        # Safe to send again: the engine asks for a retry only when the request provably
+        # never reached the gateway, and the charge is back to ``queued`` for the next claim.
+        raise self.retry(countdown=result.retry_in, max_retries=None)
+    except OperationalError:
+        # The broker is down: the charge stays ``queued`` and the engine sweep re-sends it.
+        log.warning("charge %s: broker unavailable for the retry; the engine sweep will", charge_id)
+        return "retry_deferred"
+
+
+@app.task(base=BillingTask, bind=True, name="billing.add_subscription")
+def add_subscription(self: BillingTask, data: dict[str, Any]) -> int:
+    """Intake for shops that would rather send a message than call the CLI or Python."""
+    return add_subscription_from_dict(get_settings().database_url, data)

@@ -1,0 +1,292 @@
+"""The engine against a real database and the gateway over real HTTP, one step at a time."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+
+from freezegun import freeze_time
+from sqlalchemy import func, select, update
+
+from billing import dates
+from billing.db import session_scope
+from billing.models import Charge, ChargeState, LedgerEntry, SubscriptionStatus, utcnow
+
+
+def test_sweep_creates_one_charge_per_due_subscription_and_a_second_sweep_nothing(
+    db_url, gateway, make_harness
+):
+    h = make_harness(db_url)
+    aliases = gateway.seed_aliases("1234567", 3)
+    subs = [h.subscribe(f"shop-{i}", alias) for i, alias in enumerate(aliases)]
+    h.subscribe("not-yet", aliases[0], next_charge_at=utcnow() + timedelta(days=3))
+
+    first = h.engine.sweep_plan("monthly")
+    second = h.engine.sweep_plan("monthly")
+
+    assert (first.created, first.dispatched) == (3, 3)
+    assert (second.created, second.dispatched) == (0, 0)
+    assert sorted(h.take_sent()) == sorted(h.charge(s).id for s in subs)
+    with session_scope(db_url) as session:
+        assert session.scalar(select(func.count()).select_from(Charge)) == 3
+
+
+def test_approved_charge_moves_the_subscription_to_its_next_period(db_url, gateway, make_harness):
+    h = make_harness(db_url)
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    sub_id = h.subscribe("shop-1", alias)
+    h.engine.sweep_plan("monthly")
+
+    assert h.run_sent() == ["done"]
+
+    charge = h.charge(sub_id)
+    sub = h.sub(sub_id)
+    plan = h.plans.plan("monthly")
+    assert charge.state == ChargeState.APPROVED
+    assert charge.collected_amount == Decimal("29.90") and charge.tx
+    assert sub.next_period == 1 and sub.status == SubscriptionStatus.ACTIVE
+    assert sub.next_charge_at == dates.due_at(sub.anchor_at, plan.every, 1, plan.timezone)
+    (entry,) = h.ledger(sub_id)
+    assert (entry.outcome, entry.amount, entry.currency, entry.merchant_id) == (
+        "approved", Decimal("29.90"), "EUR", "1234567",
+    )  # fmt: skip
+    assert entry.tx == charge.tx and alias not in (entry.alias_masked or "")
+    assert len(gateway.calls(alias=alias, script="duplicate")) == 1
+
+
+def test_soft_decline_waits_on_the_ladder_then_recovers(pg_url, gateway, make_harness):
+    h = make_harness(pg_url)
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    gateway.set_behaviour(alias, decline="51", times=1)
+    sub_id = h.subscribe("shop-1", alias)
+    h.engine.sweep_plan("monthly")
+    h.run_sent()
+
+    charge = h.charge(sub_id)
+    assert charge.state == ChargeState.PENDING and charge.declines == 1
+    assert h.sub(sub_id).status == SubscriptionStatus.PAST_DUE
+    assert charge.next_attempt_at is not None
+    # The ladder's first step is 2 seconds: not due before, due after.
+    assert h.engine.dispatch_due(charge.next_attempt_at - timedelta(seconds=1)) == 0
+    assert h.engine.dispatch_due(charge.next_attempt_at + timedelta(seconds=1)) == 1
+    h.run_sent()
+
+    assert h.charge(sub_id).state == ChargeState.APPROVED
+    assert h.sub(sub_id).status == SubscriptionStatus.ACTIVE
+    assert [e.outcome for e in h.ledger(sub_id)] == ["declined", "approved"]
+    assert len(gateway.calls(alias=alias, script="duplicate")) == 2
+
+
+def test_spent_ladder_fails_the_charge_and_suspends(pg_url, gateway, make_harness):
+    h = make_harness(pg_url)
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    gateway.set_behaviour(alias, decline="05")
+    sub_id = h.subscribe("shop-1", alias)
+    h.engine.sweep_plan("monthly")
+    h.run_sent()
+    for _ in range(2):  # the ladder has two steps
+        h.engine.dispatch_due(utcnow() + timedelta(seconds=5))
+        h.run_sent()
+
+    charge = h.charge(sub_id)
+    assert (charge.state, charge.reason, charge.declines) == (
+        ChargeState.FAILED, "ladder_exhausted", 3,
+    )  # fmt: skip
+    assert h.sub(sub_id).status == SubscriptionStatus.SUSPENDED
+    assert h.engine.dispatch_due(utcnow() + timedelta(days=30)) == 0
+
+
+def test_hard_decline_fails_at_once_and_the_plan_cancels(db_url, gateway, make_harness):
+    h = make_harness(db_url)
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    gateway.set_behaviour(alias, decline="54")
+    sub_id = h.subscribe("shop-1", alias, plan="strict")
+    h.engine.sweep_plan("strict")
+    h.run_sent()
+
+    charge = h.charge(sub_id)
+    assert (charge.state, charge.reason, charge.last_code) == (
+        ChargeState.FAILED, "hard_decline", "54",
+    )  # fmt: skip
+    assert h.sub(sub_id).status == SubscriptionStatus.CANCELLED
+
+
+def test_not_sent_is_retried_and_charged_once(pg_url, gateway, make_harness):
+    h = make_harness(pg_url)
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    gateway.set_behaviour(alias, unavailable=2)
+    sub_id = h.subscribe("shop-1", alias)
+    h.engine.sweep_plan("monthly")
+    (charge_id,) = h.take_sent()
+
+    results = [h.engine.charge(charge_id, retries=n) for n in range(3)]
+
+    assert [r.status for r in results] == ["retry", "retry", "done"]
+    assert all(0 < (r.retry_in or 0) <= 600 for r in results[:2])
+    assert h.charge(sub_id).state == ChargeState.APPROVED
+    recorded = [c for c in gateway.calls(alias=alias, script="duplicate") if c["recorded"]]
+    assert len(recorded) == 1
+    assert [e.outcome for e in h.ledger(sub_id)] == ["not_sent", "not_sent", "approved"]
+
+
+def test_not_sent_retries_are_bounded(pg_url, gateway, make_harness):
+    h = make_harness(pg_url, not_sent_max_retries=1)
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    gateway.set_behaviour(alias, unavailable=5)
+    sub_id = h.subscribe("shop-1", alias)
+    h.engine.sweep_plan("monthly")
+    (charge_id,) = h.take_sent()
+
+    assert h.engine.charge(charge_id, retries=0).status == "retry"
+    assert h.engine.charge(charge_id, retries=1).status == "done"
+    assert (h.charge(sub_id).state, h.charge(sub_id).reason) == (
+        ChargeState.FAILED, "not_sent_exhausted",
+    )  # fmt: skip
+
+
+def test_lost_answer_is_unknown_and_never_retried(db_url, gateway, make_harness):
+    h = make_harness(db_url)
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    gateway.set_behaviour(alias, drop_after_record=True)
+    sub_id = h.subscribe("shop-1", alias)
+    h.engine.sweep_plan("monthly")
+    h.run_sent()
+
+    charge = h.charge(sub_id)
+    assert (charge.state, charge.reason) == (ChargeState.UNKNOWN, "unknown_outcome")
+    later = utcnow() + timedelta(days=62)
+    # Neither the engine sweep nor later plan sweeps send anything for this subscription.
+    assert h.engine.engine_sweep(later).dispatched == 0
+    assert h.engine.sweep_plan("monthly", later).created == 0
+    assert len(gateway.calls(alias=alias, script="duplicate")) == 1
+    assert [e.outcome for e in h.ledger(sub_id)] == ["unknown"]
+
+
+def test_a_charge_stuck_in_flight_becomes_unknown_and_is_not_sent_again(
+    pg_url, gateway, make_harness
+):
+    h = make_harness(pg_url)
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    sub_id = h.subscribe("shop-1", alias)
+    h.engine.sweep_plan("monthly")
+    (charge_id,) = h.take_sent()
+    # A worker claimed it and died before recording anything.
+    with session_scope(pg_url) as session:
+        session.execute(
+            update(Charge)
+            .where(Charge.id == charge_id)
+            .values(state=ChargeState.IN_FLIGHT, claimed_at=utcnow() - timedelta(minutes=5))
+        )
+
+    assert h.engine.engine_sweep().stuck == 1
+    assert h.charge(sub_id).state == ChargeState.UNKNOWN
+    assert h.engine.charge(charge_id).status == "not_claimed"
+    assert gateway.calls(alias=alias, script="duplicate") == []
+
+
+def test_a_redelivered_or_requeued_message_charges_once(pg_url, gateway, make_harness):
+    h = make_harness(pg_url, requeue_after_seconds=30)
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    sub_id = h.subscribe("shop-1", alias)
+    h.engine.sweep_plan("monthly")
+    (charge_id,) = h.take_sent()
+    # The broker "lost" the message: the engine sweep sends it again after the timeout.
+    assert h.engine.requeue_lost(utcnow() + timedelta(seconds=10)) == 0
+    assert h.engine.requeue_lost(utcnow() + timedelta(seconds=31)) == 1
+    assert h.take_sent() == [charge_id]
+
+    first = h.engine.charge(charge_id)
+    second = h.engine.charge(charge_id)  # the original message after all
+
+    assert (first.status, second.status) == ("done", "not_claimed")
+    assert h.charge(sub_id).state == ChargeState.APPROVED
+    assert len(gateway.calls(alias=alias, script="duplicate")) == 1
+
+
+def test_dispatch_never_exceeds_the_in_flight_bound(pg_url, gateway, make_harness):
+    h = make_harness(pg_url, max_in_flight=4)
+    aliases = gateway.seed_aliases("1234567", 10)
+    for i, alias in enumerate(aliases):
+        h.subscribe(f"shop-{i}", alias)
+
+    assert h.engine.sweep_plan("monthly").dispatched == 4
+    assert h.engine.dispatch_due() == 0
+    statuses = h.run_sent()  # each finished charge refills one slot
+
+    assert statuses.count("done") == 10
+    with session_scope(pg_url) as session:
+        states = session.scalars(select(Charge.state)).all()
+    assert states.count(ChargeState.APPROVED) == 10
+
+
+def test_overdue_latest_charges_once_and_skips_older_periods(db_url, gateway, make_harness):
+    h = make_harness(db_url)
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    plan = h.plans.plan("monthly")
+    now = utcnow()
+    anchor = now - timedelta(days=70)  # periods 0, 1 and 2 are all due
+    sub_id = h.subscribe("shop-1", alias, next_charge_at=anchor)
+
+    result = h.engine.sweep_plan("monthly", now)
+    h.run_sent()
+
+    assert (result.created, result.skipped_periods) == (1, 2)
+    assert h.charge(sub_id, period=2).state == ChargeState.APPROVED
+    assert len(gateway.calls(alias=alias, script="duplicate")) == 1
+    entries = h.ledger(sub_id)
+    assert [e.outcome for e in entries] == ["skipped", "skipped", "approved"]
+    assert all(e.amount == 0 for e in entries[:2])
+    assert "catch_up=latest" in (entries[0].reason or "")
+    assert h.sub(sub_id).next_charge_at == dates.due_at(anchor, plan.every, 3, plan.timezone)
+
+
+def test_overdue_all_charges_each_period_spaced_apart(pg_url, gateway, make_harness):
+    h = make_harness(pg_url)
+    (alias,) = gateway.seed_aliases("7654321", 1)
+    now = utcnow()
+    sub_id = h.subscribe(
+        "shop-1", alias, plan="weekly-all", next_charge_at=now - timedelta(days=15)
+    )
+
+    for k in range(3):
+        moment = now + k * timedelta(days=1, minutes=1)
+        if k:  # two hours too early: the period is due but a day has not passed
+            with freeze_time(moment - timedelta(hours=2), tick=True):
+                early = h.engine.sweep_plan("weekly-all")
+            assert (early.created, early.dispatched) == (1, 0)
+        with freeze_time(moment, tick=True):
+            h.engine.sweep_plan("weekly-all")
+            assert len(h.sent) == 1
+            h.run_sent()
+
+    assert len(gateway.calls(alias=alias, script="duplicate")) == 3
+    assert [c.state for c in (h.charge(sub_id, p) for p in range(3))] == [ChargeState.APPROVED] * 3
+
+
+def test_velocity_guard_holds_a_second_charge_within_the_gap(pg_url, gateway, make_harness):
+    h = make_harness(pg_url, min_charge_gap_hours=20)
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    sub_id = h.subscribe("shop-1", alias, last_charged_at=utcnow() - timedelta(hours=3))
+    h.engine.sweep_plan("monthly")
+    statuses = h.run_sent()
+
+    charge = h.charge(sub_id)
+    assert statuses == ["held"]
+    assert (charge.state, charge.reason) == (ChargeState.FAILED, "velocity_guard")
+    assert gateway.calls(alias=alias, script="duplicate") == []
+    assert [e.outcome for e in h.ledger(sub_id)] == ["held"]
+
+
+def test_ledger_rows_never_hold_the_alias_or_the_private_key(db_url, gateway, make_harness):
+    h = make_harness(db_url)
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    gateway.set_behaviour(alias, garbage=True)
+    sub_id = h.subscribe("shop-1", alias)
+    h.engine.sweep_plan("monthly")
+    h.run_sent()
+
+    with session_scope(db_url) as session:
+        rows = session.scalars(select(LedgerEntry)).all()
+    text = " ".join(str(vars(r)) for r in rows)
+    assert rows and "test-key-eur" not in text and alias not in text
+    assert h.charge(sub_id).state == ChargeState.UNKNOWN

@@ -1,0 +1,264 @@
+"""The engine's promises, each proven with real worker processes, real Redis, real
+PostgreSQL and the gateway gateway over HTTP (issue 4's seven invariants)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections import Counter
+from datetime import datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+from sqlalchemy import select
+
+from billing.db import session_scope
+from billing.engine import Engine
+from billing.models import Charge, ChargeState, LedgerEntry, Subscription, utcnow
+from billing.plans import load_plans
+from billing.settings import Settings
+from tests.fixtures.engine import ENGINE_PLANS
+from tests.fixtures.processes import Cluster, wait_until
+
+pytestmark = pytest.mark.slow
+
+FINAL = {
+    ChargeState.APPROVED, ChargeState.AUTHORIZED, ChargeState.FAILED, ChargeState.UNKNOWN,
+}  # fmt: skip
+
+
+def _subscribe(url: str, aliases: list[str], plan: str = "monthly") -> list[int]:
+    due = utcnow() - timedelta(minutes=1)
+    with session_scope(url) as session:
+        subs = [
+            Subscription(
+                external_ref=f"shop-{i}",
+                plan=plan,
+                alias=alias,
+                customer_ip="203.0.113.9",
+                anchor_at=due,
+                next_period=0,
+                next_charge_at=due,
+                status="active",
+            )
+            for i, alias in enumerate(aliases)
+        ]
+        session.add_all(subs)
+        session.flush()
+        return [s.id for s in subs]
+
+
+def _states(url: str) -> Counter[str]:
+    with session_scope(url) as session:
+        return Counter(session.scalars(select(Charge.state)))
+
+
+def _settled(url: str, n: int) -> bool:
+    states = _states(url)
+    return sum(states[s] for s in FINAL) == n
+
+
+def _one_call_per_alias(gateway, aliases: list[str]) -> None:
+    calls = [c for c in gateway.calls(script="duplicate") if c["recorded"]]
+    per_alias = Counter(c["alias"] for c in calls)
+    assert set(per_alias) <= set(aliases)
+    assert max(per_alias.values(), default=0) == 1, per_alias.most_common(3)
+
+
+def _env_for(cluster: Cluster, gateway, plans: Path = ENGINE_PLANS, **extra: str) -> None:
+    cluster.env.update(BILLING_GATEWAY_URL=gateway.url, BILLING_PLANS_FILE=str(plans), **extra)
+
+
+def _sender(cluster: Cluster) -> Celery:
+    return Celery(broker=cluster.env["BILLING_BROKER_URL"])
+
+
+def test_1_two_beats_sweeping_at_once_charge_each_period_once(cluster, gateway, pg_url):
+    _env_for(cluster, gateway)
+    aliases = gateway.seed_aliases("1234567", 40)
+    _subscribe(pg_url, aliases)
+    cluster.worker("w1", concurrency=8)
+    cluster.beat("b1")
+    cluster.beat("b2")
+
+    wait_until(lambda: _states(pg_url)[ChargeState.APPROVED] == 40, timeout=60)
+    time.sleep(2)  # more sweeps from both beats: still nothing new
+
+    assert _states(pg_url) == Counter({ChargeState.APPROVED: 40})
+    _one_call_per_alias(gateway, aliases)
+    assert len(gateway.calls(script="duplicate")) == 40
+    assert "sweep:monthly" in cluster.log("b1") and "sweep:monthly" in cluster.log("b2")
+
+
+def test_2_the_same_message_twice_or_two_workers_at_once_call_once(cluster, gateway, pg_url):
+    _env_for(cluster, gateway)
+    aliases = gateway.seed_aliases("1234567", 30)
+    gateway.set_latency(50)
+    _subscribe(pg_url, aliases)
+    sent: list[int] = []
+    engine = Engine(
+        Settings(database_url=pg_url, gateway_url=gateway.url),
+        plans=load_plans(ENGINE_PLANS), dispatcher=sent.extend, limiter=None,
+    )  # fmt: skip
+    engine.sweep_plan("monthly")
+    cluster.worker("w1", concurrency=4)
+    cluster.worker("w2", concurrency=4)
+    app = _sender(cluster)
+    for charge_id in sent * 3:  # every message delivered three times, to both workers
+        app.send_task("billing.charge", args=[charge_id], queue=cluster.env["BILLING_QUEUE"])
+
+    wait_until(lambda: _states(pg_url)[ChargeState.APPROVED] == 30, timeout=60)
+    time.sleep(1)
+
+    assert len(gateway.calls(script="duplicate")) == 30
+    _one_call_per_alias(gateway, aliases)
+
+
+def test_3_a_worker_killed_mid_call_leaves_unknown_and_no_second_call(cluster, gateway, pg_url):
+    _env_for(cluster, gateway, BILLING_VISIBILITY_TIMEOUT="4")
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    gateway.set_behaviour(alias, slow=2.5)
+    (sub_id,) = _subscribe(pg_url, [alias])
+    worker = cluster.worker("w1", pool="prefork", concurrency=1)
+    cluster.beat("b1")
+    wait_until(lambda: len(gateway.calls(alias=alias)) == 1, timeout=30, step=0.05)
+
+    cluster.kill(worker)  # SIGKILL while the gateway holds the call
+    cluster.worker("w2", pool="prefork", concurrency=1)  # restart: the message comes back
+
+    wait_until(lambda: _states(pg_url)[ChargeState.UNKNOWN] == 1, timeout=40)
+    time.sleep(6)  # past the visibility timeout: a redelivered message finds nothing to do
+
+    with session_scope(pg_url) as session:
+        charge = session.scalars(select(Charge).where(Charge.subscription_id == sub_id)).one()
+        outcomes = session.scalars(select(LedgerEntry.outcome)).all()
+    assert (charge.state, charge.reason) == (ChargeState.UNKNOWN, "stuck_in_flight")
+    assert outcomes == ["unknown"]
+    assert len(gateway.calls(alias=alias, script="duplicate")) == 1
+
+
+def test_4_a_soft_decline_is_retried_after_the_ladder_delay(cluster, gateway, pg_url):
+    _env_for(cluster, gateway)
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    gateway.set_behaviour(alias, decline="51", times=1)
+    _subscribe(pg_url, [alias])
+    cluster.worker("w1")
+    cluster.beat("b1")
+
+    wait_until(lambda: _states(pg_url)[ChargeState.APPROVED] == 1, timeout=40)
+
+    with session_scope(pg_url) as session:
+        entries = session.scalars(select(LedgerEntry).order_by(LedgerEntry.id)).all()
+    assert [e.outcome for e in entries] == ["declined", "approved"]
+    assert entries[1].at - entries[0].at >= timedelta(seconds=2)  # the ladder's first step
+    assert entries[1].amount == Decimal("29.90")
+    assert len(gateway.calls(alias=alias, script="duplicate")) == 2
+
+
+def test_5_connections_refused_for_a_while_then_charged_exactly_once(cluster, gateway, pg_url):
+    _env_for(cluster, gateway)
+    aliases = gateway.seed_aliases("1234567", 5)
+    _subscribe(pg_url, aliases)
+    cluster.worker("w1", concurrency=4)
+    gateway.outage(3)  # the gateway stops listening: connection refused
+    cluster.beat("b1")
+
+    wait_until(lambda: _states(pg_url)[ChargeState.APPROVED] == 5, timeout=60)
+
+    _one_call_per_alias(gateway, aliases)
+    with session_scope(pg_url) as session:
+        outcomes = Counter(session.scalars(select(LedgerEntry.outcome)))
+    assert outcomes["approved"] == 5 and outcomes["not_sent"] >= 5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path):
+    """A Redis server of this test's own, so that restarting it disturbs nobody else."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    port = _free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(tmp_path)]  # fmt: skip
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        wait_until(lambda: _redis_ok(port), timeout=10, step=0.05)
+        return proc
+
+    state = {"proc": start()}
+
+    def restart() -> None:
+        state["proc"].kill()
+        state["proc"].wait()
+        time.sleep(1.0)
+        state["proc"] = start()
+
+    yield f"redis://127.0.0.1:{port}/0", restart
+    state["proc"].kill()
+    state["proc"].wait()
+
+
+def _redis_ok(port: int) -> bool:
+    try:
+        return bool(redis.Redis(port=port).ping())
+    except redis.ConnectionError:
+        return False
+
+
+def test_6_redis_restarted_mid_run_charges_nothing_twice_and_loses_nothing(
+    cluster, gateway, pg_url, own_redis
+):
+    url, restart = own_redis
+    _env_for(cluster, gateway, BILLING_BROKER_URL=url, BILLING_MAX_IN_FLIGHT="10")
+    aliases = gateway.seed_aliases("1234567", 60)
+    gateway.set_latency(100)
+    _subscribe(pg_url, aliases)
+    cluster.worker("w1", concurrency=4)
+    cluster.beat("b1")
+    wait_until(lambda: _states(pg_url)[ChargeState.APPROVED] >= 5, timeout=30, step=0.05)
+
+    restart()  # every message in the broker is lost with it
+
+    wait_until(lambda: _settled(pg_url, 60), timeout=120)
+    states = _states(pg_url)
+    _one_call_per_alias(gateway, aliases)
+    recorded = [c for c in gateway.calls(script="duplicate") if c["recorded"]]
+    assert states[ChargeState.APPROVED] + states[ChargeState.UNKNOWN] == len(recorded) == 60
+    assert "re-sending" in cluster.log("w1")  # messages really were lost, and sent again
+
+
+def test_7_the_rate_limit_holds_across_two_worker_processes(cluster, gateway, pg_url, tmp_path):
+    plans = tmp_path / "plans.toml"
+    text = ENGINE_PLANS.read_text().replace(
+        'private_key_env = "KLIKANDPAY_KEY_EUR"',
+        'private_key_env = "KLIKANDPAY_KEY_EUR"\nmax_charges_per_second = 5',
+    )
+    plans.write_text(text)
+    _env_for(cluster, gateway, plans=plans)
+    aliases = gateway.seed_aliases("1234567", 20)
+    _subscribe(pg_url, aliases)
+    cluster.worker("w1", concurrency=4)
+    cluster.worker("w2", concurrency=4)
+    cluster.beat("b1")
+
+    wait_until(lambda: _states(pg_url)[ChargeState.APPROVED] == 20, timeout=60)
+
+    times = sorted(datetime.fromisoformat(c["at"]) for c in gateway.calls(script="duplicate"))
+    assert len(times) == 20
+    # At 5 a second, any 1-second window holds at most 5 calls (+1 for the window's edge).
+    for i, start in enumerate(times):
+        in_window = [t for t in times[i:] if t - start < timedelta(seconds=1)]
+        assert len(in_window) <= 6, (start, len(in_window))
+    assert times[-1] - times[0] >= timedelta(seconds=19 / 5 * 0.9)
