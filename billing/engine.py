@@ -242,13 +242,13 @@ class Engine:
                 operation="engine",
                 actor=self.actor,
                 subscription=sub,
+                period=skipped_period,
                 currency=plan.currency,
                 merchant_id=account.merchant_id,
                 reason=(
                     f"period {skipped_period} not charged: {latest - period} periods were due"
                     f" at once and plan {plan.name} charges only the latest (catch_up=latest)"
                 ),
-                details={"period": skipped_period},
             )
         return latest, new_due, new_due, latest - period
 

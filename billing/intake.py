@@ -1,0 +1,600 @@
+"""Bringing subscriptions in: from a CSV or JSON-lines file, or one at a time from code.
+
+Why it is shaped like this:
+- A file is all or nothing. Every row is checked (against the plans file and against the
+  database) before the first insert, and every problem is reported with its line number,
+  so a merchant fixes the file once instead of once per error.
+- Importing the same file again changes nothing. A row whose ``external_ref`` already
+  exists with the same data is *unchanged*; with different data it is a problem, because
+  silently re-pointing a subscription at another card or plan is how customers get
+  charged twice.
+- The comparison with an existing row uses its ``anchor_at`` (the ``next_charge_at`` it
+  was imported with), not its current ``next_charge_at``, which moves as it is charged.
+- 100,000 rows must fit: existing references are read with batched ``IN`` queries and new
+  rows are bulk-inserted in batches, so the cost is a few hundred round trips.
+"""
+
+from __future__ import annotations
+
+import csv
+import ipaddress
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import insert, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from billing import dates
+from billing.db import session_scope
+from billing.errors import ImportRejected, InvalidInput
+from billing.models import Subscription, SubscriptionStatus
+from billing.money import parse_amount
+from billing.plans import PlanSet, get_plans
+from billing.redact import mask_alias, redact
+
+log = logging.getLogger(__name__)
+
+REQUIRED_FIELDS = ("external_ref", "plan", "alias", "customer_ip", "next_charge_at")
+OPTIONAL_FIELDS = ("email", "amount")
+FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
+
+#: References looked up per ``IN (...)`` query: far below SQLite's bound-parameter limit.
+LOOKUP_BATCH = 500
+#: Rows per bulk ``INSERT``.
+INSERT_BATCH = 1000
+#: Imports creating at least this many rows refresh PostgreSQL's table statistics.
+ANALYZE_FROM_ROWS = 1000
+
+# Lengths of the columns in billing.models.Subscription.
+_MAX_LEN = {"external_ref": 128, "alias": 128, "email": 254}
+# Deliberately loose: one @, no spaces, a dot in the domain. The gateway never sees it.
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+Format = Literal["csv", "jsonl"]
+
+
+@dataclass(frozen=True, slots=True)
+class NewSubscription:
+    """One validated row, ready to insert. Its repr masks the alias (a reusable card imprint)."""
+
+    external_ref: str
+    plan: str
+    alias: str
+    customer_ip: str
+    #: UTC.
+    next_charge_at: datetime
+    email: str | None = None
+    #: Overrides the plan's amount for this subscription.
+    amount: Decimal | None = None
+    #: Where the row was in its file (0 when it did not come from a file).
+    line: int = field(default=0, compare=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"NewSubscription(external_ref={self.external_ref!r}, plan={self.plan!r}, "
+            f"alias={mask_alias(self.alias)!r}, customer_ip={self.customer_ip!r}, "
+            f"next_charge_at={self.next_charge_at.isoformat()!r}, email={self.email!r}, "
+            f"amount={self.amount!r}, line={self.line})"
+        )
+
+    def compared(self) -> dict[str, Any]:
+        """The values an existing subscription with this reference must have to be the same."""
+        return {
+            "plan": self.plan,
+            "alias": self.alias,
+            "customer_ip": self.customer_ip,
+            "email": self.email,
+            "amount_override": self.amount,
+            "anchor_at": self.next_charge_at,
+        }
+
+    def values(self, now: datetime) -> dict[str, Any]:
+        """The column values of the subscription this row creates."""
+        return {
+            "external_ref": self.external_ref,
+            "plan": self.plan,
+            "alias": self.alias,
+            "customer_ip": self.customer_ip,
+            "email": self.email,
+            "amount_override": self.amount,
+            "anchor_at": self.next_charge_at,
+            "next_period": 0,
+            "next_charge_at": self.next_charge_at,
+            "status": SubscriptionStatus.ACTIVE.value,
+            "created_at": now,
+            "updated_at": now,
+        }
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What an import did: rows created, rows already there identically, and warnings."""
+
+    created: int
+    unchanged: int
+    warnings: list[str]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _redacted(problems: list[str]) -> list[str]:
+    """Problems quote what the file says; a card number pasted into a column stays out."""
+    return [redact(p) for p in problems]
+
+
+def _text(data: Mapping[str, object], name: str) -> tuple[str | None, str | None]:
+    """``(value, problem)`` for a text field: stripped, None when absent or blank."""
+    value = data.get(name)
+    if value is None:
+        return None, None
+    if not isinstance(value, str):
+        return None, f"{name} must be text, not {value!r}"
+    value = value.strip()
+    if not value:
+        return None, None
+    limit = _MAX_LEN.get(name)
+    if limit is not None and len(value) > limit:
+        return None, f"{name} is longer than {limit} characters"
+    return value, None
+
+
+def _parse_time(value: object) -> tuple[datetime | None, str | None]:
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, str) and value.strip():
+        try:
+            moment = datetime.fromisoformat(value.strip())
+        except ValueError:
+            return None, f'next_charge_at "{value.strip()}" is not an ISO 8601 time'
+    elif value is None or value == "":
+        return None, "next_charge_at is missing"
+    else:
+        return None, f"next_charge_at must be ISO 8601 text, not {value!r}"
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        return None, (
+            f'next_charge_at "{value}" is a time without offset '
+            "(write it like 2025-03-01T09:00:00+01:00 or with a Z)"
+        )
+    return moment.astimezone(UTC), None
+
+
+def check_fields(
+    data: Mapping[str, object], plans: PlanSet, *, line: int = 0
+) -> tuple[NewSubscription | None, list[str]]:
+    """Validate one row's fields; return the row, or None and every problem found.
+
+    Problems name the field and quote the bad value (never the alias).
+    """
+    problems: list[str] = []
+
+    external_ref, problem = _text(data, "external_ref")
+    if problem:
+        problems.append(problem)
+    elif external_ref is None:
+        problems.append("external_ref is missing")
+
+    plan, problem = _text(data, "plan")
+    if problem:
+        problems.append(problem)
+    elif plan is None:
+        problems.append("plan is missing")
+    elif plan not in plans.plans:
+        known = ", ".join(sorted(plans.plans)) or "none"
+        problems.append(f'plan "{plan}" is not in the plans file (known: {known})')
+
+    alias, problem = _text(data, "alias")
+    if problem:
+        problems.append(problem)
+    elif alias is None:
+        problems.append("alias is missing or blank")
+    elif any(ch.isspace() for ch in alias):
+        problems.append("alias contains white space")
+
+    raw_ip, problem = _text(data, "customer_ip")
+    customer_ip: str | None = None
+    if problem:
+        problems.append(problem)
+    elif raw_ip is None:
+        problems.append("customer_ip is missing")
+    else:
+        try:
+            customer_ip = str(ipaddress.ip_address(raw_ip))
+        except ValueError:
+            problems.append(f'customer_ip "{raw_ip}" is not an IP address')
+
+    raw_time = data.get("next_charge_at")
+    if isinstance(raw_time, str):
+        raw_time = raw_time.strip()
+    next_charge_at, problem = _parse_time(raw_time)
+    if problem:
+        problems.append(problem)
+
+    email, problem = _text(data, "email")
+    if problem:
+        problems.append(problem)
+    elif email is not None and not _EMAIL.match(email):
+        problems.append(f'email "{email}" is not an e-mail address')
+
+    amount: Decimal | None = None
+    raw_amount = data.get("amount")
+    if isinstance(raw_amount, str):
+        raw_amount = raw_amount.strip() or None
+    if raw_amount is not None:
+        try:
+            amount = parse_amount(raw_amount)
+        except InvalidInput as exc:
+            problems.append(str(exc))
+
+    if problems:
+        return None, problems
+    assert external_ref and plan and alias and customer_ip and next_charge_at
+    return (
+        NewSubscription(
+            external_ref=external_ref,
+            plan=plan,
+            alias=alias,
+            customer_ip=customer_ip,
+            next_charge_at=next_charge_at,
+            email=email,
+            amount=amount,
+            line=line,
+        ),
+        [],
+    )
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def detect_format(path: Path) -> Format:
+    """By extension (.csv, .jsonl, .ndjson), else by the first character that is not blank."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return "csv"
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    with path.open(encoding="utf-8-sig", errors="replace") as fh:
+        for text_line in fh:
+            stripped = text_line.strip()
+            if stripped:
+                return "jsonl" if stripped.startswith("{") else "csv"
+    return "csv"
+
+
+Record = tuple[int, dict[str, object] | None, list[str]]
+
+
+def _csv_records(path: Path) -> Iterator[Record]:
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh)
+        header: list[str] | None = None
+        for values in reader:
+            line = reader.line_num
+            if not any(v.strip() for v in values):
+                continue
+            if header is None:
+                header = [h.strip() for h in values]
+                problems = _header_problems(header)
+                if problems:
+                    yield line, None, problems
+                    return
+                continue
+            if len(values) > len(header):
+                yield line, None, [f"{len(values)} values for {len(header)} columns"]
+                continue
+            yield line, dict(zip(header, values, strict=False)), []
+        if header is None:
+            yield 1, None, ["the file is empty (a CSV import needs a header line)"]
+
+
+def _header_problems(header: list[str]) -> list[str]:
+    problems = []
+    unknown = [h for h in header if h not in FIELDS]
+    if unknown:
+        problems.append(
+            "unknown column(s) "
+            + ", ".join(f'"{h}"' for h in unknown)
+            + f" (columns are: {', '.join(FIELDS)})"
+        )
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated:
+        problems.append("repeated column(s) " + ", ".join(f'"{h}"' for h in repeated))
+    missing = [f for f in REQUIRED_FIELDS if f not in header]
+    if missing:
+        problems.append("missing column(s) " + ", ".join(f'"{m}"' for m in missing))
+    return problems
+
+
+def _jsonl_records(path: Path) -> Iterator[Record]:
+    with path.open(encoding="utf-8-sig") as fh:
+        for line, text_line in enumerate(fh, start=1):
+            if not text_line.strip():
+                continue
+            try:
+                # Decimal, not float: an amount must not lose a cent on the way in.
+                data = json.loads(text_line, parse_float=Decimal)
+            except json.JSONDecodeError as exc:
+                yield line, None, [f"not valid JSON ({exc.msg} at column {exc.colno})"]
+                continue
+            if not isinstance(data, dict):
+                yield line, None, ["each line must be a JSON object"]
+                continue
+            unknown = [k for k in data if k not in FIELDS]
+            if unknown:
+                yield line, None, ["unknown field(s) " + ", ".join(f'"{k}"' for k in unknown)]
+                continue
+            yield line, data, []
+
+
+def _records(path: Path) -> Iterator[Record]:
+    if detect_format(path) == "jsonl":
+        return _jsonl_records(path)
+    return _csv_records(path)
+
+
+def parse_rows(path: str | Path, plans: PlanSet | None = None) -> list[NewSubscription]:
+    """Read and validate every row of ``path``; raise ``ImportRejected`` listing every problem.
+
+    ``plans`` defaults to the configured plans file. Problems read
+    ``line 7: customer_ip "300.1.1.1" is not an IP address``.
+    """
+    plans = plans if plans is not None else get_plans()
+    file = Path(path)
+    if not file.is_file():
+        raise ImportRejected(str(path), ["no such file"])
+    rows: list[NewSubscription] = []
+    problems: list[str] = []
+    first_line: dict[str, int] = {}
+    try:
+        for line, data, record_problems in _records(file):
+            problems.extend(f"line {line}: {p}" for p in record_problems)
+            if data is None:
+                continue
+            row, row_problems = check_fields(data, plans, line=line)
+            problems.extend(f"line {line}: {p}" for p in row_problems)
+            ref = row.external_ref if row else data.get("external_ref")
+            if isinstance(ref, str) and ref.strip():
+                ref = ref.strip()
+                if ref in first_line:
+                    problems.append(
+                        f'line {line}: external_ref "{ref}" appears again '
+                        f"(first on line {first_line[ref]})"
+                    )
+                    continue
+                first_line[ref] = line
+            if row is not None:
+                rows.append(row)
+    except UnicodeDecodeError:
+        raise ImportRejected(str(path), ["the file is not UTF-8 text"]) from None
+    except csv.Error as exc:
+        raise ImportRejected(str(path), [f"not a readable CSV file ({exc})"]) from None
+    if problems:
+        raise ImportRejected(str(path), _redacted(problems))
+    return rows
+
+
+def count_rows(path: str | Path) -> int:
+    """About how many rows ``path`` holds (non-blank lines, less a CSV header): for progress."""
+    file = Path(path)
+    with file.open("rb") as fh:
+        lines = sum(1 for raw in fh if raw.strip())
+    if detect_format(file) == "csv":
+        lines -= 1
+    return max(lines, 0)
+
+
+# --------------------------------------------------------------------------- the database
+
+
+_COMPARED = ("plan", "alias", "customer_ip", "email", "amount_override", "anchor_at")
+
+
+def _differences(row: NewSubscription, existing: Mapping[str, Any]) -> list[str]:
+    """Names of the fields where ``row`` and an existing subscription disagree."""
+    wanted = row.compared()
+    names = {"amount_override": "amount", "anchor_at": "next_charge_at"}
+    return [names.get(c, c) for c in _COMPARED if wanted[c] != existing[c]]
+
+
+def _existing(session: Session, refs: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Existing subscriptions among ``refs``, by reference, read in batches."""
+    columns = [Subscription.external_ref, *(getattr(Subscription, c) for c in _COMPARED)]
+    found: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(refs), LOOKUP_BATCH):
+        batch = refs[start : start + LOOKUP_BATCH]
+        for record in session.execute(select(*columns).where(Subscription.external_ref.in_(batch))):
+            found[record.external_ref] = dict(record._mapping)
+    return found
+
+
+def _is_old(row: NewSubscription, plans: PlanSet, now: datetime) -> bool:
+    """True when the row's first charge is more than one period of its plan in the past."""
+    plan = plans.plan(row.plan)
+    return dates.due_at(row.next_charge_at, plan.every, 1, plan.timezone) <= now
+
+
+def _old_message(row: NewSubscription) -> str:
+    return (
+        f"next_charge_at {row.next_charge_at.isoformat()} is more than one period in the past"
+        f" (period 0 would be charged at once and later ones follow the plan's catch_up)"
+    )
+
+
+def _import(
+    session: Session,
+    path: str,
+    rows: list[NewSubscription],
+    plans: PlanSet,
+    *,
+    strict: bool,
+    progress: Callable[[int], None] | None,
+    now: datetime,
+) -> ImportResult:
+    existing = _existing(session, [r.external_ref for r in rows])
+    problems: list[str] = []
+    warnings: list[str] = []
+    new_rows: list[NewSubscription] = []
+    for row in rows:
+        found = existing.get(row.external_ref)
+        if found is not None:
+            diff = _differences(row, found)
+            if diff:
+                problems.append(
+                    f'line {row.line}: external_ref "{row.external_ref}" already exists '
+                    f"with a different {'/'.join(diff)}"
+                )
+            continue
+        if _is_old(row, plans, now):
+            message = f"line {row.line}: {_old_message(row)}"
+            (problems if strict else warnings).append(message)
+        new_rows.append(row)
+    if problems:
+        raise ImportRejected(path, _redacted(problems))
+
+    unchanged = len(rows) - len(new_rows)
+    if progress is not None and unchanged:
+        progress(unchanged)
+    try:
+        for start in range(0, len(new_rows), INSERT_BATCH):
+            batch = new_rows[start : start + INSERT_BATCH]
+            session.execute(insert(Subscription), [r.values(now) for r in batch])
+            if progress is not None:
+                progress(len(batch))
+    except IntegrityError:
+        # Another import created one of these references after our check.
+        raise ImportRejected(
+            path, ["another process created some of these subscriptions meanwhile; run again"]
+        ) from None
+    if len(new_rows) >= ANALYZE_FROM_ROWS and session.get_bind().dialect.name == "postgresql":
+        # Fresh statistics after a bulk load: without them PostgreSQL keeps plans made for a
+        # small table (including cached generic plans of pooled connections) and a lookup
+        # by reference turns into a scan of every row.
+        session.execute(text("ANALYZE subscriptions"))
+    return ImportResult(created=len(new_rows), unchanged=unchanged, warnings=_redacted(warnings))
+
+
+def import_subscriptions(
+    session_or_url: Session | str,
+    path: str | Path,
+    plans: PlanSet,
+    *,
+    strict: bool = False,
+    progress: Callable[[int], None] | None = None,
+    now: datetime | None = None,
+) -> ImportResult:
+    """Create the subscriptions of a CSV or JSON-lines file, all or nothing.
+
+    Raises ``ImportRejected`` (nothing written) listing every bad row: invalid fields,
+    references repeated in the file, references that exist with different data, and,
+    when ``strict``, rows whose ``next_charge_at`` is more than one period in the past
+    (otherwise those are warnings). ``progress`` is called with the number of rows just
+    handled (created or found unchanged), batch by batch.
+
+    Given a URL the import commits its own transaction; given a session it only adds to
+    the caller's transaction, which the caller commits.
+    """
+    now = now or datetime.now(UTC)
+    rows = parse_rows(path, plans)
+    if isinstance(session_or_url, str):
+        with session_scope(session_or_url) as session:
+            result = _import(
+                session, str(path), rows, plans, strict=strict, progress=progress, now=now
+            )
+    else:
+        result = _import(
+            session_or_url, str(path), rows, plans, strict=strict, progress=progress, now=now
+        )
+    log.info(
+        "imported %s: %d created, %d unchanged, %d warning(s)",
+        path,
+        result.created,
+        result.unchanged,
+        len(result.warnings),
+    )
+    return result
+
+
+# --------------------------------------------------------------------------- one at a time
+
+
+def add_subscription(
+    session: Session,
+    plans: PlanSet,
+    *,
+    external_ref: str,
+    plan: str,
+    alias: str,
+    customer_ip: str,
+    next_charge_at: datetime | str,
+    email: str | None = None,
+    amount: Decimal | str | None = None,
+    now: datetime | None = None,
+) -> Subscription:
+    """Create one subscription, or return the existing one if it has the same data.
+
+    Raises ``InvalidInput`` naming each bad field, or naming the fields that differ from
+    an existing subscription with this reference. A ``next_charge_at`` more than one
+    period in the past is accepted and logged as a warning.
+    """
+    data: dict[str, object] = {
+        "external_ref": external_ref,
+        "plan": plan,
+        "alias": alias,
+        "customer_ip": customer_ip,
+        "next_charge_at": next_charge_at,
+        "email": email,
+        "amount": amount,
+    }
+    row, problems = check_fields(data, plans)
+    if row is None:
+        raise InvalidInput("; ".join(_redacted(problems)))
+    existing = session.scalars(
+        select(Subscription).where(Subscription.external_ref == row.external_ref)
+    ).one_or_none()
+    if existing is not None:
+        diff = _differences(row, {c: getattr(existing, c) for c in _COMPARED})
+        if diff:
+            raise InvalidInput(
+                f'external_ref "{row.external_ref}" already exists with a different '
+                + "/".join(diff)
+            )
+        return existing
+    now = now or datetime.now(UTC)
+    if _is_old(row, plans, now):
+        log.warning("subscription %s: %s", row.external_ref, _old_message(row))
+    subscription = Subscription(**row.values(now))
+    session.add(subscription)
+    session.flush()
+    return subscription
+
+
+def add_subscription_from_dict(url: str, data: dict[str, object]) -> int:
+    """The plain-data entry (for a task queue): create or find the subscription, return its id.
+
+    ``data`` holds the import fields (``external_ref``, ``plan``, ``alias``, ``customer_ip``,
+    ``next_charge_at`` as ISO 8601 text, optional ``email`` and ``amount`` as text). Safe to
+    call again with the same data; two concurrent calls end with one subscription.
+    """
+    unknown = sorted(k for k in data if k not in FIELDS)
+    if unknown:
+        raise InvalidInput("unknown field(s): " + ", ".join(unknown))
+    plans = get_plans()
+    kwargs: dict[str, Any] = {f: data.get(f) for f in FIELDS}
+    for attempt in range(2):
+        try:
+            with session_scope(url) as session:
+                return add_subscription(session, plans, **kwargs).id
+        except IntegrityError:
+            # A concurrent call inserted this reference first; the second pass finds it.
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
