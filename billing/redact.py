@@ -14,7 +14,8 @@ SECRET_FIELDS = frozenset({"NUMCARTE", "CVV", "PRIVATE_KEY", "EXPMOIS", "EXPANNE
 _FIELD = re.compile(
     r"(?P<key>\b(?:"
     + "|".join(sorted(SECRET_FIELDS))
-    + r")\b)(?P<sep>\s*[=:]\s*\"?)(?P<val>[^&\n\",}]*)",
+    # An optional quote after the key: JSON bodies write "CVV": "111".
+    + r")\b)(?P<sep>\"?\s*[=:]\s*\"?)(?P<val>[^&\n\",}]*)",
     re.IGNORECASE,
 )
 # A run of 13 to 19 digits, possibly grouped by spaces or dashes, is treated as a card number.

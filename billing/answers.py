@@ -1,0 +1,283 @@
+"""Reading Klik & Pay answers: the one place that knows what a gateway body may look like.
+
+The gateway publishes neither the format of its answers nor its HTTP statuses (see
+``gateway-notes.md``), so parsing is tolerant of every plausible shape and the decision is
+conservative: whatever does not clearly say "approved" or "declined" is ``Unknown``, because
+the card may have been charged, and ``NotSent`` is only claimed where the request provably
+never reached a script.
+
+Nothing here raises: a gateway answer is data from outside and a payment worker must end
+every call in one of the four outcomes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from urllib.parse import unquote
+
+from billing.declines import is_soft
+from billing.money import CENT
+from billing.outcomes import Approved, Declined, NotSent, Outcome, Unknown
+from billing.redact import SECRET_FIELDS, mask_alias, redact
+
+#: Characters of a (redacted) body kept in outcomes and so in the ledger: enough to read
+#: what the gateway said, not enough to store an HTML error page.
+RAW_LIMIT = 2000
+#: Characters of a body looked at. Redaction runs over this much before cutting to
+#: ``RAW_LIMIT`` so that no secret is cut in half and escapes the patterns.
+SCAN_LIMIT = 65536
+#: Longest gateway message and code kept.
+MESSAGE_LIMIT = 300
+CODE_LIMIT = 40
+TX_LIMIT = 100
+
+APPROVED_CODE = "00"
+#: Statuses of the hosted-page flow that are not final: money may still move.
+PENDING_CODES = frozenset({"AWAITING"})
+#: HTTP statuses a front server answers before any script runs (rate limit, maintenance).
+NOT_SENT_STATUSES = frozenset({429, 503})
+
+# ``redact`` knows ``KEY=VALUE`` and ``KEY: VALUE``; a JSON echo writes ``"KEY": "VALUE"``,
+# with a quote between the name and the colon, which its pattern does not allow.
+_QUOTED_SECRET = re.compile(
+    r'(?P<key>"(?:' + "|".join(sorted(SECRET_FIELDS)) + r')")(?P<sep>\s*:\s*"?)(?P<val>[^",}]*)',
+    re.IGNORECASE,
+)
+_KEY = re.compile(r"[A-Z_][A-Z0-9_.\-]*")
+_PAIR_SEPARATORS = re.compile(r"&|\r\n|\r|\n")
+
+
+def _stringify(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | Decimal):
+        return str(value)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _json_pairs(text: str) -> list[tuple[str, str]] | None:
+    try:
+        # Decimals keep the exact text of amounts ("29.90" stays "29.90", never a float).
+        data = json.loads(text, parse_float=Decimal, parse_constant=str)
+    except Exception:  # ValueError, RecursionError on absurd nesting, ...
+        return None
+    if not isinstance(data, dict):
+        return None
+    pairs = []
+    for key, value in data.items():
+        name = str(key).strip().upper()
+        if _KEY.fullmatch(name):
+            pairs.append((name, _stringify(value).strip()))
+    return pairs
+
+
+def _form_pairs(text: str) -> list[tuple[str, str]]:
+    pairs = []
+    for piece in _PAIR_SEPARATORS.split(text):
+        if "=" not in piece:
+            continue
+        key, _, value = piece.partition("=")
+        name = unquote(key).strip().upper()
+        if not _KEY.fullmatch(name):
+            continue
+        # Only %XX is decoded, not "+": an alias may contain "+", a space never.
+        pairs.append((name, unquote(value).strip()))
+    return pairs
+
+
+def _pairs(body: str) -> list[tuple[str, str]]:
+    if not isinstance(body, str):
+        return []
+    text = body[:SCAN_LIMIT].lstrip("\ufeff").strip()
+    if text.startswith("{"):
+        from_json = _json_pairs(text)
+        if from_json is not None:
+            return from_json
+    return _form_pairs(text)
+
+
+def parse_body(body: str) -> dict[str, str]:
+    """Return the ``KEY -> value`` pairs of an answer; ``{}`` when there are none.
+
+    Accepted shapes: ``KEY=VALUE`` pairs joined by ``&`` or by line breaks, keys in any case
+    (returned upper-case), blanks around keys and values, percent-encoding, and a JSON
+    object (values as strings, nested values as JSON text). ``+`` is kept as is because an
+    alias may contain it. When a key repeats, the first value wins. Never raises.
+    """
+    try:
+        result: dict[str, str] = {}
+        for key, value in _pairs(body):
+            result.setdefault(key, value)
+        return result
+    except Exception:
+        return {}
+
+
+def parse_amount_lenient(text: str | None) -> Decimal | None:
+    """``"30"``, ``"29.90"``, ``"29,90"`` -> a two-place Decimal; anything else -> None."""
+    if not text:
+        return None
+    candidate = text.strip().replace(" ", "")
+    if "," in candidate and "." not in candidate:
+        candidate = candidate.replace(",", ".")
+    try:
+        amount = Decimal(candidate)
+    except (InvalidOperation, ValueError):
+        return None
+    if not amount.is_finite() or amount < 0 or amount != amount.quantize(CENT):
+        return None
+    return amount.quantize(CENT)
+
+
+def _scrub(text: str, secrets: tuple[str, ...]) -> str:
+    text = _QUOTED_SECRET.sub(lambda m: f"{m.group('key')}{m.group('sep')}[redacted]", text)
+    return redact(text, secrets=secrets)
+
+
+def _raw(body: str, secrets: tuple[str, ...], alias: str | None) -> str:
+    if not isinstance(body, str):
+        return ""
+    cleaned = _scrub(body[:SCAN_LIMIT], secrets)
+    if alias and len(alias) >= 4:
+        cleaned = cleaned.replace(alias, mask_alias(alias))
+    return cleaned[:RAW_LIMIT]
+
+
+def _clean(value: str, secrets: tuple[str, ...], limit: int) -> str:
+    return _scrub(value, secrets)[:limit]
+
+
+def classify(
+    http_status: int,
+    body: str,
+    *,
+    decline_overrides: Mapping[str, str] | None = None,
+    secrets: tuple[str, ...] = (),
+) -> Outcome:
+    """Turn an HTTP answer into exactly one outcome. Never raises.
+
+    - 2xx with ``RESPONSE=00`` and a transaction number (``TX`` or ``NUMXKP``): ``Approved``.
+    - 2xx with another ``RESPONSE``: ``Declined`` (soft or hard from ``billing.declines``),
+      except ``AWAITING`` which is not final and so ``Unknown``.
+    - 429 and 503: ``NotSent``. Both are what a front server or rate limiter answers
+      instead of running the script; the integration notes document no script that
+      answers them after moving money.
+    - Every other status is ``Unknown``: 5xx may come after the script ran, 3xx may be a
+      proxy or a maintenance page in front of a script that ran, and a 4xx such as 400
+      or 404 may also come from a script that recorded the transaction before failing.
+      Nothing published proves otherwise, so a person looks at them.
+    - 2xx without ``RESPONSE``, ``RESPONSE=00`` without a transaction number, conflicting
+      repeats of ``RESPONSE``/``TX``, or a body that cannot be read: ``Unknown``.
+
+    ``raw`` is the body with secret fields, card-number-like runs, the given ``secrets``
+    and the returned alias removed, cut to ``RAW_LIMIT`` characters.
+    """
+    try:
+        return _classify(http_status, body, decline_overrides, secrets)
+    except Exception:
+        return Unknown(reason="answer could not be classified", http_status=None, raw="")
+
+
+def _classify(
+    http_status: int,
+    body: str,
+    decline_overrides: Mapping[str, str] | None,
+    secrets: tuple[str, ...],
+) -> Outcome:
+    status = http_status if isinstance(http_status, int) else None
+    pairs = _pairs(body)
+    fields: dict[str, str] = {}
+    conflicts: set[str] = set()
+    for key, value in pairs:
+        if key in fields and fields[key] != value:
+            conflicts.add(key)
+        fields.setdefault(key, value)
+    alias = fields.get("ALIAS") or None
+    raw = _raw(body, secrets, alias)
+
+    if status is None or not 100 <= status <= 599:
+        return Unknown(reason=f"invalid HTTP status {http_status!r}", raw=raw)
+    if status in NOT_SENT_STATUSES:
+        return NotSent(reason=f"HTTP {status}", http_status=status, raw=raw)
+    if not 200 <= status <= 299:
+        return Unknown(reason=f"HTTP {status}", http_status=status, raw=raw)
+
+    code = fields.get("RESPONSE", "")
+    message = _clean(fields.get("MESSAGE", "").replace("+", " "), secrets, MESSAGE_LIMIT)
+    tx = fields.get("TX") or fields.get("NUMXKP") or ""
+    if not code:
+        return Unknown(reason="answer without RESPONSE", http_status=status, raw=raw)
+    if conflicts & {"RESPONSE", "TX", "NUMXKP"}:
+        return Unknown(
+            reason="answer repeats RESPONSE or TX with different values",
+            http_status=status,
+            raw=raw,
+        )
+    safe_code = _clean(code, secrets, CODE_LIMIT)
+    if code == APPROVED_CODE:
+        if not tx:
+            return Unknown(
+                reason="approved without transaction number",
+                http_status=status,
+                raw=raw,
+                code=safe_code,
+                message=message,
+            )
+        return Approved(
+            tx=tx[:TX_LIMIT],
+            amount=parse_amount_lenient(fields.get("MONTANT")),
+            alias=alias,
+            raw=raw,
+            http_status=status,
+            code=code,
+            message=message,
+        )
+    if code.upper() in PENDING_CODES:
+        return Unknown(
+            reason=f"answer {safe_code} is not final",
+            http_status=status,
+            raw=raw,
+            code=safe_code,
+            message=message,
+            tx=tx[:TX_LIMIT] or None,
+        )
+    return Declined(
+        code=safe_code,
+        message=message,
+        soft=is_soft(code, decline_overrides),
+        raw=raw,
+        http_status=status,
+        tx=tx[:TX_LIMIT] or None,
+    )
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Answer of ``veriftransaction.pl``: whether the gateway knows a transaction."""
+
+    found: bool
+    amount: Decimal | None = None
+    age: str | None = None
+    raw: str = field(default="", repr=False)
+
+
+def parse_verification(body: str) -> Verification:
+    """``VALIDATIONYES|<amount>|<age>`` -> found; any other body -> not found. Never raises."""
+    try:
+        text = body.strip() if isinstance(body, str) else ""
+        parts = text.split("|")
+        raw = redact(text[:RAW_LIMIT])
+        if parts[0].strip().upper() != "VALIDATIONYES":
+            return Verification(found=False, raw=raw)
+        amount = parse_amount_lenient(parts[1]) if len(parts) > 1 else None
+        age = parts[2].strip() if len(parts) > 2 else None
+        return Verification(found=True, amount=amount, age=age, raw=raw)
+    except Exception:
+        return Verification(found=False)
