@@ -69,3 +69,29 @@ MIN_CHARGE_GAP_HOURS = 20.0
 BIND_HOST = "127.0.0.1"
 METRICS_PORT = 9108
 SANDBOX_PORT = 8999
+
+#: Seconds to wait for the shop's webhook endpoint (connect, then answer). A slow shop
+#: only delays its own events: the post is retried later like any failed one.
+WEBHOOK_TIMEOUT = 10.0
+
+#: Waits before each retry of an event the endpoint did not take (anything but 2xx).
+#: Spread over about 16 hours so a shop's night-long outage loses nothing; after the last
+#: try the event is dead until ``billing events redeliver``. Kept in the database, not in
+#: broker countdowns, so they outlive restarts and the broker's visibility timeout.
+WEBHOOK_BACKOFF = (
+    "30 seconds",
+    "2 minutes",
+    "10 minutes",
+    "30 minutes",
+    "1 hour",
+    "2 hours",
+    "4 hours",
+    "8 hours",
+)
+
+#: How often beat asks a worker to post due events (seconds): the shop hears of a change
+#: within about this long.
+WEBHOOK_DELIVER_SECONDS = 10.0
+
+#: Events posted per delivery task at most, so one task never runs for long.
+WEBHOOK_BATCH = 100

@@ -46,6 +46,7 @@ from billing.plans import Plan, PlanSet, get_plans, sync_plan_versions
 from billing.ratelimit import RateLimiter
 from billing.redact import mask_alias
 from billing.settings import Settings, get_settings
+from billing.settlement import Settlement
 
 log = logging.getLogger("billing.engine")
 
@@ -75,6 +76,8 @@ class EngineSweepResult:
 
     stuck: int
     requeued: int
+    captures: int
+    released: int
     dispatched: int
 
 
@@ -102,6 +105,7 @@ class Engine:
         plans: PlanSet | None = None,
         client: KlikAndPayClient | None = None,
         dispatcher: Dispatcher | None = None,
+        capture_dispatcher: Dispatcher | None = None,
         limiter: RateLimiter | None = None,
         actor: str | None = None,
     ) -> None:
@@ -110,11 +114,13 @@ class Engine:
         self._plans = plans
         self.client = client or get_client(self.settings)
         self.dispatcher: Dispatcher = dispatcher or (lambda ids: None)
+        self.capture_dispatcher: Dispatcher = capture_dispatcher or (lambda ids: None)
         redis_url = self.settings.effective_redis_url
         self.limiter = (
             limiter if limiter is not None else (RateLimiter(redis_url) if redis_url else None)
         )
         self.actor = actor or worker_name()
+        self.settlement = Settlement(self)
 
     @property
     def plans(self) -> PlanSet:
@@ -510,6 +516,7 @@ class Engine:
         if charge.deferred:
             charge.state = ChargeState.AUTHORIZED
             charge.authorized_amount = charge.amount
+            charge.next_attempt_at = now + plan.capture_after  # the engine sweep validates then
             ledger_outcome, moved = "authorized", charge.amount
         else:
             charge.state = ChargeState.APPROVED
@@ -567,12 +574,16 @@ class Engine:
     # -------------------------------------------------------------- engine sweep
 
     def engine_sweep(self, now: datetime | None = None) -> EngineSweepResult:
-        """The frequent housekeeping: stuck calls, lost messages, due retries."""
+        """The frequent housekeeping: stuck calls, lost messages, captures, due retries."""
         now = now or utcnow()
         stuck = self.mark_stuck(now)
         requeued = self.requeue_lost(now)
+        captures = self.settlement.dispatch_due_captures(now)
+        if captures:
+            self.capture_dispatcher(captures)
+        released = self.settlement.release_cancelled(now)
         dispatched = self.dispatch_due(now)
-        return EngineSweepResult(stuck, requeued, dispatched)
+        return EngineSweepResult(stuck, requeued, len(captures), released, dispatched)
 
     def mark_stuck(self, now: datetime | None = None) -> int:
         """Charges in flight longer than any call can last: their worker died mid-call.
@@ -607,9 +618,11 @@ class Engine:
                         "may have been charged"
                     ),
                 )  # fmt: skip
-        if stuck:
-            log.warning("marked %d stuck charge(s) unknown", len(stuck))
-        return len(stuck)
+            stuck_operations = self.settlement.mark_stuck(session, cutoff, now)
+        total = len(stuck) + stuck_operations
+        if total:
+            log.warning("marked %d stuck call(s) unknown", total)
+        return total
 
     def requeue_lost(self, now: datetime | None = None) -> int:
         """Send again the messages of charges queued too long ago (the broker lost them).

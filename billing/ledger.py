@@ -19,9 +19,11 @@ from billing.redact import mask_alias, redact
 ZERO = Decimal("0.00")
 
 #: Ledger outcomes that move money into the merchant's account.
-COLLECTED = ("approved", "validated", "resolved_approved")
+COLLECTED = ("approved", "validated", "resolved_approved", "resolved_validated")
 #: Ledger outcomes that move money back to the customer.
-REFUNDED = ("refunded",)
+REFUNDED = ("refunded", "resolved_refunded")
+#: Ledger outcomes of money held (deferred) but not collected: never counted as revenue.
+AUTHORIZED = ("authorized", "resolved_authorized")
 
 _RAW_LIMIT = 4000
 

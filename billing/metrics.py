@@ -105,7 +105,7 @@ class FailedQueueCollector(Collector):
                 select(Charge.reason, func.count())
                 .where(Charge.state.in_(ATTENTION_STATES))
                 .group_by(Charge.reason)
-            ).tuples()
+            )
             depth: dict[str, int] = {}
             for reason, count in rows:
                 key = reason or "none"

@@ -196,6 +196,11 @@ class Charge(Base):
     authorized_amount: Mapped[Decimal | None]
     collected_amount: Mapped[Decimal | None]
     refunded_amount: Mapped[Decimal | None]
+    #: Authorization given back: cancelled, or the rest after a partial validation.
+    released_amount: Mapped[Decimal | None]
+    #: validate | cancel while such a call is under way (claimed atomically, like a charge).
+    operation: Mapped[str | None] = mapped_column(String(16))
+    operation_since: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -278,3 +283,56 @@ def _ledger_is_append_only(session: Session, _ctx: Any, _instances: Any) -> None
     for obj in list(session.dirty) + list(session.deleted):
         if isinstance(obj, LedgerEntry) and (obj in session.deleted or session.is_modified(obj)):
             raise StateError("the ledger is append-only: rows are never updated or deleted")
+
+
+class EventStatus(enum.StrEnum):
+    """Where an event is on its way to the shop's endpoint."""
+
+    PENDING = "pending"  # to be posted at next_attempt_at (also: no endpoint configured)
+    DELIVERED = "delivered"  # the endpoint answered 2xx
+    DEAD = "dead"  # every try failed; waits for ``billing events redeliver``
+
+
+class Event(Base):
+    """A state change the shop is told about: the transactional outbox.
+
+    Rows are written by a ``before_flush`` listener (``billing.events``) in the very flush
+    that writes the change, so an event exists exactly when its change committed. The
+    delivery columns are updated by ``billing.webhooks``; ``event_id`` never changes, so
+    the shop drops the duplicates that at-least-once delivery brings.
+    """
+
+    __tablename__ = "events"
+    __table_args__ = (
+        Index("ix_events_due", "status", "next_attempt_at"),
+        Index("ix_events_subscription_order", "subscription_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(36), unique=True)
+    type: Mapped[str] = mapped_column(String(40), index=True)
+    subscription_id: Mapped[int | None] = mapped_column(ForeignKey("subscriptions.id"))
+    external_ref: Mapped[str | None] = mapped_column(String(128), index=True)
+    charge_id: Mapped[int | None] = mapped_column(ForeignKey("charges.id"))
+    #: The JSON body posted to the shop, fixed when the event is written.
+    payload: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    status: Mapped[str] = mapped_column(String(16), default=EventStatus.PENDING)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: Posts started (a claim counts as one: the post may have reached the shop).
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: A delivering worker's lease: past it, the event is claimed and posted again.
+    claimed_until: Mapped[datetime | None]
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    last_attempt_at: Mapped[datetime | None]
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    #: Where it was last posted: scheme, host and path only (no credentials, no query).
+    endpoint: Mapped[str | None] = mapped_column(String(255))
+    delivered_at: Mapped[datetime | None]
+    dead_at: Mapped[datetime | None]
+    redelivered_at: Mapped[datetime | None]
+    redelivered_by: Mapped[str | None] = mapped_column(String(128))
+
+
+import billing.events as _events  # noqa: E402, F401  (registers the outbox listener)

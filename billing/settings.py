@@ -6,13 +6,15 @@ A bad value stops the process with a message naming the variable, not a tracebac
 from __future__ import annotations
 
 import functools
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from billing import defaults
+from billing.durations import parse_delay
 from billing.errors import ConfigError
 
 ENV_PREFIX = "BILLING_"
@@ -48,6 +50,17 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     metrics_host: str = defaults.BIND_HOST
     metrics_port: int = Field(defaults.METRICS_PORT, gt=0, lt=65536)
+    #: The shop's webhook endpoint; unset: events are recorded and listed, never posted.
+    webhook_url: str | None = None
+    #: HMAC-SHA256 key of the ``Klikandpay-Billing-Signature`` header. Never printed.
+    webhook_secret: SecretStr | None = Field(None, validate_default=True)
+    webhook_timeout: float = Field(defaults.WEBHOOK_TIMEOUT, gt=0)
+    #: Waits before each retry, e.g. ``["30 seconds", "2 minutes"]`` (JSON in the environment).
+    webhook_backoff: tuple[timedelta, ...] = Field(
+        default_factory=lambda: tuple(parse_delay(text) for text in defaults.WEBHOOK_BACKOFF)
+    )
+    webhook_deliver_seconds: float = Field(defaults.WEBHOOK_DELIVER_SECONDS, gt=0)
+    webhook_batch: int = Field(defaults.WEBHOOK_BATCH, gt=0)
 
     @field_validator("database_url")
     @classmethod
@@ -69,6 +82,34 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_webhook(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            return None
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _secret_with_url(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            value = None
+        if info.data.get("webhook_url") and value is None:
+            raise ValueError("must be set when BILLING_WEBHOOK_URL is: events are always signed")
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (a random string, kept secret)")
+        return value
+
+    @field_validator("webhook_backoff", mode="before")
+    @classmethod
+    def _delays(cls, value: object) -> object:
+        """Durations as the plans file writes them ("2 minutes"), or seconds."""
+        if isinstance(value, list | tuple):
+            return tuple(parse_delay(item) if isinstance(item, str) else item for item in value)
+        return value
 
     @property
     def effective_redis_url(self) -> str | None:

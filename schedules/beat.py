@@ -16,6 +16,7 @@ from billing.settings import Settings
 #: Task names, shared with ``tasks/`` (kept here so beat never imports the worker's tasks).
 SWEEP_PLAN = "billing.sweep_plan"
 ENGINE_SWEEP = "billing.engine_sweep"
+DELIVER_EVENTS = "billing.deliver_events"
 
 
 class ZonedCrontab(crontab):
@@ -83,6 +84,13 @@ def build_beat_schedule(plans: PlanSet, settings: Settings) -> dict[str, dict[st
             "schedule": engine_every,
             "options": {"expires": max(engine_every.total_seconds(), 5.0)},
         }
+    }
+    # Posts due webhook events; without an endpoint the task returns at once.
+    events_every = timedelta(seconds=settings.webhook_deliver_seconds)
+    schedule["deliver-events"] = {
+        "task": DELIVER_EVENTS,
+        "schedule": events_every,
+        "options": {"expires": max(events_every.total_seconds(), 5.0)},
     }
     for name, plan in sorted(plans.plans.items()):
         schedule[f"sweep:{name}"] = {

@@ -15,7 +15,9 @@ Why these settings:
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import setup_logging
 
+from billing.logs import celery_setup_logging
 from billing.plans import get_plans
 from billing.settings import Settings, get_settings
 from schedules.beat import build_beat_schedule
@@ -23,7 +25,7 @@ from schedules.beat import build_beat_schedule
 
 def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    app = Celery("klikandpay_billing", include=["tasks.charges"])
+    app = Celery("klikandpay_billing", include=["tasks.charges", "tasks.events"])
     app.conf.update(
         broker_url=settings.broker_url,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},
@@ -43,5 +45,8 @@ def make_app(settings: Settings | None = None) -> Celery:
     )
     return app
 
+
+# Workers and beat log like the CLI: one format (BILLING_LOG_FORMAT), always redacted.
+setup_logging.connect(celery_setup_logging, weak=False)
 
 app = make_app()

@@ -13,7 +13,7 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from billing import deadletters
 from billing.db import dispose_all
@@ -34,6 +34,15 @@ def _after_fork(**_: Any) -> None:
     _engine = _engine_pid = None
 
 
+@worker_process_shutdown.connect
+def _metrics_of_dead_process(pid: int | None = None, **_: Any) -> None:
+    """Multiprocess metrics: a pool process that exits must stop counting in live gauges."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid or os.getpid())  # type: ignore[no-untyped-call]
+
+
 def send_charges(charge_ids: Sequence[int]) -> None:
     """Send one charge message per ID over a single pooled producer connection."""
     from tasks.charges import charge
@@ -43,11 +52,20 @@ def send_charges(charge_ids: Sequence[int]) -> None:
             charge.apply_async((charge_id,), producer=producer)
 
 
+def send_captures(charge_ids: Sequence[int]) -> None:
+    """Send one validation message per authorized charge whose capture time has come."""
+    from tasks.charges import capture
+
+    with capture.app.producer_or_acquire() as producer:
+        for charge_id in charge_ids:
+            capture.apply_async((charge_id,), producer=producer)
+
+
 def get_engine() -> Engine:
     """The process's engine, built on first use (after any fork)."""
     global _engine, _engine_pid
     if _engine is None or _engine_pid != os.getpid():
-        _engine = Engine(get_settings(), dispatcher=send_charges)
+        _engine = Engine(get_settings(), dispatcher=send_charges, capture_dispatcher=send_captures)
         _engine_pid = os.getpid()
     return _engine
 

@@ -42,6 +42,22 @@ def charge(self: BillingTask, charge_id: int) -> str:
         return "retry_deferred"
 
 
+@app.task(base=BillingTask, bind=True, name="billing.capture", max_retries=None)
+def capture(self: BillingTask, charge_id: int) -> str:
+    """Validate a deferred charge once its plan's ``capture_after`` has passed."""
+    result = self.engine.settlement.capture(
+        charge_id, automatic=True, retries=self.request.retries, reason="capture_after passed"
+    )
+    if result.retry_in is None:
+        return result.outcome
+    try:
+        # Safe to send again: the validation request never reached the gateway.
+        raise self.retry(countdown=result.retry_in, max_retries=None)
+    except OperationalError:
+        # The broker is down: the lease on the charge expires and the engine sweep re-sends.
+        return "retry_deferred"
+
+
 @app.task(base=BillingTask, bind=True, name="billing.add_subscription")
 def add_subscription(self: BillingTask, data: dict[str, Any]) -> int:
     """Intake for shops that would rather send a message than call the CLI or Python."""

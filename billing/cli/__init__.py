@@ -29,12 +29,15 @@ def _register() -> None:
     from billing.cli import (
         db,
         deadletters,
+        demo,
+        events,
         failed,
         ledger,
         metrics,
         plans,
         processes,
         sandbox,
+        settlement,
         subscriptions,
     )
 
@@ -44,10 +47,13 @@ def _register() -> None:
         subscriptions,
         sandbox,
         processes,
+        settlement,
         failed,
         deadletters,
+        events,
         ledger,
         metrics,
+        demo,
     ):
         module.register(app)
 
@@ -57,7 +63,11 @@ _register()
 
 def main() -> None:
     """Console-script entry point."""
+    from billing.logs import configure_logging
+    from billing.settings import get_settings
+
     try:
+        configure_logging(get_settings())
         # With standalone_mode=False click returns a typer.Exit code instead of raising it.
         code = app(standalone_mode=False)
     except BillingError as exc:
@@ -68,12 +78,13 @@ def main() -> None:
     except typer.Abort:
         err_console.print("aborted")
         sys.exit(1)
-    except Exception as exc:  # click's usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:
+        # Usage errors arrive here with standalone_mode=False. Typer may bundle its own copy
+        # of click, so they are recognised by shape rather than by class.
+        show = getattr(exc, "show", None)
+        if callable(show) and isinstance(getattr(exc, "exit_code", None), int):
+            show()
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
         raise
     if isinstance(code, int) and code:
         sys.exit(code)

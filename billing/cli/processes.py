@@ -27,7 +27,12 @@ def worker(
     _validated()
     from tasks.app import app
 
-    argv = ["worker", f"--pool={pool}", f"--loglevel={loglevel}", f"-Q={get_settings().queue}"]
+    argv = [
+        "worker",
+        f"--pool={pool}",
+        f"--loglevel={loglevel}",
+        f"--queues={get_settings().queue}",
+    ]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
     app.worker_main(argv + list(ctx.args))

@@ -1,0 +1,146 @@
+"""``billing deadletters list|show|requeue``: tasks that failed in a way nobody planned for.
+
+A dead letter keeps the task's name, arguments and (redacted) traceback. Once the cause is
+fixed, ``requeue`` sends the same task again. That is safe for charges: a charge task
+claims its charge atomically and does nothing when the charge has moved on.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from billing import deadletters
+from billing.cli.failed import actor
+from billing.db import session_scope
+from billing.errors import BillingError, InvalidInput
+from billing.models import DeadLetter
+from billing.settings import get_settings
+
+letters_app = typer.Typer(
+    help="Tasks that failed unexpectedly, kept for a person to requeue.", no_args_is_help=True
+)
+out = Console(highlight=False, soft_wrap=True)
+
+LetterId = Annotated[str, typer.Argument(help="Dead-letter id (see billing deadletters list).")]
+
+
+def letter_id(text: str) -> int:
+    if not text.strip().isdigit():
+        raise InvalidInput(f'dead-letter id "{text}" must be a whole number such as 3')
+    return int(text)
+
+
+def _time(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _summary(letter: DeadLetter) -> dict[str, Any]:
+    return {
+        "id": letter.id,
+        "task_name": letter.task_name,
+        "task_id": letter.task_id,
+        "args": letter.args.get("args", []),
+        "kwargs": letter.args.get("kwargs", {}),
+        "exc_type": letter.exc_type,
+        "exc_message": letter.exc_message,
+        "created_at": _time(letter.created_at),
+        "requeued_at": _time(letter.requeued_at),
+        "requeued_by": letter.requeued_by,
+    }
+
+
+@letters_app.command("list")
+def list_(
+    include_requeued: Annotated[
+        bool, typer.Option("--all", help="Include letters already requeued.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
+) -> None:
+    """Dead letters not yet requeued, oldest first."""
+    with session_scope(get_settings().database_url) as session:
+        rows = [
+            _summary(letter)
+            for letter in deadletters.list_letters(session, include_requeued=include_requeued)
+        ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    table = Table("id", "created (UTC)", "task", "args", "error", "requeued")
+    for row in rows:
+        table.add_row(
+            str(row["id"]),
+            row["created_at"][:19].replace("T", " "),
+            escape(row["task_name"]),
+            escape(json.dumps(row["args"])),
+            escape(f"{row['exc_type']}: {row['exc_message']}"[:120]),
+            escape(f"{row['requeued_at'][:16]} by {row['requeued_by']}")
+            if row["requeued_at"]
+            else "",
+        )
+    out.print(table)
+    out.print(f"{len(rows)} dead letter(s)", markup=False)
+
+
+@letters_app.command()
+def show(
+    letter: LetterId,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of text.")] = False,
+) -> None:
+    """One dead letter with its full traceback."""
+    with session_scope(get_settings().database_url) as session:
+        found = deadletters.get(session, letter_id(letter))
+        data = {**_summary(found), "traceback": found.traceback}
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        return
+    fields = Table("field", "value", show_header=False)
+    for key, value in data.items():
+        if key != "traceback":
+            shown = json.dumps(value) if isinstance(value, list | dict) else value
+            fields.add_row(key, escape("" if shown is None else str(shown)))
+    out.print(fields)
+    out.print(data["traceback"], markup=False)
+
+
+@letters_app.command()
+def requeue(
+    letter: LetterId,
+    by: Annotated[
+        str | None, typer.Option("--by", help="Who does this (default: the operating-system user).")
+    ] = None,
+) -> None:
+    """Send the task again, with the same arguments, after its cause was fixed."""
+    number = letter_id(letter)
+    who = actor(by)
+    url = get_settings().database_url
+    with session_scope(url) as session:
+        found = deadletters.mark_requeued(session, number, by=who)
+        name, args = found.task_name, found.args
+    try:
+        task_id = _send(name, args.get("args", []), args.get("kwargs", {}))
+    except Exception as exc:
+        # Not sent: take the mark back so the letter stays in the list for a later requeue.
+        with session_scope(url) as session:
+            found = deadletters.get(session, number)
+            found.requeued_at = None
+            found.requeued_by = None
+        raise BillingError(f"dead letter {number} was not requeued: {exc}") from None
+    out.print(f"dead letter {number}: {name} sent again as task {task_id}", markup=False)
+
+
+def _send(name: str, args: list[Any], kwargs: dict[str, Any]) -> str:
+    from tasks.app import app as celery_app
+
+    result = celery_app.send_task(name, args=args, kwargs=kwargs)
+    return str(result.id)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``billing deadletters ...`` to the billing app."""
+    app.add_typer(letters_app, name="deadletters")

@@ -1,0 +1,279 @@
+"""``billing failed list|show|retry|resolve|discard``: the failed-charge queue.
+
+Charges the engine will not touch again by itself wait here (state ``failed`` or
+``unknown``). Every action says who did it (``--by``, default: the operating-system user)
+and why, in the ledger, in one transaction. Aliases are shown masked.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from billing import ops
+from billing.db import session_scope
+from billing.durations import format_delay, parse_delay
+from billing.errors import BillingError, InvalidInput
+from billing.models import Charge, ChargeState, SubscriptionStatus
+from billing.money import format_amount
+from billing.plans import PlanSet, get_plans, load_plans
+from billing.settings import get_settings
+
+failed_app = typer.Typer(
+    help="The failed-charge queue: charges waiting for a person.", no_args_is_help=True
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+ChargeId = Annotated[str, typer.Argument(help="Charge id (see billing failed list).")]
+By = Annotated[
+    str | None, typer.Option("--by", help="Who does this (default: the operating-system user).")
+]
+PlansFile = Annotated[
+    Path | None, typer.Option("--plans", help="Plans file (default: BILLING_PLANS_FILE).")
+]
+AsJson = Annotated[bool, typer.Option("--json", help="JSON instead of a table.")]
+
+
+def charge_id(text: str) -> int:
+    """A charge id from the command line, refused in one line when it is not one."""
+    if not text.strip().isdigit():
+        raise InvalidInput(f'charge id "{text}" must be a whole number such as 42')
+    return int(text)
+
+
+def actor(by: str | None) -> str:
+    if by is not None and not by.strip():
+        raise InvalidInput("--by must name who does this")
+    return by.strip() if by else getpass.getuser()
+
+
+def _plans(path: Path | None) -> PlanSet:
+    return load_plans(path) if path is not None else get_plans(get_settings())
+
+
+def _age(age: timedelta) -> str:
+    seconds = int(age.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+@failed_app.command("list")
+def list_(
+    plan: Annotated[str | None, typer.Option("--plan", help="Only this plan.")] = None,
+    reason: Annotated[
+        str | None,
+        typer.Option("--reason", help=f"Only this reason ({', '.join(ops.REASONS)})."),
+    ] = None,
+    older_than: Annotated[
+        str | None,
+        typer.Option("--older-than", help='Only charges waiting longer than this ("2 days").'),
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """The charges waiting for a person, oldest first."""
+    delay = None
+    if older_than is not None:
+        try:
+            delay = parse_delay(older_than)
+        except ValueError as exc:
+            raise InvalidInput(f"--older-than: {exc}") from None
+    with session_scope(get_settings().database_url) as session:
+        rows = ops.list_failed(session, plan=plan, reason=reason, older_than=delay)
+    if as_json:
+        typer.echo(json.dumps([r.as_dict() for r in rows], indent=2, ensure_ascii=False))
+        return
+    table = Table(
+        "id", "reference", "plan", "amount", "state", "reason", "attempts", "code", "message",
+        "waiting",
+    )  # fmt: skip
+    for r in rows:
+        table.add_row(
+            str(r.charge_id),
+            escape(r.external_ref),
+            escape(r.plan),
+            f"{format_amount(r.amount)} {r.currency}",
+            r.state,
+            r.reason or "",
+            str(r.attempts),
+            escape(r.last_code or ""),
+            escape(r.last_message or ""),
+            _age(r.age),
+        )
+    out.print(table)
+    suffix = f" waiting longer than {format_delay(delay)}" if delay is not None else ""
+    out.print(f"{len(rows)} charge(s){suffix}", markup=False)
+
+
+@failed_app.command()
+def show(charge: ChargeId, as_json: AsJson = False) -> None:
+    """One charge: its subscription (alias masked), every gateway call, every ledger row."""
+    with session_scope(get_settings().database_url) as session:
+        data = ops.charge_story(session, charge_id(charge)).as_dict()
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        return
+    _fields(data["charge"], "charge")
+    _fields(data["subscription"], "subscription")
+    calls = Table("#", "operation", "amount", "worker", "started", "finished", "outcome", "code")
+    for a in data["attempts"]:
+        calls.add_row(
+            str(a["number"]), a["operation"], a["amount"], escape(a["worker"]),
+            a["started_at"] or "", a["finished_at"] or "", a["outcome"] or "", a["code"] or "",
+        )  # fmt: skip
+    out.print(calls if data["attempts"] else "no gateway calls", markup=False)
+    entries = Table("at", "outcome", "operation", "amount", "tx", "code", "actor", "reason")
+    for e in data["ledger"]:
+        entries.add_row(
+            e["at"], e["outcome"], e["operation"], f"{e['amount']} {e['currency']}",
+            escape(e["tx"] or ""), escape(e["code"] or ""), escape(e["actor"]),
+            escape(e["reason"] or e["message"] or ""),
+        )  # fmt: skip
+    out.print(entries if data["ledger"] else "no ledger rows", markup=False)
+
+
+def _fields(data: dict[str, Any], title: str) -> None:
+    table = Table("field", "value", title=title, show_header=False)
+    for key, value in data.items():
+        table.add_row(key, escape("" if value is None else str(value)))
+    out.print(table)
+
+
+@failed_app.command()
+def retry(
+    charge: ChargeId,
+    confirm_not_charged: Annotated[
+        bool,
+        typer.Option(
+            "--confirm-not-charged",
+            help="For an unknown outcome: you checked the Klik & Pay back office and the "
+            "card was not charged.",
+        ),
+    ] = False,
+    reason: Annotated[str | None, typer.Option("--reason", help="Why (in the ledger).")] = None,
+    by: By = None,
+) -> None:
+    """Send a charge again now (the velocity guard does not apply to it)."""
+    number = charge_id(charge)
+    with session_scope(get_settings().database_url) as session:
+        ops.retry(
+            session, number, by=actor(by), confirm_not_charged=confirm_not_charged, reason=reason
+        )
+    out.print(f"charge {number} put back in line", markup=False)
+    out.print(_dispatch(number), markup=False)
+
+
+def _dispatch(number: int) -> str:
+    """Hand due charges to the workers now; say what became of charge ``number``.
+
+    Failing to reach the broker is not an error: the retry is recorded, and the engine
+    sweep sends every due pending charge at its next run.
+    """
+    from kombu.exceptions import OperationalError
+
+    settings = get_settings()
+    later = "the engine sweep will send it within a minute"
+    try:
+        from billing.engine import Engine
+        from tasks.app import app as celery_app
+        from tasks.base import send_charges
+
+        with celery_app.connection_for_write() as connection:
+            connection.ensure_connection(
+                max_retries=1, interval_start=0, interval_step=0, interval_max=0, timeout=5
+            )
+        Engine(settings, dispatcher=send_charges).dispatch_due()
+    except (OperationalError, OSError) as exc:
+        if _state(number)[0] == ChargeState.QUEUED:
+            wait = format_delay(timedelta(seconds=int(settings.requeue_after_seconds)))
+            return (
+                f"the broker failed while sending ({exc}); the engine sweep re-sends it in {wait}"
+            )
+        return f"not sent now: the broker is unreachable ({exc}); {later}"
+    except BillingError as exc:
+        return f"not sent now: {exc}; {later}"
+    state, sub_status = _state(number)
+    if state in (ChargeState.QUEUED, ChargeState.IN_FLIGHT):
+        return "sent to the workers"
+    if state == ChargeState.PENDING and sub_status == SubscriptionStatus.PAUSED:
+        return "not sent: its subscription is paused; it is sent once the subscription resumes"
+    if state == ChargeState.PENDING:
+        return f"not sent now: the workers are busy; {later}"
+    return f"charge is now {state}"
+
+
+def _state(number: int) -> tuple[str, str]:
+    with session_scope(get_settings().database_url) as session:
+        charge = session.get_one(Charge, number)
+        return charge.state, charge.subscription.status
+
+
+@failed_app.command()
+def resolve(
+    charge: ChargeId,
+    approved: Annotated[
+        bool, typer.Option("--approved", help="The back office shows it paid (needs --tx).")
+    ] = False,
+    declined: Annotated[
+        bool, typer.Option("--declined", help="The back office shows it declined.")
+    ] = False,
+    tx: Annotated[
+        str | None, typer.Option("--tx", help="Klik & Pay transaction number of the payment.")
+    ] = None,
+    reason: Annotated[str | None, typer.Option("--reason", help="Why (in the ledger).")] = None,
+    by: By = None,
+    plans_file: PlansFile = None,
+) -> None:
+    """Record what the Klik & Pay back office shows for a charge: approved or declined."""
+    number = charge_id(charge)
+    if approved == declined:
+        raise InvalidInput(f"charge {number}: give either --approved --tx TX or --declined")
+    plans = _plans(plans_file)
+    with session_scope(get_settings().database_url) as session:
+        done = ops.resolve(
+            session, number, approved=approved, tx=tx, by=actor(by), reason=reason, plans=plans
+        )
+        sub = done.subscription
+        line = f"charge {number} is {done.state}; subscription {sub.external_ref} is {sub.status}"
+        if approved:
+            line += f", next charge (period {sub.next_period}) at {sub.next_charge_at.isoformat()}"
+    out.print(line, markup=False)
+
+
+@failed_app.command()
+def discard(
+    charge: ChargeId,
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="Why this period is given up (required).")
+    ] = None,
+    by: By = None,
+    plans_file: PlansFile = None,
+) -> None:
+    """Give up on a charge's period: it is never charged and the subscription moves on."""
+    number = charge_id(charge)
+    if reason is None or not reason.strip():
+        raise InvalidInput(f"charge {number}: --reason is required to discard a charge")
+    plans = _plans(plans_file)
+    with session_scope(get_settings().database_url) as session:
+        done = ops.discard(session, number, by=actor(by), reason=reason, plans=plans)
+        sub = done.subscription
+        line = (
+            f"charge {number} discarded; subscription {sub.external_ref} is {sub.status}, "
+            f"next charge (period {sub.next_period}) at {sub.next_charge_at.isoformat()}"
+        )
+    out.print(line, markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``billing failed ...`` to the billing app."""
+    app.add_typer(failed_app, name="failed")
