@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from sqlalchemy import Select, exists, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from billing import dates, dunning, ledger, metrics
@@ -52,6 +53,10 @@ log = logging.getLogger("billing.engine")
 
 #: Subscriptions whose charges may be created and sent.
 CHARGEABLE = (SubscriptionStatus.ACTIVE, SubscriptionStatus.PAST_DUE)
+
+#: Pauses (seconds) between tries of recording an outcome when the database connection
+#: breaks; the last try's error propagates (and the charge is later marked unknown).
+RECORD_RETRY_PAUSES = (0.2, 1.0, 3.0)
 
 #: Key of the PostgreSQL advisory lock that serialises dispatching, so that two beats or
 #: many finishing charges never send more than ``max_in_flight`` between them.
@@ -312,12 +317,16 @@ class Engine:
                 raise NotFound(f"charge {charge_id} does not exist")
             if charge.state != ChargeState.QUEUED:
                 return ChargeResult(charge_id, "not_claimed")
-            account = self.plans.accounts[charge.currency]
+            plan = self.plans.plans.get(charge.plan)
+            account = self.plans.accounts.get(charge.currency)
+        if plan is None or account is None:
+            claim = self._claim(charge_id, None)  # held: nothing is sent for an unknown plan
+            return claim if isinstance(claim, ChargeResult) else ChargeResult(charge_id, "held")
         private_key = account.private_key()  # a missing key fails before anything is claimed
         if self.limiter is not None and account.max_charges_per_second:
             self.limiter.acquire(account.merchant_id, account.max_charges_per_second)
 
-        claim = self._claim(charge_id)
+        claim = self._claim(charge_id, plan)
         if isinstance(claim, ChargeResult):
             return claim
         attempt_id, call = claim
@@ -333,9 +342,36 @@ class Engine:
         )
         duration = time.monotonic() - started
         metrics.observe_gateway_call("duplicate", result.kind, duration)
-        return self._record(charge_id, attempt_id, result, retries, duration, private_key)
+        for pause in RECORD_RETRY_PAUSES:
+            try:
+                outcome = self._record(
+                    charge_id, plan, attempt_id, result, retries, duration, private_key
+                )
+                break
+            except OperationalError:
+                # The database connection broke before the outcome committed. Trying again
+                # is safe: the charge is still in flight and nothing was written. If it
+                # stays down, the engine sweep later marks the charge unknown, never resent.
+                log.warning("charge %s: recording the outcome failed; retrying", charge_id)
+                time.sleep(pause)
+        else:
+            outcome = self._record(
+                charge_id, plan, attempt_id, result, retries, duration, private_key
+            )
+        if outcome.status == "done":
+            self._refill()
+        return outcome
 
-    def _claim(self, charge_id: int) -> ChargeResult | tuple[int, dict[str, Any]]:
+    def _refill(self) -> None:
+        """A slot in flight just freed up: keep the pipeline full without waiting for beat."""
+        try:
+            self.dispatch_due()
+        except (OperationalError, OSError) as exc:  # the engine sweep dispatches instead
+            log.warning("refill after a charge failed: %s", exc)
+
+    def _claim(
+        self, charge_id: int, plan: Plan | None
+    ) -> ChargeResult | tuple[int, dict[str, Any]]:
         """Atomically take the charge from ``queued`` to ``in_flight`` and commit the attempt."""
         now = utcnow()
         with session_scope(self.url) as session:
@@ -354,7 +390,7 @@ class Engine:
                 return ChargeResult(charge_id, "not_claimed")
             charge = session.get_one(Charge, charge_id)
             sub = charge.subscription
-            held = self._hold_reason(charge, sub, now)
+            held = "unknown_plan" if plan is None else self._hold_reason(charge, sub, now)
             if held is not None:
                 return self._hold(session, charge, held, now)
             attempt = Attempt(
@@ -403,6 +439,17 @@ class Engine:
                 session, outcome="held", operation="engine", actor=self.actor, charge=charge,
                 reason=message,
             )  # fmt: skip
+        elif reason == "unknown_plan":
+            charge.state = ChargeState.FAILED
+            charge.reason = reason
+            charge.last_message = (
+                f"plan {charge.plan!r} or the account for {charge.currency} is no longer in the "
+                "plans file: nothing was sent; add it back, then `billing failed retry`"
+            )
+            ledger.append(
+                session, outcome="held", operation="engine", actor=self.actor, charge=charge,
+                reason=charge.last_message,
+            )  # fmt: skip
         elif reason == "subscription_cancelled":
             charge.state = ChargeState.DISCARDED
             charge.reason = reason
@@ -419,6 +466,7 @@ class Engine:
     def _record(
         self,
         charge_id: int,
+        plan: Plan,
         attempt_id: int,
         result: Outcome,
         retries: int,
@@ -432,7 +480,6 @@ class Engine:
         with session_scope(self.url) as session:
             charge = session.get_one(Charge, charge_id, with_for_update=True)
             sub = charge.subscription
-            plan = self.plans.plan(charge.plan)
             attempt = session.get_one(Attempt, attempt_id)
             attempt.finished_at = now
             attempt.outcome = result.kind
@@ -495,8 +542,6 @@ class Engine:
         metrics.count_charge(charge.plan, outcome)
         if retry_in is not None:
             return ChargeResult(charge_id, "retry", outcome, retry_in)
-        # A slot in flight just freed up: keep the pipeline full without waiting for beat.
-        self.dispatch_due()
         return ChargeResult(charge_id, "done", outcome)
 
     def _approved(

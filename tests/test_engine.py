@@ -290,3 +290,47 @@ def test_ledger_rows_never_hold_the_alias_or_the_private_key(db_url, gateway, ma
     text = " ".join(str(vars(r)) for r in rows)
     assert rows and "test-key-eur" not in text and alias not in text
     assert h.charge(sub_id).state == ChargeState.UNKNOWN
+
+
+def test_a_charge_of_a_plan_no_longer_in_the_file_is_held_not_sent(pg_url, gateway, make_harness):
+    h = make_harness(pg_url)
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    sub_id = h.subscribe("shop-1", alias)
+    h.engine.sweep_plan("monthly")
+    (charge_id,) = h.take_sent()
+    del h.plans.plans["monthly"]  # someone removed the plan between sweep and charge
+
+    assert h.engine.charge(charge_id).status == "held"
+
+    charge = h.charge(sub_id)
+    assert (charge.state, charge.reason) == (ChargeState.FAILED, "unknown_plan")
+    assert "no longer in the plans file" in (charge.last_message or "")
+    assert gateway.calls(alias=alias) == []
+
+
+def test_an_outcome_is_recorded_even_if_the_database_connection_drops_once(
+    pg_url, gateway, make_harness
+):
+    h = make_harness(pg_url)
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    sub_id = h.subscribe("shop-1", alias)
+    h.engine.sweep_plan("monthly")
+    (charge_id,) = h.take_sent()
+    # Cut every pooled connection of this database while the call is in the sandbox.
+    gateway.set_behaviour(alias, slow=0.5)
+    from threading import Timer
+
+    from billing.db import get_engine
+
+    def cut() -> None:
+        with get_engine(pg_url).connect() as conn:
+            conn.exec_driver_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+
+    Timer(0.2, cut).start()
+    assert h.engine.charge(charge_id).status == "done"
+
+    assert h.charge(sub_id).state == ChargeState.APPROVED
+    assert len(gateway.calls(alias=alias, script="duplicate")) == 1

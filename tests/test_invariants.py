@@ -163,17 +163,17 @@ def test_4_a_soft_decline_is_retried_after_the_ladder_delay(cluster, gateway, pg
 def test_5_connections_refused_for_a_while_then_charged_exactly_once(cluster, gateway, pg_url):
     _env_for(cluster, gateway)
     aliases = gateway.seed_aliases("1234567", 5)
-    _subscribe(pg_url, aliases)
     cluster.worker("w1", concurrency=4)
-    gateway.outage(3)  # the gateway stops listening: connection refused
     cluster.beat("b1")
+    gateway.outage(6)  # the gateway stops listening: connection refused
+    _subscribe(pg_url, aliases)  # due now: the next sweep sends them into the outage
 
-    wait_until(lambda: _states(pg_url)[ChargeState.APPROVED] == 5, timeout=60)
+    wait_until(lambda: _states(pg_url)[ChargeState.APPROVED] == 5, timeout=90)
 
     _one_call_per_alias(gateway, aliases)
     with session_scope(pg_url) as session:
         outcomes = Counter(session.scalars(select(LedgerEntry.outcome)))
-    assert outcomes["approved"] == 5 and outcomes["not_sent"] >= 5
+    assert outcomes["approved"] == 5 and outcomes["not_sent"] >= 1
 
 
 def _free_port() -> int:
