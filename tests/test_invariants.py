@@ -3,7 +3,9 @@ PostgreSQL and the gateway gateway over HTTP (issue 4's seven invariants)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -262,3 +264,23 @@ def test_7_the_rate_limit_holds_across_two_worker_processes(cluster, gateway, pg
         in_window = [t for t in times[i:] if t - start < timedelta(seconds=1)]
         assert len(in_window) <= 6, (start, len(in_window))
     assert times[-1] - times[0] >= timedelta(seconds=19 / 5 * 0.9)
+
+
+def test_8_a_deploy_sigterm_lets_calls_in_flight_finish_and_be_recorded(cluster, gateway, pg_url):
+    _env_for(cluster, gateway)
+    aliases = gateway.seed_aliases("1234567", 3)
+    for alias in aliases:
+        gateway.set_behaviour(alias, slow=2.0)
+    _subscribe(pg_url, aliases)
+    worker = cluster.worker("w1", pool="prefork", concurrency=3)
+    cluster.beat("b1")
+    wait_until(lambda: len(gateway.calls(script="duplicate")) == 3, timeout=30, step=0.05)
+
+    # A routine restart, while all three calls wait: like `docker stop`, the signal goes to
+    # the main process, which lets its pool finish before exiting.
+    os.kill(worker.pid, signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0
+    with session_scope(pg_url) as session:
+        outcomes = Counter(session.scalars(select(LedgerEntry.outcome)))
+    assert outcomes == Counter({"approved": 3})
+    assert _states(pg_url) == Counter({ChargeState.APPROVED: 3})
