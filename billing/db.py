@@ -34,6 +34,11 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+#: Pooled connections kept per process: at least a thread pool's size (Celery -c 64).
+POOL_SIZE = 80
+#: Extra short-lived connections allowed beyond the pool under a burst.
+POOL_OVERFLOW = 20
+
 _ENGINES: dict[str, Engine] = {}
 _MAKERS: dict[str, sessionmaker[Session]] = {}
 
@@ -47,7 +52,12 @@ def get_engine(url: str) -> Engine:
             engine = create_engine(url, connect_args={"timeout": 30})
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
-            engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=80)
+            # Connections open lazily, so a large pool costs nothing until threads need it;
+            # a pool smaller than the worker's threads would close and reopen connections
+            # all day (overflow connections are discarded when returned).
+            engine = create_engine(
+                url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW
+            )
         _ENGINES[url] = engine
     return engine
 
