@@ -15,12 +15,21 @@ What becomes an event:
 
 Payloads carry references, amounts and gateway codes only: never a card number, a CVV, a
 private key or even a masked alias. Delivery is ``billing.webhooks``' job.
+
+Each event also gets, in the same flush, one ``event_deliveries`` row per endpoint that is
+to receive it: always the implicit ``default`` endpoint (``BILLING_WEBHOOK_URL``, which gets
+every event, even those recorded while it is unset), plus each endpoint of the plans file
+that a delivery run has registered in ``webhook_endpoints`` and whose filter takes the type.
+Writing them here rather than when delivering keeps each endpoint's set of events exact:
+an event and its deliveries commit together, so a later delivery run can never miss an
+event that committed out of ID order, and an endpoint added to the file later receives
+the events created from then on, never the history before it.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -31,10 +40,12 @@ from billing.models import (
     Charge,
     ChargeState,
     Event,
+    EventDelivery,
     EventStatus,
     LedgerEntry,
     Subscription,
     SubscriptionStatus,
+    WebhookEndpointRecord,
     utcnow,
 )
 from billing.money import format_amount
@@ -85,6 +96,24 @@ EVENT_TYPES: tuple[str, ...] = (
     "subscription.paused",
     "subscription.reactivated",
 )
+
+#: The endpoint of ``BILLING_WEBHOOK_URL``: gets every event (a reserved name in the plans file).
+DEFAULT_ENDPOINT = "default"
+
+
+def type_matches(patterns: Sequence[str], type_: str) -> bool:
+    """Whether an endpoint's filter takes an event type.
+
+    No pattern takes every type; ``"charge.approved"`` takes exactly that type and
+    ``"subscription.*"`` every type that starts with ``subscription.``.
+    """
+    if not patterns:
+        return True
+    return any(
+        type_ == pattern or (pattern.endswith(".*") and type_.startswith(pattern[:-1]))
+        for pattern in patterns
+    )
+
 
 #: Settlement calls, named as the shop knows them (``charge`` is the recurring charge).
 _CALLS = ("validate", "release", "refund")
@@ -317,14 +346,44 @@ def collect(session: Session) -> list[Event]:
     return made
 
 
+def endpoint_filters(session: Session) -> list[tuple[str, tuple[str, ...]]]:
+    """(name, filter) of every endpoint new events go to: ``default``, then the registered
+    endpoints of the plans file that were not removed from it, by name."""
+    rows = session.execute(
+        select(WebhookEndpointRecord.name, WebhookEndpointRecord.events)
+        .where(WebhookEndpointRecord.removed_at.is_(None))
+        .order_by(WebhookEndpointRecord.name)
+    )
+    return [(DEFAULT_ENDPOINT, ())] + [
+        (name, tuple(events or ())) for name, events in rows if name != DEFAULT_ENDPOINT
+    ]
+
+
+def add_deliveries(made: Sequence[Event], endpoints: Sequence[tuple[str, Sequence[str]]]) -> None:
+    """Give each new event a pending delivery for every endpoint whose filter takes it."""
+    for made_event in made:
+        for name, patterns in endpoints:
+            if type_matches(patterns, made_event.type):
+                made_event.deliveries.append(
+                    EventDelivery(
+                        endpoint=name,
+                        subscription_id=made_event.subscription_id,
+                        status=EventStatus.PENDING,
+                        next_attempt_at=made_event.created_at,
+                        attempts=0,
+                    )
+                )
+
+
 @event.listens_for(Session, "before_flush")
 def _write_events(session: Session, _ctx: Any, _instances: Any) -> None:
-    """Add the events of this flush's changes to the same flush."""
+    """Add the events of this flush's changes, and their deliveries, to the same flush."""
     with session.no_autoflush:
         made = collect(session)
         if not made:
             return
         _lock_subscriptions(session, (e.subscription_id for e in made if e.subscription_id))
+        add_deliveries(made, endpoint_filters(session))
     session.add_all(made)
 
 

@@ -286,9 +286,9 @@ def _ledger_is_append_only(session: Session, _ctx: Any, _instances: Any) -> None
 
 
 class EventStatus(enum.StrEnum):
-    """Where an event is on its way to the shop's endpoint."""
+    """Where an event is on its way to one endpoint (a delivery's status)."""
 
-    PENDING = "pending"  # to be posted at next_attempt_at (also: no endpoint configured)
+    PENDING = "pending"  # to be posted at next_attempt_at (also: endpoint not configured)
     DELIVERED = "delivered"  # the endpoint answered 2xx
     DEAD = "dead"  # every try failed; waits for ``billing events redeliver``
 
@@ -297,9 +297,13 @@ class Event(Base):
     """A state change the shop is told about: the transactional outbox.
 
     Rows are written by a ``before_flush`` listener (``billing.events``) in the very flush
-    that writes the change, so an event exists exactly when its change committed. The
-    delivery columns are updated by ``billing.webhooks``; ``event_id`` never changes, so
-    the shop drops the duplicates that at-least-once delivery brings.
+    that writes the change, so an event exists exactly when its change committed, together
+    with one ``EventDelivery`` per endpoint that is to receive it. ``event_id`` never
+    changes, so each endpoint drops the duplicates that at-least-once delivery brings.
+
+    The delivery columns here (``status`` to ``redelivered_by``) held the single endpoint's
+    state before migration 0003 moved it to ``event_deliveries``; they keep the values the
+    event was written with and are no longer read.
     """
 
     __tablename__ = "events"
@@ -319,20 +323,83 @@ class Event(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     status: Mapped[str] = mapped_column(String(16), default=EventStatus.PENDING)
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
-    #: Posts started (a claim counts as one: the post may have reached the shop).
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    #: A delivering worker's lease: past it, the event is claimed and posted again.
+    claimed_until: Mapped[datetime | None]
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    last_attempt_at: Mapped[datetime | None]
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    endpoint: Mapped[str | None] = mapped_column(String(255))
+    delivered_at: Mapped[datetime | None]
+    dead_at: Mapped[datetime | None]
+    redelivered_at: Mapped[datetime | None]
+    redelivered_by: Mapped[str | None] = mapped_column(String(128))
+
+    deliveries: Mapped[list[EventDelivery]] = relationship(
+        back_populates="event", order_by="EventDelivery.id"
+    )
+
+
+class EventDelivery(Base):
+    """One event on its way to one endpoint: each endpoint has its own tries, its own
+    order per subscription, its own dead events, so a failing endpoint holds back no other.
+
+    Updated by ``billing.webhooks`` only; ``subscription_id`` is the event's, copied so the
+    "no earlier pending event of this subscription" check needs no join.
+    """
+
+    __tablename__ = "event_deliveries"
+    __table_args__ = (
+        UniqueConstraint("event_id", "endpoint"),
+        Index("ix_event_deliveries_due", "endpoint", "status", "next_attempt_at"),
+        Index("ix_event_deliveries_order", "endpoint", "subscription_id", "event_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    event_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), ForeignKey("events.id")
+    )
+    #: ``default`` (BILLING_WEBHOOK_URL) or the name of a ``[webhooks.NAME]`` table.
+    endpoint: Mapped[str] = mapped_column(String(64))
+    subscription_id: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default=EventStatus.PENDING)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: Posts started (a claim counts as one: the post may have reached the endpoint).
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: A delivering worker's lease: past it, the delivery is claimed and posted again.
     claimed_until: Mapped[datetime | None]
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     last_attempt_at: Mapped[datetime | None]
     last_status: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)
     #: Where it was last posted: scheme, host and path only (no credentials, no query).
-    endpoint: Mapped[str | None] = mapped_column(String(255))
+    url: Mapped[str | None] = mapped_column(String(255))
     delivered_at: Mapped[datetime | None]
     dead_at: Mapped[datetime | None]
     redelivered_at: Mapped[datetime | None]
     redelivered_by: Mapped[str | None] = mapped_column(String(128))
+
+    event: Mapped[Event] = relationship(back_populates="deliveries")
+
+
+class WebhookEndpointRecord(Base):
+    """An endpoint of the plans file, as delivery runs have seen it.
+
+    New events get a delivery for each endpoint here that is not removed and whose filter
+    takes their type: an endpoint receives the events created from its first sighting on,
+    none from before. The implicit ``default`` endpoint is never listed here.
+    """
+
+    __tablename__ = "webhook_endpoints"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: Scheme, host and path of its URL, for people reading the table.
+    url: Mapped[str] = mapped_column(String(255))
+    #: The ``events`` filter of the file; empty: every event.
+    events: Mapped[list[str]] = mapped_column(JSON)
+    first_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: When a delivery run last found it gone from the plans file; None while it is there.
+    removed_at: Mapped[datetime | None]
 
 
 import billing.events as _events  # noqa: E402, F401  (registers the outbox listener)

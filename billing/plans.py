@@ -1,16 +1,19 @@
 """The plans file: which merchant account charges what, how often, and what to do on failure.
 
 The file (TOML, ``schedules/plans.toml`` by default) holds ``[accounts.CUR]`` tables (one
-Klik & Pay merchant ID per currency, as the gateway issues them) and ``[plans.NAME]`` tables.
+Klik & Pay merchant ID per currency, as the gateway issues them), ``[plans.NAME]`` tables
+and, optionally, ``[webhooks.NAME]`` tables: endpoints that receive events besides
+``BILLING_WEBHOOK_URL``, each with its own secret and event filter.
 It is checked whole: :func:`load_plans` reports every problem at once, each naming the table,
 the key and what is wrong, so one run of ``billing plans check`` fixes a file.
 
-Private keys never appear in the file: an account names the environment variable holding
-its key, and the key is read from the environment only when a charge needs it.
+Private keys and webhook secrets never appear in the file: an account (an endpoint) names
+the environment variable holding its key (secret), read only when a charge (a post) needs it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import math
@@ -19,19 +22,21 @@ import re
 import threading
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, cast
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import func, select
 
 from billing.durations import Cron, Interval, parse_cron, parse_delay, parse_interval, quote
 from billing.errors import ConfigError, InvalidInput, NotFound, PlanFileError
+from billing.events import DEFAULT_ENDPOINT, EVENT_TYPES, type_matches
 from billing.models import PlanVersion
-from billing.money import format_amount, parse_amount
+from billing.money import MAX_AMOUNT, format_amount, parse_amount
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -39,9 +44,6 @@ if TYPE_CHECKING:
     from billing.settings import Settings
 
 T = TypeVar("T")
-
-#: Largest amount the ``Numeric(12, 2)`` money columns hold.
-MAX_AMOUNT: Final = Decimal("9999999999.99")
 
 _CURRENCY = re.compile(r"[A-Z]{3}")
 _MERCHANT_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
@@ -71,6 +73,10 @@ DEFAULT_RETRY_LADDER: Final = ("1 day", "3 days", "5 days", "7 days")
 DEFAULT_AFTER_LADDER: Final = "suspend"
 DEFAULT_CATCH_UP: Final = "latest"
 DEFAULT_CATCH_UP_SPACING: Final = "1 day"
+
+_WEBHOOK_KEYS: Final = ("url", "secret_env", "events")
+#: Shortest secret accepted, as for BILLING_WEBHOOK_SECRET.
+MIN_WEBHOOK_SECRET: Final = 16
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,39 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class WebhookEndpoint:
+    """An endpoint that receives events, signed with its own secret from the environment.
+
+    ``events`` holds exact types (``"charge.approved"``) or prefixes (``"subscription.*"``);
+    empty means every event.
+    """
+
+    name: str
+    url: str
+    secret_env: str
+    events: tuple[str, ...] = ()
+
+    def matches(self, event_type: str) -> bool:
+        """Whether this endpoint receives events of ``event_type``."""
+        return type_matches(self.events, event_type)
+
+    def secret(self) -> str:
+        """The signing secret, read from the environment at the moment a post needs it."""
+        value = os.environ.get(self.secret_env, "").strip()
+        if not value:
+            raise ConfigError(
+                f"webhooks.{self.name}: environment variable {self.secret_env} is not set; it "
+                f"must hold the secret that signs the events posted to {self.name}"
+            )
+        if len(value) < MIN_WEBHOOK_SECRET:
+            raise ConfigError(
+                f"webhooks.{self.name}: environment variable {self.secret_env} must hold at "
+                f"least {MIN_WEBHOOK_SECRET} characters (a random string, kept secret)"
+            )
+        return value
+
+
+@dataclass(frozen=True)
 class PlanSet:
     """A whole, valid plans file."""
 
@@ -131,6 +170,8 @@ class PlanSet:
     #: By currency.
     accounts: dict[str, Account]
     plans: dict[str, Plan]
+    #: Endpoints of ``[webhooks.NAME]`` tables, by name (``default`` is never one of them).
+    webhooks: dict[str, WebhookEndpoint] = field(default_factory=dict)
 
     def plan(self, name: str) -> Plan:
         try:
@@ -156,6 +197,11 @@ class PlanSet:
                 )
             if currency not in used:
                 out.append(f"accounts.{currency}: no plan is charged in {currency}")
+        for endpoint in self.webhooks.values():
+            try:
+                endpoint.secret()
+            except ConfigError as exc:
+                out.append(f"{exc}; its events wait until it does")
         return out
 
 
@@ -197,14 +243,14 @@ def _amount(value: object) -> Decimal:
         )
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise _Bad(f'{_show(value)} must be a quoted amount such as "29.90"')
-    problem = f"{quote(str(value))} is not a positive amount with at most two decimal places"
+    with contextlib.suppress(InvalidOperation):
+        if Decimal(str(value).strip()) > MAX_AMOUNT:
+            raise _Bad(f"{quote(str(value))} is larger than {format_amount(MAX_AMOUNT)}")
     try:
-        amount = parse_amount(value)
+        return parse_amount(value)
     except InvalidInput:
+        problem = f"{quote(str(value))} is not a positive amount with at most two decimal places"
         raise _Bad(problem) from None
-    if amount > MAX_AMOUNT:
-        raise _Bad(f"{quote(str(value))} is larger than {format_amount(MAX_AMOUNT)}")
-    return amount
 
 
 def _currency_code(value: object) -> str:
@@ -379,6 +425,140 @@ def _read_account(currency: str, value: object, problems: list[str]) -> Account 
     return Account(currency, merchant_id, env, rate)
 
 
+def _secret_env(value: object) -> str:
+    # The value is never echoed: someone may have pasted the secret itself here.
+    if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
+        raise _Bad(
+            "must be the NAME of the environment variable that holds the webhook secret "
+            "(capital letters, digits and _, e.g. CRM_WEBHOOK_SECRET), never the secret itself"
+        )
+    return value
+
+
+def _webhook_url(value: object) -> str:
+    text = _string(value, "https://shop.example/hooks/billing")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise _Bad(f"{quote(text)} must be an http:// or https:// URL")
+    if parts.username is not None or parts.password is not None:
+        # Not echoed: the part before "@" is a credential.
+        raise _Bad(
+            "must not hold a user name or password (user:password@host): the plans file "
+            "holds no secrets, and every post is signed with the secret of secret_env"
+        )
+    try:
+        _ = parts.port  # raises on a port out of range
+    except ValueError:
+        raise _Bad(f"{quote(text)} has an invalid port") from None
+    if not parts.hostname or any(char.isspace() for char in text):
+        raise _Bad(f"{quote(text)} is not a valid URL")
+    return text
+
+
+def _event_pattern(value: object) -> str:
+    """One filter entry: a known event type, or a prefix of known types ending in ``.*``."""
+    text = _string(value, "charge.approved")
+    if text.endswith(".*") and "*" not in text[:-2]:
+        if any(known.startswith(text[:-1]) for known in EVENT_TYPES):
+            return text
+        prefixes = sorted({known.split(".")[0] + ".*" for known in EVENT_TYPES})
+        raise _Bad(
+            f"{quote(text)} matches no event type (prefixes: "
+            + ", ".join(quote(p) for p in prefixes)
+            + ")"
+        )
+    if text in EVENT_TYPES:
+        return text
+    if text == "*":
+        raise _Bad('"*": leave events out to send every event')
+    if "*" in text:
+        raise _Bad(f'{quote(text)}: "*" only ends a prefix, as in "charge.*"')
+    close = difflib.get_close_matches(text, EVENT_TYPES, n=1)
+    hint = f"did you mean {quote(close[0])}?" if close else "see the README for the list"
+    raise _Bad(f'{quote(text)} is not an event type nor a prefix such as "charge.*" ({hint})')
+
+
+def _read_event_filter(table: _Table) -> tuple[str, ...] | None:
+    if "events" not in table.table:
+        return ()
+    value = table.table["events"]
+    if not isinstance(value, list):
+        table._problem(
+            "events",
+            f'{_show(value)} must be a list such as ["charge.approved", "subscription.*"]',
+        )
+        return None
+    if not value:
+        table._problem(
+            "events", "an empty list would send nothing; leave events out to send every event"
+        )
+        return None
+    patterns: list[str] = []
+    bad = False
+    for index, item in enumerate(value):
+        try:
+            pattern = _event_pattern(item)
+        except _Bad as exc:
+            table._problem(f"events[{index}]", str(exc))
+            bad = True
+            continue
+        if pattern not in patterns:
+            patterns.append(pattern)
+    return None if bad else tuple(patterns)
+
+
+_WEBHOOK_HINTS: Final = {
+    key: (
+        ": the secret never goes in this file; set secret_env to the name of the "
+        "environment variable that holds it"
+    )
+    for key in ("secret", "key", "webhook_secret", "SECRET")
+}
+
+
+def _read_webhook(name: str, value: object, problems: list[str]) -> WebhookEndpoint | None:
+    where = f"webhooks.{name}"
+    if not isinstance(value, dict):
+        problems.append(
+            f"{where}: must be a table, written [{where}], with url, secret_env and "
+            "optionally events (one table per endpoint)"
+        )
+        return None
+    ok = True
+    if not _PLAN_NAME.fullmatch(name):
+        problems.append(
+            f"{where}: endpoint name {quote(name)} must be 1-64 letters, digits, '-' or '_'"
+        )
+        ok = False
+    elif name == DEFAULT_ENDPOINT:
+        problems.append(
+            f'{where}: the name "{DEFAULT_ENDPOINT}" is reserved for the endpoint of '
+            "BILLING_WEBHOOK_URL; choose another name"
+        )
+        ok = False
+    table = _Table(where, value, problems)
+    url = table.required("url", _webhook_url)
+    secret_env = table.required("secret_env", _secret_env)
+    events = _read_event_filter(table)
+    table.unknown_keys(_WEBHOOK_KEYS, _WEBHOOK_HINTS)
+    if not (ok and table.ok) or url is None or secret_env is None or events is None:
+        return None
+    return WebhookEndpoint(name=name, url=url, secret_env=secret_env, events=events)
+
+
+def _read_webhooks(data: Mapping[str, Any], problems: list[str]) -> dict[str, WebhookEndpoint]:
+    raw = data.get("webhooks", {})
+    if not isinstance(raw, dict):
+        problems.append("webhooks: must hold tables such as [webhooks.crm]")
+        return {}
+    found: dict[str, WebhookEndpoint] = {}
+    for name, value in raw.items():
+        endpoint = _read_webhook(name, value, problems)
+        if endpoint is not None:
+            found[name] = endpoint
+    return found
+
+
 def _read_plan(
     name: str, value: object, accounts: Mapping[str, object], problems: list[str]
 ) -> Plan | None:
@@ -445,11 +625,14 @@ def parse_plans(text: str, *, source: str = "<string>") -> PlanSet:
         raise PlanFileError(source, [f"TOML syntax error: {exc}"]) from None
     problems: list[str] = []
     for key in data:
-        if key not in ("accounts", "plans"):
+        if key not in ("accounts", "plans", "webhooks"):
+            close = difflib.get_close_matches(key, ("accounts", "plans", "webhooks"), n=1)
+            hint = f" (did you mean {quote(close[0])}?)" if close else ""
             problems.append(
-                f"unknown top-level key {quote(key)}: the file holds only [accounts.CURRENCY] "
-                "and [plans.NAME] tables"
+                f"unknown top-level key {quote(key)}{hint}: the file holds only "
+                "[accounts.CURRENCY], [plans.NAME] and [webhooks.NAME] tables"
             )
+    webhooks = _read_webhooks(data, problems)
     raw_accounts = data.get("accounts", {})
     if not isinstance(raw_accounts, dict):
         problems.append("accounts: must hold tables such as [accounts.EUR]")
@@ -474,7 +657,7 @@ def parse_plans(text: str, *, source: str = "<string>") -> PlanSet:
             plans[name] = plan
     if problems:
         raise PlanFileError(source, problems)
-    return PlanSet(path=source, accounts=accounts, plans=plans)
+    return PlanSet(path=source, accounts=accounts, plans=plans, webhooks=webhooks)
 
 
 def load_plans(path: str | Path) -> PlanSet:

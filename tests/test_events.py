@@ -12,7 +12,15 @@ from sqlalchemy import func, select
 
 from billing import ledger, ops, subscriptions
 from billing.db import session_scope
-from billing.models import Charge, ChargeState, Event, Subscription, SubscriptionStatus, utcnow
+from billing.models import (
+    Charge,
+    ChargeState,
+    Event,
+    EventDelivery,
+    Subscription,
+    SubscriptionStatus,
+    utcnow,
+)
 from billing.plans import load_plans
 from tests.fixtures.engine import ENGINE_PLANS
 
@@ -65,7 +73,13 @@ def test_a_committed_approval_has_its_event_with_the_documented_payload(db_url):
         _approve(session, charge_id)
 
     (event,) = _events(db_url)
-    assert (event.type, event.status, event.attempts) == ("charge.approved", "pending", 0)
+    with session_scope(db_url) as session:
+        (delivery,) = session.scalars(select(EventDelivery))
+    # Written with the event: the default endpoint's delivery, waiting for its first post.
+    assert event.type == "charge.approved"
+    assert (delivery.event_id, delivery.endpoint, delivery.status, delivery.attempts) == (
+        event.id, "default", "pending", 0,
+    )  # fmt: skip
     assert (event.subscription_id, event.charge_id, event.external_ref) == (
         sub_id, charge_id, "shop-1",
     )  # fmt: skip
@@ -95,6 +109,8 @@ def test_a_rolled_back_approval_leaves_no_event(db_url):
 
     assert seen_inside == 1
     assert _events(db_url) == []
+    with session_scope(db_url) as session:
+        assert session.scalar(select(func.count()).select_from(EventDelivery)) == 0
     with session_scope(db_url) as session:
         assert session.get_one(Charge, charge_id).state == ChargeState.IN_FLIGHT
 

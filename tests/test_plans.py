@@ -333,8 +333,8 @@ def test_a_private_key_pasted_into_the_file_is_never_echoed() -> None:
 
 
 def test_unknown_top_level_table() -> None:
-    assert only_problem(plan_text() + '\n[webhooks]\nurl = "https://x"\n').startswith(
-        'unknown top-level key "webhooks"'
+    assert only_problem(plan_text() + '\n[webhook]\nurl = "https://x"\n').startswith(
+        'unknown top-level key "webhook" (did you mean "webhooks"?)'
     )
 
 
@@ -347,7 +347,7 @@ def test_every_problem_of_a_file_is_reported() -> None:
         load_plans(DATA / "plans_many_errors.toml")
     found = info.value.problems
     expected = [
-        'unknown top-level key "webhooks"',
+        "webhooks.url: must be a table, written [webhooks.url]",
         "accounts.EUR.merchant_id: missing",
         'plans.pro-monthly.amount: "29.999" is not a positive amount',
         'plans.pro-monthly.currency: "USD" has no [accounts.USD]',
@@ -628,3 +628,153 @@ def test_check_missing_file(tmp_path: Path) -> None:
     result = run_check(str(tmp_path / "nope.toml"))
     assert result.returncode == 2
     assert "nope.toml: file not found" in result.stderr
+
+
+# --- webhook endpoints ([webhooks.NAME]) -------------------------------------------------
+
+WEBHOOKS = """
+[webhooks.crm]
+url = "https://crm.example.com/hooks/billing?team=7"
+secret_env = "CRM_WEBHOOK_SECRET"
+events = ["charge.approved", "subscription.*", "charge.approved"]
+
+[webhooks.warehouse]
+url = "http://10.0.0.5:8080/in"
+secret_env = "WAREHOUSE_SECRET"
+"""
+
+
+def test_webhook_endpoints_are_read_with_their_filters() -> None:
+    from billing.plans import WebhookEndpoint
+
+    plans = parse_plans(plan_text() + WEBHOOKS)
+    crm, warehouse = plans.webhooks["crm"], plans.webhooks["warehouse"]
+    assert crm == WebhookEndpoint(
+        "crm", "https://crm.example.com/hooks/billing?team=7", "CRM_WEBHOOK_SECRET",
+        ("charge.approved", "subscription.*"),  # the repeated type once
+    )  # fmt: skip
+    assert warehouse.events == () and warehouse.url == "http://10.0.0.5:8080/in"
+    assert [crm.matches(t) for t in ("charge.approved", "charge.declined")] == [True, False]
+    assert crm.matches("subscription.reactivated") and crm.matches("subscription.past_due")
+    assert all(warehouse.matches(t) for t in ("charge.refunded", "subscription.paused"))
+    assert parse_plans(plan_text()).webhooks == {}
+
+
+def test_webhook_endpoint_problems_name_the_table_and_the_key() -> None:
+    text = (
+        plan_text()
+        + """
+[webhooks.crm]
+url = "ftp://crm.example.com/hook"
+secret_env = "CRM_WEBHOOK_SECRET"
+events = ["charge.aproved", "foo.*", "subscription.*", 3, "charge*"]
+sekret = "x"
+
+[webhooks.default]
+url = "https://x.example/h"
+secret_env = "X_SECRET"
+
+[webhooks.ops]
+secret_env = "OPS_SECRET"
+events = []
+
+[webhooks.erp]
+url = "https://user:pw@erp.example/h"
+secret_env = "ERP_SECRET"
+events = "charge.*"
+
+[webhooks.bi]
+url = "https://bi.example:99999/h"
+secret_env = "BI_SECRET"
+"""
+    )
+    assert problems(text) == [
+        'webhooks.crm.url: "ftp://crm.example.com/hook" must be an http:// or https:// URL',
+        'webhooks.crm.events[0]: "charge.aproved" is not an event type nor a prefix such as '
+        '"charge.*" (did you mean "charge.approved"?)',
+        'webhooks.crm.events[1]: "foo.*" matches no event type (prefixes: "charge.*", '
+        '"subscription.*")',
+        'webhooks.crm.events[3]: 3 must be a quoted string such as "charge.approved"',
+        'webhooks.crm.events[4]: "charge*": "*" only ends a prefix, as in "charge.*"',
+        'webhooks.crm: unknown key "sekret" (did you mean "secret_env"?)',
+        'webhooks.default: the name "default" is reserved for the endpoint of '
+        "BILLING_WEBHOOK_URL; choose another name",
+        "webhooks.ops.url: missing",
+        "webhooks.ops.events: an empty list would send nothing; leave events out to send "
+        "every event",
+        "webhooks.erp.url: must not hold a user name or password (user:password@host): the "
+        "plans file holds no secrets, and every post is signed with the secret of secret_env",
+        'webhooks.erp.events: "charge.*" must be a list such as ["charge.approved", '
+        '"subscription.*"]',
+        'webhooks.bi.url: "https://bi.example:99999/h" has an invalid port',
+    ]
+    assert problems('webhooks = "https://x.example"\n' + plan_text()) == [
+        "webhooks: must hold tables such as [webhooks.crm]"
+    ]
+    dotted = plan_text() + '\n[webhooks."crm.eu"]\nurl = "https://x"\nsecret_env = "S"\n'
+    assert problems(dotted)[0].startswith('webhooks.crm.eu: endpoint name "crm.eu" must be 1-64')
+
+
+def test_a_webhook_secret_pasted_into_the_file_is_never_echoed() -> None:
+    for body in (
+        f'url = "https://crm.example/h"\nsecret_env = "{SECRET}"',
+        f'url = "https://crm.example/h"\nsecret_env = "S"\nsecret = "{SECRET}"',
+        f'url = "https://me:{SECRET}@crm.example/h"\nsecret_env = "S"',
+    ):
+        with pytest.raises(PlanFileError) as info:
+            parse_plans(plan_text() + f"\n[webhooks.crm]\n{body}\n")
+        assert SECRET not in str(info.value)
+        assert info.value.problems[0].startswith(
+            (
+                "webhooks.crm.secret_env: must be the NAME",
+                'webhooks.crm: unknown key "secret": the secret never goes in this file',
+                "webhooks.crm.url: must not hold",
+            )
+        )
+
+
+def test_a_webhook_secret_comes_from_the_environment_when_a_post_needs_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    plans = parse_plans(plan_text() + WEBHOOKS)
+    crm = plans.webhooks["crm"]
+    monkeypatch.delenv("CRM_WEBHOOK_SECRET", raising=False)
+    monkeypatch.setenv("WAREHOUSE_SECRET", "w" * 16)
+    unset = r"webhooks\.crm: environment variable CRM_WEBHOOK_SECRET is not set"
+    with pytest.raises(ConfigError, match=unset):
+        crm.secret()
+    assert any("CRM_WEBHOOK_SECRET is not set" in w for w in plans.warnings())
+    monkeypatch.setenv("CRM_WEBHOOK_SECRET", "short")
+    with pytest.raises(ConfigError, match="CRM_WEBHOOK_SECRET must hold at least 16") as info:
+        crm.secret()
+    assert "short" not in str(info.value)
+    monkeypatch.setenv("CRM_WEBHOOK_SECRET", "crm-secret-0123456789")
+    assert crm.secret() == "crm-secret-0123456789"
+    assert not [w for w in plans.warnings() if w.startswith("webhooks.")]
+    assert "crm-secret" not in repr(crm)
+
+
+def test_check_prints_the_webhook_endpoints(tmp_path: Path) -> None:
+    path = tmp_path / "hooks.toml"
+    path.write_text(plan_text() + WEBHOOKS)
+    result = run_check(
+        str(path),
+        KLIKANDPAY_KEY_EUR="x",
+        CRM_WEBHOOK_SECRET="crm-secret-0123456789",
+        BILLING_WEBHOOK_URL="https://shop.example/hooks?token=abc",
+        BILLING_WEBHOOK_SECRET="shop-secret-0123456789",
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if "│" in line}
+    assert "https://shop.example/hooks" in rows["default"] and "every event" in rows["default"]
+    assert "BILLING_WEBHOOK_SECRET" in rows["default"]
+    crm = rows["crm"]
+    for text in ("https://crm.example.com/hooks/billing", "CRM_WEBHOOK_SECRET",
+                 "charge.approved, subscription.*"):  # fmt: skip
+        assert text in crm
+    assert "every event" in rows["warehouse"] and "http://10.0.0.5:8080/in" in rows["warehouse"]
+    # Query strings may carry tokens: only scheme, host and path are shown.
+    assert "token=abc" not in result.stdout and "team=7" not in result.stdout
+    assert "OK, 1 plan(s), 1 account(s), 2 webhook endpoint(s)" in result.stdout
+    assert "WAREHOUSE_SECRET is not set" in result.stderr
+    assert "CRM_WEBHOOK_SECRET" not in result.stderr

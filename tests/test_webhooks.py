@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -21,13 +22,22 @@ import pytest
 from celery import Celery
 from freezegun import freeze_time
 from sqlalchemy import select
+from sqlalchemy.orm import joinedload
 from typer.testing import CliRunner
 
 from billing import subscriptions, webhooks
 from billing.cli import app
 from billing.db import session_scope
 from billing.errors import ConfigError, InvalidInput, NotFound, StateError
-from billing.models import DeadLetter, Event, EventStatus, Subscription, SubscriptionStatus, utcnow
+from billing.models import (
+    DeadLetter,
+    Event,
+    EventDelivery,
+    EventStatus,
+    Subscription,
+    SubscriptionStatus,
+    utcnow,
+)
 from billing.settings import Settings, get_settings, load_settings
 from schedules.beat import DELIVER_EVENTS, build_beat_schedule
 from tests.fixtures.engine import ENGINE_PLANS
@@ -67,8 +77,9 @@ class Receiver:
         return [r.headers[webhooks.EVENT_ID_HEADER] for r in self.requests]
 
 
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
+@contextmanager
+def running_receiver() -> Iterator[Receiver]:
+    """A receiver listening on a free loopback port until the block ends."""
     state = Receiver()
     lock = threading.Lock()
 
@@ -94,10 +105,18 @@ def receiver() -> Iterator[Receiver]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     state.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/billing"
-    yield state
-    state.release.set()
-    server.shutdown()
-    server.server_close()
+    try:
+        yield state
+    finally:
+        state.release.set()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with running_receiver() as state:
+        yield state
 
 
 def _settings(url: str, receiver: Receiver | None, **extra: Any) -> Settings:
@@ -133,6 +152,18 @@ def _set_status(url: str, ref: str, *statuses: str) -> None:
 def _events(url: str) -> list[Event]:
     with session_scope(url) as session:
         return list(session.scalars(select(Event).order_by(Event.id)))
+
+
+def _deliveries(url: str, endpoint: str = "default") -> list[EventDelivery]:
+    """Each event's delivery to ``endpoint`` (the event loaded too), oldest event first."""
+    with session_scope(url) as session:
+        query = (
+            select(EventDelivery)
+            .options(joinedload(EventDelivery.event))
+            .where(EventDelivery.endpoint == endpoint)
+            .order_by(EventDelivery.event_id)
+        )
+        return list(session.scalars(query))
 
 
 def _readme_snippet() -> str:
@@ -190,18 +221,19 @@ def test_500_three_times_then_200_is_delivered_once_in_four_posts(db_url, receiv
     assert webhooks.deliver_due(db_url, settings, now=at).posted == 1
     # Each retry waits its backoff (30 s, 2 min, 10 min): no post before it, one after.
     for delay in settings.webhook_backoff[:3]:
-        (event,) = _events(db_url)
-        assert (event.status, event.last_status) == ("pending", 500)
-        assert event.next_attempt_at == at + delay and event.last_error.startswith("HTTP 500")
+        (sent,) = _deliveries(db_url)
+        assert (sent.status, sent.last_status) == ("pending", 500)
+        assert sent.next_attempt_at == at + delay and sent.last_error.startswith("HTTP 500")
         assert webhooks.deliver_due(db_url, settings, now=at + delay / 2).posted == 0
         at = at + delay + timedelta(seconds=1)
         assert webhooks.deliver_due(db_url, settings, now=at).posted == 1
     later = webhooks.deliver_due(db_url, settings, now=utcnow() + timedelta(days=2))
 
-    (event,) = _events(db_url)
+    (sent,) = _deliveries(db_url)
+    event = sent.event
     assert later.posted == 0
-    assert (event.status, event.attempts, event.last_status) == ("delivered", 4, 200)
-    assert event.delivered_at is not None and event.last_error is None
+    assert (sent.status, sent.attempts, sent.last_status) == ("delivered", 4, 200)
+    assert sent.delivered_at is not None and sent.last_error is None
     assert len(receiver.requests) == 4
     assert set(receiver.ids()) == {event.event_id}
     assert [r.headers[webhooks.ATTEMPT_HEADER] for r in receiver.requests] == ["1", "2", "3", "4"]
@@ -227,7 +259,7 @@ def test_events_of_one_subscription_go_in_order_others_do_not_wait(pg_url, recei
 
     webhooks.deliver_due(pg_url, settings, now=now + timedelta(seconds=31))
     assert receiver.ids() == [a1.event_id, b1.event_id, a1.event_id, a2.event_id, a3.event_id]
-    assert {e.status for e in _events(pg_url)} == {"delivered"}
+    assert {d.status for d in _deliveries(pg_url)} == {"delivered"}
     types = [json.loads(r.body)["type"] for r in receiver.requests[2:]]
     assert types == ["subscription.past_due", "subscription.suspended", "subscription.reactivated"]
 
@@ -239,15 +271,15 @@ def test_a_claim_never_finished_is_posted_again_after_its_lease_with_the_same_id
     now = utcnow()
     lease = timedelta(seconds=4)
     # A worker claims the event, then dies before posting or recording anything.
-    claimed = webhooks.claim_next(db_url, now, lease, "dead-worker", "http://x/")
+    claimed = webhooks.claim_next(db_url, now, lease, "dead-worker", "default")
     assert claimed is not None and claimed.attempts == 1
 
     assert webhooks.deliver_due(db_url, settings, now=now + timedelta(seconds=3)).posted == 0
     result = webhooks.deliver_due(db_url, settings, now=now + timedelta(seconds=5))
 
-    (event,) = _events(db_url)
+    (sent,) = _deliveries(db_url)
     assert result.delivered == 1 and receiver.ids() == [claimed.event_id]
-    assert (event.event_id, event.status, event.attempts) == (claimed.event_id, "delivered", 2)
+    assert (sent.event.event_id, sent.status, sent.attempts) == (claimed.event_id, "delivered", 2)
 
 
 def test_without_an_endpoint_events_are_recorded_and_listed_and_nothing_fails(
@@ -259,8 +291,9 @@ def test_without_an_endpoint_events_are_recorded_and_listed_and_nothing_fails(
     result = webhooks.deliver_due(db_url, _settings(db_url, None), now=utcnow())
 
     assert result == webhooks.DeliveryResult(configured=False)
-    (event,) = _events(db_url)
-    assert (event.status, event.attempts) == ("pending", 0)
+    (sent,) = _deliveries(db_url)
+    event = sent.event
+    assert (sent.status, sent.attempts) == ("pending", 0)
     assert receiver.requests == []
     env = {k: v for k, v in os.environ.items() if not k.startswith("BILLING_")}
     env.update(BILLING_DATABASE_URL=db_url, COLUMNS="200")
@@ -280,9 +313,10 @@ def test_after_the_last_try_the_event_is_dead_then_redelivered_by_a_person(pg_ur
     webhooks.deliver_due(pg_url, settings, now=now)
     dying = webhooks.deliver_due(pg_url, settings, now=now + timedelta(seconds=2))
 
-    (event,) = _events(pg_url)
+    (sent,) = _deliveries(pg_url)
+    event = sent.event
     assert dying.dead == 1 and len(receiver.requests) == 2
-    assert (event.status, event.last_status) == ("dead", 503) and event.dead_at is not None
+    assert (sent.status, sent.last_status) == ("dead", 503) and sent.dead_at is not None
     with session_scope(pg_url) as session:
         (letter,) = session.scalars(select(DeadLetter))
         assert letter.task_name == webhooks.REDELIVER_TASK
@@ -304,8 +338,9 @@ def test_after_the_last_try_the_event_is_dead_then_redelivered_by_a_person(pg_ur
 
     receiver.default = 200
     assert webhooks.deliver_due(pg_url, settings, now=later).delivered == 1
-    (event,) = _events(pg_url)
-    assert (event.status, event.attempts, event.redelivered_by) == ("delivered", 1, "alice")
+    (sent,) = _deliveries(pg_url)
+    event = sent.event
+    assert (sent.status, sent.attempts, sent.redelivered_by) == ("delivered", 1, "alice")
     assert set(receiver.ids()) == {event.event_id}
     with session_scope(pg_url) as session:
         (letter,) = session.scalars(select(DeadLetter))
@@ -390,21 +425,22 @@ def test_a_worker_killed_mid_post_is_redelivered_with_the_same_event_id(
     sender.send_task(DELIVER_EVENTS, queue=queue)
     wait_until(lambda: len(receiver.requests) == 1, timeout=30)
     cluster.kill(first)  # SIGKILL while the shop has the post but has not answered
-    (event,) = _events(pg_url)
-    assert (event.status, event.attempts) == ("pending", 1) and event.claimed_until
+    (sent,) = _deliveries(pg_url)
+    assert (sent.status, sent.attempts) == ("pending", 1) and sent.claimed_until
 
     cluster.worker("w2")
 
     def delivered() -> bool:
         sender.send_task(DELIVER_EVENTS, queue=queue)
         time.sleep(0.5)
-        return _events(pg_url)[0].status == EventStatus.DELIVERED
+        return _deliveries(pg_url)[0].status == EventStatus.DELIVERED
 
     wait_until(delivered, timeout=40, step=0.5)
-    (event,) = _events(pg_url)
+    (sent,) = _deliveries(pg_url)
+    event = sent.event
     assert receiver.ids() == [event.event_id, event.event_id]
     assert receiver.requests[0].body == receiver.requests[1].body
-    assert event.attempts == 2 and event.last_status == 200
+    assert sent.attempts == 2 and sent.last_status == 200
     # Not before the dead worker's lease ran out.
     assert receiver.requests[1].at - receiver.requests[0].at >= 5.0
 

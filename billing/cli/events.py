@@ -1,8 +1,11 @@
-"""``billing events list|show|redeliver``: what the shop was (or will be) told.
+"""``billing events list|show|redeliver``: what each endpoint was (or will be) told.
 
 Events are recorded whether or not an endpoint is configured, so ``list`` also shows what
-would have been sent. ``redeliver`` sends a dead or delivered event again under the same
-event ID; the shop's duplicate check makes that safe.
+would have been sent. Every event has one delivery per endpoint that receives it
+(``default`` for ``BILLING_WEBHOOK_URL``, plus the plans file's ``[webhooks.NAME]``), each
+with its own state; ``--endpoint NAME`` narrows any command to one. ``redeliver`` sends a
+dead or delivered event again under the same event ID; the endpoint's duplicate check
+makes that safe.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from rich.table import Table
 from billing import webhooks
 from billing.cli.failed import actor
 from billing.db import session_scope
-from billing.events import iso
-from billing.models import Event, EventStatus
-from billing.settings import get_settings
+from billing.errors import BillingError
+from billing.events import DEFAULT_ENDPOINT, iso
+from billing.models import Event, EventDelivery, EventStatus
+from billing.plans import get_plans
+from billing.settings import Settings, get_settings
 
 events_app = typer.Typer(
     help="Webhook events for the shop: list, show, redeliver.", no_args_is_help=True
@@ -31,29 +36,44 @@ EventRef = Annotated[
     str, typer.Argument(help="Event number (see billing events list) or event ID (UUID).")
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="JSON instead of a table.")]
+EndpointOption = Annotated[
+    str | None,
+    typer.Option(
+        "--endpoint",
+        help=f'Only this endpoint ("{DEFAULT_ENDPOINT}" = BILLING_WEBHOOK_URL, or a plans-file '
+        "[webhooks.NAME]).",
+    ),
+]
 
 
-def _summary(event: Event) -> dict[str, Any]:
+def _delivery(delivery: EventDelivery) -> dict[str, Any]:
+    return {
+        "endpoint": delivery.endpoint,
+        "status": delivery.status,
+        "attempts": delivery.attempts,
+        "next_attempt_at": iso(delivery.next_attempt_at)
+        if delivery.status == EventStatus.PENDING
+        else None,
+        "last_attempt_at": iso(delivery.last_attempt_at),
+        "last_status": delivery.last_status,
+        "last_error": delivery.last_error,
+        "url": delivery.url,
+        "delivered_at": iso(delivery.delivered_at),
+        "dead_at": iso(delivery.dead_at),
+        "redelivered_at": iso(delivery.redelivered_at),
+        "redelivered_by": delivery.redelivered_by,
+    }
+
+
+def _summary(event: Event, deliveries: list[EventDelivery]) -> dict[str, Any]:
     return {
         "id": event.id,
         "event_id": event.event_id,
         "type": event.type,
         "subscription": event.external_ref,
         "charge_id": event.charge_id,
-        "status": event.status,
         "created_at": iso(event.created_at),
-        "attempts": event.attempts,
-        "next_attempt_at": iso(event.next_attempt_at)
-        if event.status == EventStatus.PENDING
-        else None,
-        "last_attempt_at": iso(event.last_attempt_at),
-        "last_status": event.last_status,
-        "last_error": event.last_error,
-        "endpoint": event.endpoint,
-        "delivered_at": iso(event.delivered_at),
-        "dead_at": iso(event.dead_at),
-        "redelivered_at": iso(event.redelivered_at),
-        "redelivered_by": event.redelivered_by,
+        "deliveries": [_delivery(delivery) for delivery in deliveries],
         "payload": event.payload,
     }
 
@@ -69,11 +89,52 @@ def _last(row: dict[str, Any]) -> str:
     return f"HTTP {row['last_status']}" if row["last_status"] else ""
 
 
+def _unposted(settings: Settings, names: set[str]) -> list[str]:
+    """Why some of ``names`` are not posted to: not configured where this CLI looks."""
+    notes = []
+    if DEFAULT_ENDPOINT in names and not settings.webhook_url:
+        notes.append("no BILLING_WEBHOOK_URL")
+    others = names - {DEFAULT_ENDPOINT}
+    if others:
+        try:
+            configured = set(get_plans(settings).webhooks)
+        except BillingError:  # a broken plans file: ``billing plans check`` says why
+            return notes
+        for name in sorted(others - configured):
+            notes.append(f"{name} not in the plans file")
+    return notes
+
+
+def _table(rows: list[dict[str, Any]]) -> Table:
+    table = Table("id", "created (UTC)", "type", "subscription", "charge", "endpoint", "status",
+                  "tries", "next / done (UTC)", "last answer")  # fmt: skip
+    for row in rows:
+        first = True
+        for delivery in row["deliveries"]:
+            event_cells = (
+                str(row["id"]),
+                row["created_at"][:19].replace("T", " "),
+                escape(row["type"]),
+                escape(row["subscription"] or ""),
+                str(row["charge_id"] or ""),
+            )
+            table.add_row(
+                *(event_cells if first else ("",) * len(event_cells)),
+                escape(delivery["endpoint"]),
+                escape(delivery["status"]),
+                str(delivery["attempts"]),
+                _when(delivery),
+                escape(_last(delivery)),
+            )
+            first = False
+    return table
+
+
 @events_app.command("list")
 def list_(
     status: Annotated[
         str | None,
-        typer.Option("--status", help="Only pending, delivered or dead events."),
+        typer.Option("--status", help="Only pending, delivered or dead deliveries."),
     ] = None,
     type_: Annotated[
         str | None,
@@ -82,6 +143,7 @@ def list_(
     subscription: Annotated[
         str | None, typer.Option("--subscription", help="Only this subscription's reference.")
     ] = None,
+    endpoint: EndpointOption = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="Latest N events.")] = 100,
     as_json: AsJson = False,
     payloads: Annotated[
@@ -89,12 +151,17 @@ def list_(
         typer.Option("--payloads", help="Print each event's body as posted, one per line."),
     ] = False,
 ) -> None:
-    """The latest events, oldest first: what the shop was told or will be."""
-    with session_scope(get_settings().database_url) as session:
+    """The latest events, oldest first, with each endpoint's delivery."""
+    settings = get_settings()
+    with session_scope(settings.database_url) as session:
         found = webhooks.list_events(
-            session, status=status, type_=type_, subscription=subscription, limit=limit
-        )
-        rows = [_summary(event) for event in found]
+            session, status=status, type_=type_, subscription=subscription,
+            endpoint=endpoint, limit=limit,
+        )  # fmt: skip
+        rows = [
+            _summary(event, webhooks.deliveries_of(event, status=status, endpoint=endpoint))
+            for event in found
+        ]
         bodies = [webhooks.body_of(event.payload).decode() for event in found]
     if payloads:
         for body in bodies:
@@ -103,40 +170,43 @@ def list_(
     if as_json:
         typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
         return
-    table = Table("id", "created (UTC)", "type", "subscription", "charge", "status", "tries",
-                  "next / done (UTC)", "last answer")  # fmt: skip
-    for row in rows:
-        table.add_row(
-            str(row["id"]),
-            row["created_at"][:19].replace("T", " "),
-            escape(row["type"]),
-            escape(row["subscription"] or ""),
-            str(row["charge_id"] or ""),
-            escape(row["status"]),
-            str(row["attempts"]),
-            _when(row),
-            escape(_last(row)),
-        )
-    out.print(table)
-    configured = "" if get_settings().webhook_url else " (no BILLING_WEBHOOK_URL: not posted)"
-    out.print(f"{len(rows)} event(s){configured}", markup=False)
+    out.print(_table(rows))
+    names = {delivery["endpoint"] for row in rows for delivery in row["deliveries"]}
+    notes = _unposted(settings, names)
+    suffix = f" ({', '.join(notes)}: not posted)" if notes else ""
+    out.print(f"{len(rows)} event(s){suffix}", markup=False)
 
 
 @events_app.command()
-def show(event: EventRef, as_json: AsJson = False) -> None:
-    """One event: its delivery state and the exact body posted to the shop."""
+def show(event: EventRef, endpoint: EndpointOption = None, as_json: AsJson = False) -> None:
+    """One event: each endpoint's delivery state and the exact body posted."""
     with session_scope(get_settings().database_url) as session:
         found = webhooks.get_event(session, event)
-        data = _summary(found)
+        if endpoint is not None:
+            webhooks.get_delivery(session, event, endpoint)  # NotFound names where it goes
+        data = _summary(found, webhooks.deliveries_of(found, endpoint=endpoint))
         body = webhooks.body_of(found.payload).decode()
     if as_json:
         typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
         return
     fields = Table("field", "value", show_header=False)
     for key, value in data.items():
-        if key != "payload":
+        if key not in ("payload", "deliveries"):
             fields.add_row(key, escape("" if value is None else str(value)))
     out.print(fields)
+    deliveries = Table("endpoint", "status", "tries", "next / done (UTC)", "last answer",
+                       "posted to", "redelivered by")  # fmt: skip
+    for row in data["deliveries"]:
+        deliveries.add_row(
+            escape(row["endpoint"]),
+            escape(row["status"]),
+            str(row["attempts"]),
+            _when(row),
+            escape(_last(row)),
+            escape(row["url"] or ""),
+            escape(row["redelivered_by"] or ""),
+        )
+    out.print(deliveries)
     out.print("body:", markup=False)
     out.print(json.dumps(json.loads(body), indent=2, ensure_ascii=False), markup=False)
 
@@ -144,17 +214,26 @@ def show(event: EventRef, as_json: AsJson = False) -> None:
 @events_app.command()
 def redeliver(
     event: EventRef,
+    endpoint: EndpointOption = None,
     by: Annotated[
         str | None, typer.Option("--by", help="Who does this (default: the operating-system user).")
     ] = None,
 ) -> None:
-    """Send a dead or delivered event again, same event ID, from its first try."""
+    """Send a dead or delivered event again, same event ID, from its first try: to one
+    endpoint, or to every endpoint it is not still pending for."""
     who = actor(by)
-    with session_scope(get_settings().database_url) as session:
-        found = webhooks.redeliver(session, event, by=who)
+    settings = get_settings()
+    with session_scope(settings.database_url) as session:
+        done = webhooks.redeliver(session, event, by=who, endpoint=endpoint)
+        found = done[0].event
         number, event_id, type_ = found.id, found.event_id, found.type
-    note = "" if get_settings().webhook_url else " (no BILLING_WEBHOOK_URL: it waits for one)"
-    out.print(f"event {number} {type_} ({event_id}) will be sent again{note}", markup=False)
+        names = [delivery.endpoint for delivery in done]
+    notes = _unposted(settings, set(names))
+    note = f" ({', '.join(notes)}: it waits)" if notes else ""
+    out.print(
+        f"event {number} {type_} ({event_id}) will be sent again to {', '.join(names)}{note}",
+        markup=False,
+    )
 
 
 def register(app: typer.Typer) -> None:

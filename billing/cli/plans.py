@@ -13,9 +13,11 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from billing.durations import format_delay
-from billing.errors import ConfigError, PlanFileError
+from billing.errors import BillingError, ConfigError, PlanFileError
+from billing.events import DEFAULT_ENDPOINT
 from billing.money import format_amount
-from billing.plans import Plan, PlanSet, load_plans
+from billing.plans import Plan, PlanSet, WebhookEndpoint, load_plans
+from billing.webhooks import endpoint_label
 
 plans_app = typer.Typer(help="The plans file: accounts, prices, intervals.", no_args_is_help=True)
 
@@ -93,6 +95,33 @@ def _cards(plans: PlanSet) -> list[Table]:
     return cards
 
 
+def _webhooks(plans: PlanSet) -> Table | None:
+    """The endpoints that receive events: ``default`` (if BILLING_WEBHOOK_URL is set here),
+    then the file's. Only the URL's scheme, host and path are shown."""
+    endpoints = list(plans.webhooks.values())
+    try:
+        from billing.settings import get_settings
+
+        url = get_settings().webhook_url
+    except BillingError:  # bad BILLING_* settings: the file is what is checked here
+        url = None
+    if url:
+        endpoints.insert(0, WebhookEndpoint(DEFAULT_ENDPOINT, url, "BILLING_WEBHOOK_SECRET"))
+    if not endpoints:
+        return None
+    table = Table(title="Webhook endpoints", title_justify="left")
+    for header in ("endpoint", "url", "secret from", "events"):
+        table.add_column(header, no_wrap=header != "events")
+    for endpoint in endpoints:
+        table.add_row(
+            escape(endpoint.name),
+            escape(endpoint_label(endpoint.url)),
+            escape(endpoint.secret_env),
+            escape(", ".join(endpoint.events) or "every event"),
+        )
+    return table
+
+
 def _console() -> Console:
     # A pipe or a log gets the whole table on one line per plan, not rich's 80 columns.
     console = Console(highlight=False)
@@ -128,10 +157,15 @@ def check(
     else:
         for card in _cards(plans):
             out.print(card)
+    webhooks = _webhooks(plans)
+    if webhooks is not None:
+        out.print(webhooks)
     for warning in plans.warnings():
         err.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
+    endpoints = f", {len(plans.webhooks)} webhook endpoint(s)" if plans.webhooks else ""
     out.print(
         f"{escape(plans.path)}: OK, {len(plans.plans)} plan(s), {len(plans.accounts)} account(s)"
+        + endpoints
     )
 
 
