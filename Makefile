@@ -11,6 +11,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,redbeat]'
 	touch $(STAMP)
 
+# The README's first command: sandbox, worker and beat as real processes, in under a minute.
+demo: $(STAMP)
+	$(VENV)/bin/billing demo
+
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
@@ -22,9 +26,29 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy billing tasks schedules
 
+# One run on this machine: the worker beside the raw floor and the sequential script.
+# BENCH_N, BENCH_LATENCY_MS, BENCH_CONCURRENCY (and more, see bench/README.md) change it.
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+# The same run, small enough for CI: it fails when the run fails, never on a slow machine.
+bench-smoke: $(STAMP)
+	BENCH_N=300 BENCH_SEQUENTIAL_N=40 BENCH_PROBE_N=40 $(PY) -m bench.run
+
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# Fault run (issue 8): 5,000 due subscriptions, 3 workers, 2 beats, SIGKILLs, a Redis
+# restart, cut PostgreSQL connections and a misbehaving sandbox; then the sandbox's call log
+# is set beside the ledger. CHAOS_N, CHAOS_SEED, CHAOS_DURATION, CHAOS_DEADLINE override.
+.PHONY: chaos-small
+chaos: $(STAMP)
+	$(PY) -m chaos.run
+
+# The same with 500 subscriptions, within three minutes: part of CI.
+chaos-small: $(STAMP)
+	CHAOS_N=500 CHAOS_DURATION=100 CHAOS_DEADLINE=170 $(PY) -m chaos.run

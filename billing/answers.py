@@ -154,6 +154,11 @@ def _clean(value: str, secrets: tuple[str, ...], limit: int) -> str:
     return _scrub(value, secrets)[:limit]
 
 
+#: What a result code looks like: two to twenty letters, digits or underscores. Anything else
+#: ("0", an empty value, punctuation) is an answer that cannot be trusted, so UNKNOWN.
+DECLINE_CODE_SHAPE = re.compile(r"[A-Za-z0-9_]{2,20}")
+
+
 def classify(
     http_status: int,
     body: str,
@@ -221,6 +226,16 @@ def _classify(
             raw=raw,
         )
     safe_code = _clean(code, secrets, CODE_LIMIT)
+    if not DECLINE_CODE_SHAPE.fullmatch(code):
+        # "RESPONSE=0" is what an approval cut short looks like: reading it as a decline
+        # would let the retry ladder charge the card a second time.
+        return Unknown(
+            reason=f"RESPONSE {safe_code!r} does not look like a code (a cut answer?)",
+            http_status=status,
+            raw=raw,
+            code=safe_code,
+            message=message,
+        )
     if code == APPROVED_CODE:
         if not tx:
             return Unknown(

@@ -12,6 +12,8 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from billing.errors import NotFound
+
 
 def normalize_url(url: str) -> str:
     """Point ``postgresql://`` URLs at psycopg 3, the driver we install."""
@@ -38,6 +40,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 POOL_SIZE = 80
 #: Extra short-lived connections allowed beyond the pool under a burst.
 POOL_OVERFLOW = 20
+
+#: Largest row ID (PostgreSQL ``integer``). A larger number cannot name a row.
+MAX_ID = 2**31 - 1
 
 _ENGINES: dict[str, Engine] = {}
 _MAKERS: dict[str, sessionmaker[Session]] = {}
@@ -90,3 +95,11 @@ def dispose_all() -> None:
         engine.dispose()
     _ENGINES.clear()
     _MAKERS.clear()
+
+
+def checked_id(value: int, what: str) -> int:
+    """``value`` if it can be a row ID; otherwise the record does not exist (``NotFound``)
+    rather than a database error about the number's size."""
+    if not 1 <= value <= MAX_ID:
+        raise NotFound(f"{what} {value} does not exist")
+    return value

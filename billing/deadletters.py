@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from billing.db import session_scope
+from billing.db import checked_id, session_scope
 from billing.errors import NotFound, StateError
 from billing.models import DeadLetter, utcnow
 from billing.redact import redact
@@ -52,7 +52,7 @@ def list_letters(session: Session, *, include_requeued: bool = False) -> list[De
 
 
 def get(session: Session, letter_id: int) -> DeadLetter:
-    letter = session.get(DeadLetter, letter_id)
+    letter = session.get(DeadLetter, checked_id(letter_id, "dead letter"))
     if letter is None:
         raise NotFound(f"dead letter {letter_id} does not exist")
     return letter

@@ -21,6 +21,7 @@ import ipaddress
 import json
 import logging
 import re
+import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -141,6 +142,10 @@ def _text(data: Mapping[str, object], name: str) -> tuple[str | None, str | None
     value = value.strip()
     if not value:
         return None, None
+    if any(unicodedata.category(ch) == "Cc" for ch in value):
+        # A NUL or another control character: PostgreSQL refuses NUL in text, and none
+        # belongs in a reference, an alias, an address or a plan name.
+        return None, f"{name} contains a control character"
     limit = _MAX_LEN.get(name)
     if limit is not None and len(value) > limit:
         return None, f"{name} is longer than {limit} characters"

@@ -7,6 +7,8 @@ from decimal import Decimal, InvalidOperation
 from billing.errors import InvalidInput
 
 CENT = Decimal("0.01")
+#: The largest amount the database keeps (Numeric(12, 2)); far above any card payment.
+MAX_AMOUNT = Decimal("9999999999.99")
 
 
 def parse_amount(value: object, *, field: str = "amount") -> Decimal:
@@ -22,10 +24,12 @@ def parse_amount(value: object, *, field: str = "amount") -> Decimal:
         raise InvalidInput(f"{field}: {value!r} is not a decimal amount") from None
     if not amount.is_finite() or amount <= 0:
         raise InvalidInput(f"{field}: {value!r} must be a positive amount")
-    exponent = amount.as_tuple().exponent
-    if isinstance(exponent, int) and exponent < -2 and amount != amount.quantize(CENT):
+    if amount > MAX_AMOUNT:
+        raise InvalidInput(f"{field}: {value!r} is larger than {MAX_AMOUNT}")
+    rounded = amount.quantize(CENT)
+    if rounded != amount:
         raise InvalidInput(f"{field}: {value!r} has more than two decimal places")
-    return amount.quantize(CENT)
+    return rounded
 
 
 def format_amount(amount: Decimal) -> str:

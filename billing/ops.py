@@ -25,6 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from billing import dates, dunning, ledger, settlement
+from billing.db import checked_id
 from billing.engine import advance_subscription
 from billing.errors import InvalidInput, NotFound, StateError
 from billing.metrics import QUEUE_REASONS
@@ -424,7 +425,9 @@ def discard(
 
 
 def _get(session: Session, charge_id: int, *, lock: bool = True) -> Charge:
-    charge = session.get(Charge, charge_id, with_for_update=lock, populate_existing=True)
+    charge = session.get(
+        Charge, checked_id(charge_id, "charge"), with_for_update=lock, populate_existing=True
+    )
     if charge is None:
         raise NotFound(f"charge {charge_id} does not exist")
     return charge

@@ -18,8 +18,25 @@ _FIELD = re.compile(
     + r")\b)(?P<sep>\"?\s*[=:]\s*\"?)(?P<val>[^&\n\",}]*)",
     re.IGNORECASE,
 )
-# A run of 13 to 19 digits, possibly grouped by spaces or dashes, is treated as a card number.
-_PAN = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
+# A run of 13 to 19 digits, possibly grouped by spaces or dashes, not part of a decimal
+# number, is a card number when its Luhn check holds (as every card number's does).
+_PAN = re.compile(r"(?<!\d)(?<!\d\.)(?:\d[ -]?){12,18}\d(?!\d|\.\d)")
+
+
+def luhn_valid(digits: str) -> bool:
+    """The check every card number passes (ISO/IEC 7812)."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _pan_or_not(match: re.Match[str]) -> str:
+    digits = re.sub(r"[ -]", "", match.group(0))
+    return "[redacted-pan]" if luhn_valid(digits) else match.group(0)
 
 
 def mask_alias(alias: str | None) -> str:
@@ -36,7 +53,7 @@ def redact(text: str | None, *, secrets: tuple[str, ...] = ()) -> str:
     if not text:
         return ""
     out = _FIELD.sub(lambda m: f"{m.group('key')}{m.group('sep')}[redacted]", text)
-    out = _PAN.sub("[redacted-pan]", out)
+    out = _PAN.sub(_pan_or_not, out)
     for secret in secrets:
         if secret and len(secret) >= 4:
             out = out.replace(secret, "[redacted]")

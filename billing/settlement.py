@@ -21,7 +21,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from billing import ledger, metrics
-from billing.db import session_scope
+from billing.db import checked_id, session_scope
 from billing.errors import InvalidInput, NotFound, StateError
 from billing.models import (
     Attempt,
@@ -230,7 +230,7 @@ class Settlement:
     ) -> SettlementResult | tuple[Kind, Decimal, str, str, str, int, str | None]:
         now = utcnow()
         with session_scope(self.url) as session:
-            charge = session.get(Charge, charge_id)
+            charge = session.get(Charge, checked_id(charge_id, "charge"))
             if charge is None:
                 raise NotFound(f"charge {charge_id} does not exist")
             if automatic and charge.state != ChargeState.AUTHORIZED:

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from billing import dates, ledger
+from billing.db import MAX_ID
 from billing.errors import InvalidInput, NotFound, StateError
 from billing.models import Subscription, SubscriptionStatus
 from billing.plans import PlanSet
@@ -60,7 +61,7 @@ def get_subscription(session: Session, ref_or_id: str, *, for_update: bool = Fal
     if for_update:
         query = query.with_for_update()
     found = session.scalars(query).one_or_none()
-    if found is None and ref_or_id.isdigit():
+    if found is None and ref_or_id.isascii() and ref_or_id.isdigit() and int(ref_or_id) <= MAX_ID:
         found = session.get(Subscription, int(ref_or_id), with_for_update=for_update)
     if found is None:
         raise NotFound(f'no subscription with reference or id "{ref_or_id}"')

@@ -12,6 +12,7 @@ import sys
 import typer
 from rich.console import Console
 from rich.markup import escape
+from sqlalchemy.exc import DBAPIError
 
 from billing.errors import BillingError
 
@@ -61,6 +62,14 @@ def _register() -> None:
 _register()
 
 
+def _database_problem(exc: DBAPIError) -> str:
+    """One line for a database error: the common cause named, the driver's first line else."""
+    first = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+    if "no such table" in first or ("relation" in first and "does not exist" in first):
+        return f"the database has no billing tables yet ({first}): run `billing db upgrade`"
+    return f"database error: {first}"
+
+
 def main() -> None:
     """Console-script entry point."""
     from billing.logs import configure_logging
@@ -75,16 +84,21 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
+    except DBAPIError as exc:
+        err_console.print(f"[red]error:[/red] {escape(_database_problem(exc))}", soft_wrap=True)
+        sys.exit(1)
     except typer.Abort:
         err_console.print("aborted")
         sys.exit(1)
     except Exception as exc:
         # Usage errors arrive here with standalone_mode=False. Typer may bundle its own copy
-        # of click, so they are recognised by shape rather than by class.
-        show = getattr(exc, "show", None)
-        if callable(show) and isinstance(getattr(exc, "exit_code", None), int):
-            show()
-            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+        # of click, so they are recognised by shape rather than by class; they are said in
+        # one line, like every other error.
+        message = getattr(exc, "format_message", None)
+        exit_code = getattr(exc, "exit_code", None)
+        if callable(message) and isinstance(exit_code, int):
+            err_console.print(f"[red]error:[/red] {escape(message())}", soft_wrap=True)
+            sys.exit(exit_code)
         raise
     if isinstance(code, int) and code:
         sys.exit(code)

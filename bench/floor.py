@@ -1,0 +1,312 @@
+"""The two yardsticks ``make bench`` sets beside the worker, against the same sandbox.
+
+- The raw floor: the least a program must do per charge and nothing more. One insert
+  committed before the call (so that a crash leaves evidence, as the worker's attempt row
+  does), one POST to ``duplicate.pl`` over a pooled keep-alive connection, one update
+  committed after. C threads, each with its own psycopg connection and requests session:
+  no ORM, no broker, no ledger, no retry logic, no state machine.
+- The sequential script: what the guide's PHP example does, one charge after another,
+  a new HTTP connection per call (``curl_init`` per charge) and one database connection,
+  with the same insert before and update after.
+
+Each runs in a process of its own (``python -m bench.floor floor|sequential ...``, started by
+``bench.run``) so that the CPU time it reports is its own, and prints one JSON object.
+The private key comes from ``BENCH_PRIVATE_KEY``, never from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import psycopg
+import requests
+from requests.adapters import HTTPAdapter
+
+#: The yardsticks' own table: the worker's schema is not theirs to use.
+TABLE_DDL = """
+CREATE TABLE IF NOT EXISTS bench_floor_charges (
+    id bigserial PRIMARY KEY,
+    script text NOT NULL,
+    alias text NOT NULL,
+    amount numeric(12, 2) NOT NULL,
+    state text NOT NULL,
+    tx text,
+    code text,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+INSERT = (
+    "INSERT INTO bench_floor_charges (script, alias, amount, state)"
+    " VALUES (%s, %s, %s, 'in_flight') RETURNING id"
+)
+UPDATE = (
+    "UPDATE bench_floor_charges SET state = %s, tx = %s, code = %s, updated_at = now()"
+    " WHERE id = %s"
+)
+#: Same (connect, read) timeouts as the worker's defaults.
+TIMEOUT = (5.0, 30.0)
+#: Errors kept verbatim in the result; the rest are only counted.
+MAX_ERRORS = 5
+
+Post = Callable[..., requests.Response]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and what to charge: the sandbox's ``duplicate.pl`` and one merchant account."""
+
+    gateway_url: str
+    merchant_id: str
+    private_key: str
+    amount: str = "29.90"
+    ip: str = "203.0.113.9"
+
+    @property
+    def url(self) -> str:
+        return f"{self.gateway_url.rstrip('/')}/duplicate.pl"
+
+    def form(self, alias: str) -> dict[str, str]:
+        return {
+            "ID": self.merchant_id,
+            "IP": self.ip,
+            "MONTANT": self.amount,
+            "ALIAS": alias,
+            "PRIVATE_KEY": self.private_key,
+        }
+
+
+@dataclass
+class YardstickResult:
+    """What one yardstick did, timed from its first charge to its last."""
+
+    script: str
+    concurrency: int
+    charges: int = 0
+    approved: int = 0
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    #: Share of all CPUs busy (any process) while it ran, and the sandbox's CPU time.
+    machine_busy: float = 0.0
+    sandbox_cpu_seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+    error_count: int = 0
+
+    @contextlib.contextmanager
+    def timed(self, sandbox_pid: int | None) -> Iterator[None]:
+        """Wall time, this process's CPU, the sandbox's CPU and the machine's, for the block."""
+        meter = Meter(sandbox_pid).start()
+        cpu, began = cpu_seconds(), time.monotonic()
+        yield
+        self.seconds = time.monotonic() - began
+        self.cpu_seconds = cpu_seconds() - cpu
+        meter.stop()
+        self.machine_busy, self.sandbox_cpu_seconds = meter.busy_share, meter.cpu
+
+    def failed(self, exc: BaseException) -> None:
+        self.error_count += 1
+        if len(self.errors) < MAX_ERRORS:
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+
+
+def cpu_seconds() -> float:
+    """User plus system time of this process, every thread included."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# --- what the machine did: /proc, since psutil is not a dependency ----------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def stat_fields(pid: int) -> list[str]:
+    """``/proc/<pid>/stat`` after the command name (which may hold spaces and parentheses)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2 :].split()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system time of ``pid`` (all its threads) and of children it has reaped."""
+    return sum(int(value) for value in stat_fields(pid)[11:15]) / CLK_TCK
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot; idle and iowait count as not busy."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    total = sum(values[:8])
+    return total - idle, total
+
+
+@dataclass
+class Meter:
+    """CPU of a process (optional) and the machine's busy share between start and stop."""
+
+    pid: int | None = None
+    cpu: float = 0.0
+    busy_share: float = 0.0
+    _cpu0: float = 0.0
+    _ticks0: tuple[int, int] = (0, 0)
+
+    def _cpu(self) -> float:
+        return process_cpu_seconds(self.pid) if self.pid is not None else 0.0
+
+    def start(self) -> Meter:
+        self._cpu0, self._ticks0 = self._cpu(), machine_ticks()
+        return self
+
+    def stop(self) -> Meter:
+        with contextlib.suppress(OSError):
+            self.cpu = self._cpu() - self._cpu0
+        busy, total = machine_ticks()
+        self.busy_share = (busy - self._ticks0[0]) / max(1, total - self._ticks0[1])
+        return self
+
+
+def charge_once(
+    conn: psycopg.Connection[Any], post: Post, target: Target, script: str, alias: str
+) -> bool:
+    """Insert, POST, update: the floor of what charging one card must cost."""
+    row = conn.execute(INSERT, (script, alias, target.amount)).fetchone()
+    assert row is not None
+    response = post(target.url, data=target.form(alias), timeout=TIMEOUT)
+    answer = parse_qs(response.text)
+    code = answer.get("RESPONSE", [""])[0]
+    tx = answer.get("TX", [None])[0]
+    approved = response.status_code == 200 and code == "00"
+    conn.execute(UPDATE, ("approved" if approved else "declined", tx, code, row[0]))
+    return approved
+
+
+def pooled_session() -> requests.Session:
+    """A session keeping its connection alive between calls, retries off like the worker's."""
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def run_floor(
+    database_url: str,
+    target: Target,
+    aliases: Sequence[str],
+    concurrency: int,
+    sandbox_pid: int | None = None,
+) -> YardstickResult:
+    """C threads sharing the aliases; connections are opened before the clock starts."""
+    result = YardstickResult("floor", concurrency)
+    lock = threading.Lock()
+    indexes = itertools.count()
+    start = threading.Barrier(concurrency + 1)
+    conns = [psycopg.connect(database_url, autocommit=True) for _ in range(concurrency)]
+    sessions = [pooled_session() for _ in range(concurrency)]
+    for session in sessions:
+        # Open each pooled connection now, one at a time: a pool is warm in steady state,
+        # and the sandbox's short listen backlog resets a burst of simultaneous connects.
+        session.get(f"{target.gateway_url.rstrip('/')}/_sandbox/health", timeout=TIMEOUT)
+
+    def work(conn: psycopg.Connection[Any], session: requests.Session) -> None:
+        charges = approved = 0
+        start.wait()
+        while (index := next(indexes)) < len(aliases):
+            charges += 1
+            try:
+                approved += charge_once(conn, session.post, target, "floor", aliases[index])
+            except Exception as exc:
+                with lock:
+                    result.failed(exc)
+        with lock:
+            result.charges += charges
+            result.approved += approved
+
+    threads = [
+        threading.Thread(target=work, args=pair, daemon=True)
+        for pair in zip(conns, sessions, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        with result.timed(sandbox_pid):
+            start.wait()
+            for thread in threads:
+                thread.join()
+    finally:
+        for conn in conns:
+            conn.close()
+        for session in sessions:
+            session.close()
+    return result
+
+
+def run_sequential(
+    database_url: str, target: Target, aliases: Sequence[str], sandbox_pid: int | None = None
+) -> YardstickResult:
+    """One charge after another; ``requests.post`` opens a new connection each time."""
+    result = YardstickResult("sequential", 1)
+    with psycopg.connect(database_url, autocommit=True) as conn, result.timed(sandbox_pid):
+        for alias in aliases:
+            result.charges += 1
+            try:
+                result.approved += charge_once(conn, requests.post, target, "sequential", alias)
+            except Exception as exc:
+                result.failed(exc)
+    return result
+
+
+def seed_aliases(target: Target, count: int) -> list[str]:
+    """Fresh aliases of the merchant, so no yardstick charges a card the worker charged."""
+    response = requests.post(
+        f"{target.gateway_url.rstrip('/')}/_sandbox/aliases",
+        json={"merchant_id": target.merchant_id, "count": count},
+        timeout=120,
+    )
+    response.raise_for_status()
+    aliases: list[str] = response.json()["aliases"]
+    return aliases
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__)
+    parser.add_argument("script", choices=("floor", "sequential"))
+    parser.add_argument("--database-url", required=True, help="postgresql://... (psycopg)")
+    parser.add_argument("--gateway-url", required=True, help="the sandbox's base URL")
+    parser.add_argument("--merchant-id", required=True)
+    parser.add_argument("--n", type=int, required=True, help="charges to make")
+    parser.add_argument("--concurrency", type=int, default=1, help="threads (floor only)")
+    parser.add_argument("--sandbox-pid", type=int, help="sandbox process whose CPU to report")
+    args = parser.parse_args(argv)
+    private_key = os.environ.get("BENCH_PRIVATE_KEY", "")
+    if not private_key:
+        parser.error("BENCH_PRIVATE_KEY must hold the sandbox merchant's private key")
+    if args.n < 1 or args.concurrency < 1:
+        parser.error("--n and --concurrency must be at least 1")
+    target = Target(args.gateway_url, args.merchant_id, private_key)
+    with psycopg.connect(args.database_url, autocommit=True) as conn:
+        conn.execute(TABLE_DDL)
+    aliases = seed_aliases(target, args.n)
+    if args.script == "floor":
+        result = run_floor(args.database_url, target, aliases, args.concurrency, args.sandbox_pid)
+    else:
+        result = run_sequential(args.database_url, target, aliases, args.sandbox_pid)
+    json.dump(asdict(result), sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
