@@ -5,7 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import DBAPIError
 
 from billing import migrate
@@ -36,3 +36,23 @@ def test_postgres_trigger_refuses_ledger_update_and_delete(pg_url: str) -> None:
             conn.execute(text(statement))
     with engine.connect() as conn:
         assert conn.execute(text("SELECT amount FROM ledger")).scalar_one() == Decimal("29.90")
+
+
+def test_the_orm_refuses_to_update_or_delete_a_ledger_row(db_url: str) -> None:
+    """The application-level guard, for SQLite too (which has no trigger)."""
+    from billing import ledger
+    from billing.db import session_scope
+    from billing.errors import StateError
+    from billing.models import LedgerEntry
+
+    with session_scope(db_url) as session:
+        ledger.append(
+            session, outcome="approved", operation="duplicate", actor="test",
+            amount=Decimal("29.90"), currency="EUR", merchant_id="1234567",
+        )  # fmt: skip
+    with pytest.raises(StateError, match="append-only"), session_scope(db_url) as session:
+        session.scalars(select(LedgerEntry)).one().amount = Decimal("0.00")
+    with pytest.raises(StateError, match="append-only"), session_scope(db_url) as session:
+        session.delete(session.scalars(select(LedgerEntry)).one())
+    with session_scope(db_url) as session:
+        assert session.scalars(select(LedgerEntry.amount)).one() == Decimal("29.90")
