@@ -28,6 +28,7 @@ the events created from then on, never the history before it.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -346,9 +347,32 @@ def collect(session: Session) -> list[Event]:
     return made
 
 
+#: Seconds a process reuses its list of registered endpoints before reading it again. Every
+#: charge writes events, so reading the table at each flush would cost a query per charge;
+#: an endpoint added to the plans file starts receiving events within this delay.
+ENDPOINTS_TTL = 30.0
+
+_endpoints_cache: dict[str, tuple[float, list[tuple[str, tuple[str, ...]]]]] = {}
+
+
+def clear_endpoint_cache() -> None:
+    """Forget the cached endpoint lists (after registering endpoints, and in tests)."""
+    _endpoints_cache.clear()
+
+
 def endpoint_filters(session: Session) -> list[tuple[str, tuple[str, ...]]]:
     """(name, filter) of every endpoint new events go to: ``default``, then the registered
     endpoints of the plans file that were not removed from it, by name."""
+    key = str(session.get_bind().engine.url)
+    cached = _endpoints_cache.get(key)
+    if cached is not None and time.monotonic() - cached[0] < ENDPOINTS_TTL:
+        return cached[1]
+    found = _read_endpoint_filters(session)
+    _endpoints_cache[key] = (time.monotonic(), found)
+    return found
+
+
+def _read_endpoint_filters(session: Session) -> list[tuple[str, tuple[str, ...]]]:
     rows = session.execute(
         select(WebhookEndpointRecord.name, WebhookEndpointRecord.events)
         .where(WebhookEndpointRecord.removed_at.is_(None))

@@ -50,7 +50,7 @@ from sqlalchemy.orm import Session, aliased, selectinload
 from billing import __version__
 from billing.db import session_scope
 from billing.errors import ConfigError, InvalidInput, NotFound, StateError
-from billing.events import DEFAULT_ENDPOINT
+from billing.events import DEFAULT_ENDPOINT, clear_endpoint_cache
 from billing.models import (
     DeadLetter,
     Event,
@@ -241,6 +241,7 @@ def register_endpoints(url: str, plans: PlanSet, *, now: datetime | None = None)
             elif row.removed_at is None:
                 row.removed_at = now
                 log.warning("webhook endpoint %s is no longer in the plans file", name)
+    clear_endpoint_cache()  # this process sees its own registration at once
 
 
 def known_endpoints(session: Session) -> list[str]:
