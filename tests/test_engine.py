@@ -11,6 +11,8 @@ from sqlalchemy import func, select, update
 from billing import dates
 from billing.db import session_scope
 from billing.models import Charge, ChargeState, LedgerEntry, SubscriptionStatus, utcnow
+from billing.plans import load_plans
+from tests.fixtures.engine import ENGINE_PLANS
 
 
 def test_sweep_creates_one_charge_per_due_subscription_and_a_second_sweep_nothing(
@@ -334,3 +336,27 @@ def test_an_outcome_is_recorded_even_if_the_database_connection_drops_once(
 
     assert h.charge(sub_id).state == ChargeState.APPROVED
     assert len(gateway.calls(alias=alias, script="duplicate")) == 1
+
+
+def test_an_amount_change_applies_from_the_next_period_not_yet_charged(
+    pg_url, gateway, make_harness, tmp_path
+):
+    h = make_harness(pg_url)
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    sub_id = h.subscribe("shop-1", alias)
+    h.engine.sweep_plan("monthly")  # period 0's charge is created at 29.90, not yet sent
+    repriced = tmp_path / "plans.toml"
+    repriced.write_text(ENGINE_PLANS.read_text().replace('amount = "29.90"', 'amount = "34.90"'))
+    h.engine._plans = load_plans(repriced)
+
+    h.run_sent()
+    with freeze_time(utcnow() + timedelta(days=32), tick=True):
+        h.engine.sweep_plan("monthly")
+        h.run_sent()
+
+    first, second = h.charge(sub_id, 0), h.charge(sub_id, 1)
+    assert (first.amount, first.plan_version) == (Decimal("29.90"), 1)
+    assert (second.amount, second.plan_version) == (Decimal("34.90"), 2)
+    assert [c["amount"] for c in gateway.calls(alias=alias, script="duplicate")] == [
+        "29.90", "34.90",
+    ]  # fmt: skip

@@ -284,3 +284,26 @@ def test_8_a_deploy_sigterm_lets_calls_in_flight_finish_and_be_recorded(cluster,
         outcomes = Counter(session.scalars(select(LedgerEntry.outcome)))
     assert outcomes == Counter({"approved": 3})
     assert _states(pg_url) == Counter({ChargeState.APPROVED: 3})
+
+
+def test_9_a_thousand_due_subscriptions_end_in_a_thousand_outcomes_matching_the_gateway(
+    cluster, gateway, pg_url
+):
+    _env_for(cluster, gateway, BILLING_MAX_IN_FLIGHT="100")
+    aliases = gateway.seed_aliases("1234567", 1000)
+    for alias in aliases[:30]:
+        gateway.set_behaviour(alias, decline="54")
+    _subscribe(pg_url, aliases)
+    cluster.worker("w1", concurrency=16)
+    cluster.beat("b1")
+
+    wait_until(lambda: _settled(pg_url, 1000), timeout=180, step=0.5)
+
+    with session_scope(pg_url) as session:
+        entries = session.scalars(select(LedgerEntry)).all()
+    assert Counter(e.outcome for e in entries) == Counter({"approved": 970, "declined": 30})
+    calls = gateway.calls(script="duplicate")
+    assert len(calls) == 1000
+    approved_calls = {c["tx"] for c in calls if c["result"] == "approved"}
+    assert approved_calls == {e.tx for e in entries if e.outcome == "approved"}
+    assert {c["alias"] for c in calls} == set(aliases)
