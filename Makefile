@@ -24,7 +24,7 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy billing tasks schedules
+	$(VENV)/bin/mypy billing tasks schedules chaos bench
 
 # One run on this machine: the worker beside the raw floor and the sequential script.
 # BENCH_N, BENCH_LATENCY_MS, BENCH_CONCURRENCY (and more, see bench/README.md) change it.
