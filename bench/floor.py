@@ -89,39 +89,6 @@ class Target:
         }
 
 
-@dataclass
-class YardstickResult:
-    """What one yardstick did, timed from its first charge to its last."""
-
-    script: str
-    concurrency: int
-    charges: int = 0
-    approved: int = 0
-    seconds: float = 0.0
-    cpu_seconds: float = 0.0
-    #: Share of all CPUs busy (any process) while it ran, and the sandbox's CPU time.
-    machine_busy: float = 0.0
-    sandbox_cpu_seconds: float = 0.0
-    errors: list[str] = field(default_factory=list)
-    error_count: int = 0
-
-    @contextlib.contextmanager
-    def timed(self, sandbox_pid: int | None) -> Iterator[None]:
-        """Wall time, this process's CPU, the sandbox's CPU and the machine's, for the block."""
-        meter = Meter(sandbox_pid).start()
-        cpu, began = cpu_seconds(), time.monotonic()
-        yield
-        self.seconds = time.monotonic() - began
-        self.cpu_seconds = cpu_seconds() - cpu
-        meter.stop()
-        self.machine_busy, self.sandbox_cpu_seconds = meter.busy_share, meter.cpu
-
-    def failed(self, exc: BaseException) -> None:
-        self.error_count += 1
-        if len(self.errors) < MAX_ERRORS:
-            self.errors.append(f"{type(exc).__name__}: {exc}")
-
-
 def cpu_seconds() -> float:
     """User plus system time of this process, every thread included."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -175,6 +142,39 @@ class Meter:
         busy, total = machine_ticks()
         self.busy_share = (busy - self._ticks0[0]) / max(1, total - self._ticks0[1])
         return self
+
+
+@dataclass
+class YardstickResult:
+    """What one yardstick did, timed from its first charge to its last."""
+
+    script: str
+    concurrency: int
+    charges: int = 0
+    approved: int = 0
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    #: Share of all CPUs busy (any process) while it ran, and the sandbox's CPU time.
+    machine_busy: float = 0.0
+    sandbox_cpu_seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+    error_count: int = 0
+
+    @contextlib.contextmanager
+    def timed(self, sandbox_pid: int | None) -> Iterator[None]:
+        """Wall time, this process's CPU, the sandbox's CPU and the machine's, for the block."""
+        meter = Meter(sandbox_pid).start()
+        cpu, began = cpu_seconds(), time.monotonic()
+        yield
+        self.seconds = time.monotonic() - began
+        self.cpu_seconds = cpu_seconds() - cpu
+        meter.stop()
+        self.machine_busy, self.sandbox_cpu_seconds = meter.busy_share, meter.cpu
+
+    def failed(self, exc: BaseException) -> None:
+        self.error_count += 1
+        if len(self.errors) < MAX_ERRORS:
+            self.errors.append(f"{type(exc).__name__}: {exc}")
 
 
 def charge_once(

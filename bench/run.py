@@ -47,8 +47,11 @@ from rich.table import Table
 from bench.floor import TABLE_DDL, Meter
 from billing import migrate
 from billing.db import dispose_all, get_engine
+from billing.engine import Engine
 from billing.errors import BillingError, ConfigError
 from billing.models import OPEN_STATES, ChargeState
+from billing.plans import load_plans
+from billing.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -813,10 +816,6 @@ def run_probe(
     The same engine code the worker runs, without Celery; the dispatcher only collects IDs
     and the test plays the worker, one charge after another.
     """
-    from billing.engine import Engine
-    from billing.plans import load_plans
-    from billing.settings import Settings
-
     n = config.probe_n
     load_subscriptions(url, PROBE_PLAN, gateway.seed_aliases(n))
     os.environ[KEY_ENV] = PRIVATE_KEY
@@ -860,6 +859,8 @@ def run_probe(
 
 # --- results ----------------------------------------------------------------------------
 
+#: The two sizes the issue compares Redis memory at.
+ISSUE_SIZES = (20_000, 100_000)
 ISSUE_SETTING = {"n": 20_000, "latency_ms": 50.0, "concurrency": 64, "workers": 1}
 
 
@@ -872,8 +873,8 @@ def _target(
 def _comparable_run(config: Config) -> tuple[Path, dict[str, Any]] | None:
     """A saved run with the same C, processes, in-flight bound and latency but another N.
 
-    The issue compares N=100,000 with N=20,000: a run at 20,000 is preferred, then the
-    newest; results that cannot be read are skipped.
+    The issue compares N=100,000 with N=20,000: runs at those two sizes are preferred (a
+    smoke run is not much of a comparison), then the newest; unreadable results are skipped.
     """
     if not config.results_dir.is_dir():
         return None
@@ -890,7 +891,7 @@ def _comparable_run(config: Config) -> tuple[Path, dict[str, Any]] | None:
                 other["latency_ms"],
             )
             if theirs == mine and other["n"] != config.n:
-                found.append((other["n"] == ISSUE_SETTING["n"], path.name, path, saved))
+                found.append((other["n"] in ISSUE_SIZES, path.name, path, saved))
     if not found:
         return None
     _, _, path, saved = max(found, key=lambda item: (item[0], item[1]))

@@ -871,6 +871,9 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    #: Pending connections the kernel queues. socketserver's default of 5 reset connections
+    #: when a worker with 64 threads opened its pool at once (a false "unknown" in a test).
+    request_queue_size = 256
 
     def __init__(self, address: tuple[str, int], sandbox: Sandbox) -> None:
         self.sandbox = sandbox
