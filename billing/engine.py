@@ -393,27 +393,14 @@ class Engine:
 
     def charge(self, charge_id: int, *, retries: int = 0) -> ChargeResult:
         """Make one gateway call for a queued charge and record what came of it."""
-        with session_scope(self.url) as session:
-            found = session.execute(
-                select(Charge.state, Charge.plan, Charge.currency).where(Charge.id == charge_id)
-            ).one_or_none()
-        if found is None:
-            raise NotFound(f"charge {charge_id} does not exist")
-        if found.state != ChargeState.QUEUED:
-            return ChargeResult(charge_id, "not_claimed")
-        plan = self.plans.plans.get(found.plan)
-        account = self.plans.accounts.get(found.currency)
-        if plan is None or account is None:
-            claim = self._claim(charge_id, None)  # held: nothing is sent for an unknown plan
-            return claim if isinstance(claim, ChargeResult) else ChargeResult(charge_id, "held")
-        private_key = account.private_key()  # a missing key fails before anything is claimed
-        if self.limiter is not None and account.max_charges_per_second:
-            self.limiter.acquire(account.merchant_id, account.max_charges_per_second)
-
-        claim = self._claim(charge_id, plan)
+        if self._rate_limited():
+            waited = self._wait_for_slot(charge_id)
+            if waited is not None:
+                return waited
+        claim = self._claim(charge_id)
         if isinstance(claim, ChargeResult):
             return claim
-        attempt_id, call = claim
+        attempt_id, call, plan, private_key = claim
 
         started = time.monotonic()
         result = self.client.duplicate(
@@ -460,10 +447,33 @@ class Engine:
         except (OperationalError, OSError) as exc:  # the engine sweep dispatches instead
             log.warning("refill after a charge failed: %s", exc)
 
-    def _claim(
-        self, charge_id: int, plan: Plan | None
-    ) -> ChargeResult | tuple[int, dict[str, Any]]:
-        """Atomically take the charge from ``queued`` to ``in_flight`` and commit the attempt."""
+    def _rate_limited(self) -> bool:
+        return self.limiter is not None and any(
+            account.max_charges_per_second for account in self.plans.accounts.values()
+        )
+
+    def _wait_for_slot(self, charge_id: int) -> ChargeResult | None:
+        """Under a rate limit, wait for the account's slot *before* claiming: time spent
+        waiting must not count as time in flight, which the stuck-call sweep measures."""
+        with session_scope(self.url) as session:
+            found = session.execute(
+                select(Charge.state, Charge.currency).where(Charge.id == charge_id)
+            ).one_or_none()
+        if found is None:
+            raise NotFound(f"charge {charge_id} does not exist")
+        if found.state != ChargeState.QUEUED:
+            return ChargeResult(charge_id, "not_claimed")
+        account = self.plans.accounts.get(found.currency)
+        if self.limiter is not None and account is not None and account.max_charges_per_second:
+            self.limiter.acquire(account.merchant_id, account.max_charges_per_second)
+        return None
+
+    def _claim(self, charge_id: int) -> ChargeResult | tuple[int, dict[str, Any], Plan, str]:
+        """Atomically take the charge from ``queued`` to ``in_flight`` and commit the attempt.
+
+        Returns what the call needs, or why nothing is sent. A missing private key raises
+        inside this transaction, so the claim rolls back and the charge stays queued.
+        """
         now = utcnow()
         with session_scope(self.url) as session:
             number = session.scalar(
@@ -478,10 +488,17 @@ class Engine:
                 .returning(Charge.attempts)
             )
             if number is None:
+                if session.get(Charge, charge_id) is None:
+                    raise NotFound(f"charge {charge_id} does not exist")
                 return ChargeResult(charge_id, "not_claimed")
             charge = session.get_one(Charge, charge_id, options=[WITH_SUBSCRIPTION])
             sub = charge.subscription
-            held = "unknown_plan" if plan is None else self._hold_reason(charge, sub, now)
+            plan = self.plans.plans.get(charge.plan)
+            account = self.plans.accounts.get(charge.currency)
+            if plan is None or account is None:  # nothing is sent for an unknown plan
+                return self._hold(session, charge, "unknown_plan", now)
+            private_key = account.private_key()
+            held = self._hold_reason(charge, sub, now)
             if held is not None:
                 return self._hold(session, charge, held, now)
             attempt = Attempt(
@@ -501,7 +518,7 @@ class Engine:
                 "amount": charge.amount,
                 "deferred": charge.deferred,
             }
-            return attempt.id, call
+            return attempt.id, call, plan, private_key
 
     def _hold_reason(self, charge: Charge, sub: Subscription, now: datetime) -> str | None:
         if sub.status not in CHARGEABLE:

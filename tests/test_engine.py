@@ -5,11 +5,13 @@ from __future__ import annotations
 from datetime import timedelta
 from decimal import Decimal
 
+import pytest
 from freezegun import freeze_time
 from sqlalchemy import func, select, update
 
 from billing import dates
 from billing.db import session_scope
+from billing.errors import ConfigError
 from billing.models import Charge, ChargeState, LedgerEntry, SubscriptionStatus, utcnow
 from billing.plans import load_plans
 from tests.fixtures.engine import ENGINE_PLANS
@@ -360,3 +362,21 @@ def test_an_amount_change_applies_from_the_next_period_not_yet_charged(
     assert [c["amount"] for c in gateway.calls(alias=alias, script="duplicate")] == [
         "29.90", "34.90",
     ]  # fmt: skip
+
+
+def test_a_missing_private_key_claims_nothing_and_sends_nothing(
+    pg_url, gateway, make_harness, monkeypatch
+):
+    h = make_harness(pg_url)
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    sub_id = h.subscribe("shop-1", alias)
+    h.engine.sweep_plan("monthly")
+    (charge_id,) = h.take_sent()
+    monkeypatch.delenv("KLIKANDPAY_KEY_EUR")
+
+    with pytest.raises(ConfigError, match="KLIKANDPAY_KEY_EUR"):
+        h.engine.charge(charge_id)
+
+    charge = h.charge(sub_id)
+    assert (charge.state, charge.attempts) == (ChargeState.QUEUED, 0)
+    assert gateway.calls(alias=alias) == []
