@@ -70,6 +70,16 @@ def _d(value: Decimal | None) -> Decimal:
     return value if value is not None else ZERO
 
 
+def amounts(charge: Charge) -> dict[str, str]:
+    """The charge's money, for the ledger's before/after details."""
+    return {
+        "authorized": str(_d(charge.authorized_amount)),
+        "collected": str(_d(charge.collected_amount)),
+        "refunded": str(_d(charge.refunded_amount)),
+        "released": str(_d(charge.released_amount)),
+    }
+
+
 def remaining(charge: Charge, kind: Kind) -> Decimal:
     """What a call of ``kind`` may still move on ``charge``."""
     if kind == "refund":
@@ -347,12 +357,7 @@ class Settlement:
             charge.operation = None
             charge.operation_since = None
             charge.updated_at = now
-            before = {
-                "authorized": str(_d(charge.authorized_amount)),
-                "collected": str(_d(charge.collected_amount)),
-                "refunded": str(_d(charge.refunded_amount)),
-                "released": str(_d(charge.released_amount)),
-            }
+            before = amounts(charge)
             moved = ZERO
             match result:
                 case Approved():
@@ -378,12 +383,7 @@ class Settlement:
                     charge.reason = f"{kind}_unknown"
             charge.last_code = result.code or None
             charge.last_message = result.message or getattr(result, "reason", "") or None
-            after = {
-                "authorized": str(_d(charge.authorized_amount)),
-                "collected": str(_d(charge.collected_amount)),
-                "refunded": str(_d(charge.refunded_amount)),
-                "released": str(_d(charge.released_amount)),
-            }
+            after = amounts(charge)
             ledger.append_outcome(
                 session, charge, result, operation=operation, actor=actor,
                 ledger_outcome=ledger_outcome, amount=moved, attempt_id=attempt_id,
