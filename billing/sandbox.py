@@ -19,6 +19,10 @@ Semantics chosen where the guide is silent:
   ``AMOUNT``.
 - ``slow`` records the operation at once and answers late, which is what makes a read
   timeout ``Unknown``: the money moved.
+- ``hold`` records the operation at once and keeps the answer until ``/_sandbox/release``
+  lets it go (oldest first, per alias), so a test decides exactly when a late answer
+  arrives; ``drip`` sends the answer one byte every so many seconds (a stalled gateway
+  that a per-read timeout never catches).
 - Totals per merchant: ``collected`` is captured money (direct non-deferred approvals,
   duplicates, validations), ``authorized`` what is held now awaiting validation or
   cancellation, ``refunded`` cancellations of collected money, ``released`` authorizations
@@ -104,6 +108,8 @@ FAULT_KINDS = ("refuse", "soft_decline", "error_500_after_record", "drop_after_r
 SOFT_FAULT_CODES = ("05", "51", "91")
 GARBAGE_BODY = "<html><body><h1>Erreur</h1><p>Le service a rencontr\u00e9 un probl\u00e8me"
 MAX_BODY_BYTES = 1_000_000
+#: Seconds a held answer (behaviour ``hold``) waits for ``/_sandbox/release`` at most.
+HOLD_LIMIT = 120.0
 ZERO = Decimal("0.00")
 
 
@@ -129,6 +135,10 @@ class Reply:
     body: str | None
     delay: float = 0.0
     content_type: str = "text/plain; charset=utf-8"
+    #: Set by ``hold``: the answer waits until the control API releases it.
+    hold: threading.Event | None = None
+    #: Set by ``drip``: seconds between two bytes of the answer (a gateway that stalls).
+    drip: float = 0.0
 
 
 @dataclass
@@ -186,22 +196,22 @@ def validate_behaviour(behaviour: Mapping[str, Any]) -> dict[str, Any]:
     """Check a behaviour and return a clean copy; ``ValueError`` names what is wrong."""
     if not isinstance(behaviour, Mapping):
         raise ValueError("behaviour must be a JSON object")
-    known = {*OUTCOME_BEHAVIOURS, "slow", "times"}
+    known = {*OUTCOME_BEHAVIOURS, "slow", "times", "hold", "drip"}
     unknown = sorted(set(behaviour) - known)
     if unknown:
         raise ValueError(f"unknown behaviour key(s) {unknown}; known: {sorted(known)}")
     outcomes = [key for key in OUTCOME_BEHAVIOURS if key in behaviour]
     if len(outcomes) > 1:
         raise ValueError(f"only one of {list(OUTCOME_BEHAVIOURS)} per alias, got {outcomes}")
-    if not outcomes and "slow" not in behaviour:
-        raise ValueError("behaviour needs one of decline, slow, unavailable, ...")
+    if not outcomes and not {"slow", "hold", "drip"} & set(behaviour):
+        raise ValueError("behaviour needs one of decline, slow, hold, drip, unavailable, ...")
     clean: dict[str, Any] = {}
     if "decline" in behaviour:
         code = behaviour["decline"]
         if not isinstance(code, str) or not code.strip() or code.strip() == "00":
             raise ValueError("decline: must be a decline code other than 00")
         clean["decline"] = code.strip()[:20]
-    for flag in ("drop_after_record", "error_500_after_record", "garbage"):
+    for flag in ("drop_after_record", "error_500_after_record", "garbage", "hold"):
         if flag in behaviour:
             if behaviour[flag] is not True:
                 raise ValueError(f"{flag}: must be true")
@@ -217,6 +227,11 @@ def validate_behaviour(behaviour: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 600:
             raise ValueError("slow: must be a number of seconds between 0 and 600")
         clean["slow"] = float(value)
+    if "drip" in behaviour:
+        value = behaviour["drip"]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 60:
+            raise ValueError("drip: must be a number of seconds per byte, above 0 and at most 60")
+        clean["drip"] = float(value)
     return clean
 
 
@@ -242,6 +257,11 @@ class SandboxState:
         self._fault_rates: dict[str, float] = {}
         self._fault_seed: int | None = None
         self._rng = random.Random()
+        # Answers waiting for ``release``, oldest first, per alias; a reset releases them.
+        for waiting in getattr(self, "_held", {}).values():
+            for held in waiting:
+                held.set()
+        self._held: dict[str, list[threading.Event]] = {}
 
     # --- control --------------------------------------------------------------------
 
@@ -331,6 +351,22 @@ class SandboxState:
         with self._lock:
             return {**self._fault_rates, "seed": self._fault_seed}
 
+    def release(self, alias: str, count: int = 1) -> int:
+        """Let the ``count`` oldest held answers of ``alias`` go; returns how many were held."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError("count: must be a whole number, at least 1")
+        with self._lock:
+            waiting = self._held.get(alias, [])
+            released, self._held[alias] = waiting[:count], waiting[count:]
+        for held in released:
+            held.set()
+        return len(released)
+
+    def held(self) -> dict[str, int]:
+        """How many answers wait for ``release``, per alias."""
+        with self._lock:
+            return {alias: len(waiting) for alias, waiting in self._held.items() if waiting}
+
     def calls(
         self, *, alias: str | None = None, script: str | None = None, since: int = 0
     ) -> list[dict[str, Any]]:
@@ -411,6 +447,10 @@ class SandboxState:
             call["result"] = "garbage"
             reply = Reply(200, GARBAGE_BODY, content_type="text/html; charset=utf-8")
         reply.delay = delay
+        reply.drip = float(behaviour.get("drip", 0.0))
+        if behaviour.get("hold") and call["alias"]:
+            reply.hold = threading.Event()
+            self._held.setdefault(call["alias"], []).append(reply.hold)
         return reply
 
     def _take_behaviour(self, alias: str | None) -> dict[str, Any]:
@@ -686,12 +726,33 @@ class _Handler(BaseHTTPRequestHandler):
         if self.server.sandbox.state.latency:
             time.sleep(self.server.sandbox.state.latency)
         reply = self.server.sandbox.state.handle(script, fields)
+        if reply.hold is not None:
+            reply.hold.wait(HOLD_LIMIT)
         if reply.delay:
             time.sleep(reply.delay)
         if reply.body is None:
             self.close_connection = True
             return
+        if reply.drip:
+            self._drip(reply)
+            return
         self._send(reply.status, reply.body, content_type=reply.content_type)
+
+    def _drip(self, reply: Reply) -> None:
+        """Send the answer one byte at a time: each read sees data, none sees the whole."""
+        data = reply.body.encode("utf-8") if reply.body is not None else b""
+        head = (
+            f"HTTP/1.1 {reply.status} OK\r\nContent-Type: {reply.content_type}\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        self.close_connection = True
+        try:
+            for byte in head + data:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(reply.drip)
+        except OSError:  # the client gave up: that is the point
+            return
 
     def _read_body(self) -> bytes | None:
         length_header = self.headers.get("Content-Length")
@@ -822,6 +883,10 @@ def _control_route(
         return {"calls": calls}
     if call == ("GET", "totals"):
         return {"merchants": state.totals()}
+    if call == ("POST", "release"):
+        return {"released": state.release(data.get("alias", ""), data.get("count", 1))}
+    if call == ("GET", "held"):
+        return {"held": state.held()}
     if method == "GET" and route.startswith("transactions/"):
         found = state.transaction(route.removeprefix("transactions/"))
         if found is None:
@@ -845,6 +910,8 @@ _CONTROL_ROUTES = frozenset(
         "outage",
         "calls",
         "totals",
+        "release",
+        "held",
     }
 )
 
