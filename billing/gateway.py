@@ -18,6 +18,11 @@ Pooled keep-alive connections: urllib3 checks that a pooled connection is still 
 reusing it, but a server closing an idle connection at the very moment a request is written
 on it yields an ``Unknown`` that did not charge. It is rare and errs on the safe side.
 
+Every call ends by a total deadline, the connect timeout plus the read timeout
+(``billing.deadline``): a gateway that drips its answer a byte at a time cannot keep a call
+alive past the stuck-call cutoff. A call cut by the deadline after its request may have
+been written is ``Unknown`` and says so; one cut before is ``NotSent``.
+
 Secrets (card number, CVV, expiry, private key) travel only in the form body. No exception
 text from requests is ever formatted (it can carry the request); messages are built here.
 """
@@ -36,7 +41,6 @@ from decimal import Decimal
 from types import TracebackType
 
 import requests
-from requests.adapters import HTTPAdapter
 from urllib3.exceptions import (
     ConnectTimeoutError,
     NameResolutionError,
@@ -47,6 +51,7 @@ from urllib3.exceptions import SSLError as Urllib3SSLError
 
 from billing import __version__, defaults
 from billing.answers import Verification, classify, parse_verification
+from billing.deadline import CallDeadline, DeadlineAdapter, deadline
 from billing.errors import ConfigError, GatewayAnswerError, InvalidInput
 from billing.money import format_amount, parse_amount
 from billing.outcomes import NotSent, Outcome, Unknown
@@ -367,7 +372,7 @@ def _decode(data: bytes, content_type: str) -> str:
 
 def _new_session(base_url: str) -> requests.Session:
     session = requests.Session()
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_MAXSIZE, max_retries=0)
+    adapter = DeadlineAdapter(pool_connections=4, pool_maxsize=POOL_MAXSIZE, max_retries=0)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     session.headers["User-Agent"] = USER_AGENT
@@ -490,14 +495,17 @@ class KlikAndPayClient:
         """
         params = {"ID": _text("merchant_id", merchant_id), "NUMXKP": _text("tx", tx)}
         try:
-            with self.session.get(
-                f"{self.base_url}/{SCRIPT_VERIFY}",
-                params=params,
-                timeout=self.timeout,
-                allow_redirects=False,
-                verify=self.session.verify,  # True, or the CA bundle from the environment
-                stream=True,
-            ) as response:
+            with (
+                deadline(self.total_deadline),
+                self.session.get(
+                    f"{self.base_url}/{SCRIPT_VERIFY}",
+                    params=params,
+                    timeout=self.timeout,
+                    allow_redirects=False,
+                    verify=self.session.verify,  # True, or the CA bundle from the environment
+                    stream=True,
+                ) as response,
+            ):
                 data = self._read(response)
                 status = response.status_code
                 content_type = response.headers.get("Content-Type", "")
@@ -555,7 +563,19 @@ class KlikAndPayClient:
         )
         return outcome
 
+    @property
+    def total_deadline(self) -> float:
+        """Seconds a call may take in all: the connect timeout plus the read timeout."""
+        return self.timeout[0] + self.timeout[1]
+
     def _send(self, script: str, form: dict[str, str], secrets: tuple[str, ...]) -> Outcome:
+        with deadline(self.total_deadline) as call:
+            outcome = self._post(script, form, secrets)
+        if call.fired:
+            return _cut(call, outcome)
+        return outcome
+
+    def _post(self, script: str, form: dict[str, str], secrets: tuple[str, ...]) -> Outcome:
         try:
             response = self.session.post(
                 f"{self.base_url}/{script}",
@@ -595,6 +615,19 @@ class KlikAndPayClient:
             if size >= MAX_ANSWER_BYTES:
                 break
         return b"".join(chunks)[:MAX_ANSWER_BYTES]
+
+
+def _cut(call: CallDeadline, outcome: Outcome) -> Outcome:
+    """The outcome of a call the deadline ended: unknown once the request may have gone."""
+    if not call.may_have_sent:
+        return NotSent(reason=f"could not connect within the {call.seconds:g} s deadline")
+    if outcome.kind == "approved" or outcome.kind == "declined":
+        return outcome  # the whole answer had arrived just before the deadline
+    return Unknown(
+        reason=f"no complete answer within the {call.seconds:g} s deadline (connect + read "
+        "timeout): the request was sent, the card may have been charged",
+        http_status=outcome.http_status,
+    )
 
 
 # --- one client per process -------------------------------------------------------------
