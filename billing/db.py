@@ -1,6 +1,15 @@
 """Engines and sessions for PostgreSQL (psycopg 3) and the embedded SQLite default.
 
 One engine per URL per process, pooled: a charge must not pay for a new connection.
+
+SQLite works or refuses, never half-works. pysqlite opens no transaction for a SELECT and
+ignores ``FOR UPDATE``, so a read followed by a write would not be atomic: another writer
+could commit in between. Every transaction here therefore starts with ``BEGIN IMMEDIATE``
+(SQLAlchemy's documented pysqlite recipe, with pysqlite's own BEGIN turned off), which takes
+the database's write lock at once: a read-then-write is atomic, like ``SELECT ... FOR
+UPDATE`` on PostgreSQL, and two writers wait for each other (``busy_timeout``) instead of
+interleaving. Read-only work (listings, reports, the metrics scrape) uses
+:func:`read_scope`, a deferred transaction that WAL lets run beside a writer.
 """
 
 from __future__ import annotations
@@ -27,13 +36,25 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
+#: Execution option marking a read-only engine: its SQLite transactions take no write lock.
+READ_ONLY = "billing_read_only"
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Transactions are begun by ``_sqlite_begin`` below, never implicitly by pysqlite.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     # WAL lets the CLI read while a worker writes; busy_timeout waits instead of failing.
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    """Take the write lock at the start of every write transaction (see the docstring)."""
+    read_only = conn.get_execution_options().get(READ_ONLY, False)
+    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 #: Pooled connections kept per process: at least a thread pool's size (Celery -c 64).
@@ -45,7 +66,7 @@ POOL_OVERFLOW = 20
 MAX_ID = 2**31 - 1
 
 _ENGINES: dict[str, Engine] = {}
-_MAKERS: dict[str, sessionmaker[Session]] = {}
+_MAKERS: dict[tuple[str, bool], sessionmaker[Session]] = {}
 
 
 def get_engine(url: str) -> Engine:
@@ -56,6 +77,7 @@ def get_engine(url: str) -> Engine:
         if is_sqlite(url):
             engine = create_engine(url, connect_args={"timeout": 30})
             event.listen(engine, "connect", _sqlite_pragmas)
+            event.listen(engine, "begin", _sqlite_begin)
         else:
             # Connections open lazily, so a large pool costs nothing until threads need it;
             # a pool smaller than the worker's threads would close and reopen connections
@@ -67,17 +89,22 @@ def get_engine(url: str) -> Engine:
     return engine
 
 
-def get_sessionmaker(url: str) -> sessionmaker[Session]:
+def get_sessionmaker(url: str, *, read_only: bool = False) -> sessionmaker[Session]:
     url = normalize_url(url)
-    maker = _MAKERS.get(url)
+    maker = _MAKERS.get((url, read_only))
     if maker is None:
-        maker = _MAKERS[url] = sessionmaker(bind=get_engine(url), expire_on_commit=False)
+        engine = get_engine(url)
+        bind = engine.execution_options(**{READ_ONLY: True}) if read_only else engine
+        maker = _MAKERS[(url, read_only)] = sessionmaker(bind=bind, expire_on_commit=False)
     return maker
 
 
 @contextmanager
 def session_scope(url: str) -> Iterator[Session]:
-    """A transaction: committed when the block ends, rolled back if it raises."""
+    """A transaction: committed when the block ends, rolled back if it raises.
+
+    On SQLite it holds the write lock from its first statement (``BEGIN IMMEDIATE``).
+    """
     session = get_sessionmaker(url)()
     try:
         yield session
@@ -86,6 +113,21 @@ def session_scope(url: str) -> Iterator[Session]:
         session.rollback()
         raise
     finally:
+        session.close()
+
+
+@contextmanager
+def read_scope(url: str) -> Iterator[Session]:
+    """A transaction that only reads, rolled back at the end whatever it did.
+
+    On SQLite it takes no write lock (a deferred ``BEGIN``; WAL lets it read beside a
+    writer). Never decide a write from what it read: writes belong in :func:`session_scope`.
+    """
+    session = get_sessionmaker(url, read_only=True)()
+    try:
+        yield session
+    finally:
+        session.rollback()
         session.close()
 
 

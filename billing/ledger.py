@@ -1,41 +1,48 @@
 """Writing to the append-only ledger.
 
-Every gateway call's outcome and every money movement goes through :func:`append`, so
-the rows always carry the same fields: amount, currency, merchant ID, TX, masked alias,
-the raw answer with secrets removed, who wrote it and why.
+Every gateway call's outcome and every money movement goes through :func:`append`, so the
+rows always carry the same fields: amount, currency, merchant ID, TX, masked alias, the raw
+answer with secrets removed, who wrote it and why. Rows are inserted by a plain statement
+in the caller's transaction (no ORM unit of work), and every outside value is cut to its
+column's width first (``billing.widths``): a long gateway message can never make the
+database refuse the transaction that records a real approval.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from billing.models import Charge, LedgerEntry, Subscription, utcnow
+from billing import widths
+from billing.charging.rows import ChargeLike, SubscriptionLike
+from billing.models import LedgerEntry, utcnow
 from billing.outcomes import Outcome
 from billing.redact import mask_alias, redact
+from billing.vocabulary import AUTHORIZED, COLLECTED, REFUNDED, LedgerOutcome, Operation
 
 ZERO = Decimal("0.00")
 
-#: Ledger outcomes that move money into the merchant's account.
-COLLECTED = ("approved", "validated", "resolved_approved", "resolved_validated")
-#: Ledger outcomes that move money back to the customer.
-REFUNDED = ("refunded", "resolved_refunded")
-#: Ledger outcomes of money held (deferred) but not collected: never counted as revenue.
-AUTHORIZED = ("authorized", "resolved_authorized")
+__all__ = ["AUTHORIZED", "COLLECTED", "REFUNDED", "append", "append_outcome"]
 
-_RAW_LIMIT = 4000
+
+def _text(value: str | None, secrets: tuple[str, ...]) -> str | None:
+    if not value:
+        return None
+    return widths.fit(redact(value, secrets=secrets), widths.LEDGER_TEXT)
 
 
 def append(
     session: Session,
     *,
-    outcome: str,
-    operation: str,
+    outcome: LedgerOutcome | str,
+    operation: Operation | str,
     actor: str,
-    charge: Charge | None = None,
-    subscription: Subscription | None = None,
+    subscription: SubscriptionLike | None = None,
+    charge: ChargeLike | None = None,
     period: int | None = None,
     amount: Decimal = ZERO,
     currency: str | None = None,
@@ -49,57 +56,62 @@ def append(
     attempt_id: int | None = None,
     details: dict[str, Any] | None = None,
     secrets: tuple[str, ...] = (),
-) -> LedgerEntry:
-    """Add one ledger row to ``session`` (the caller's transaction decides when it lands)."""
-    if subscription is None and charge is not None:
-        subscription = charge.subscription
-    entry = LedgerEntry(
-        at=utcnow(),
-        outcome=outcome,
-        operation=operation,
-        actor=actor,
-        charge_id=charge.id if charge is not None else None,
-        attempt_id=attempt_id,
-        subscription_id=subscription.id if subscription is not None else None,
-        external_ref=subscription.external_ref if subscription is not None else None,
-        plan=(charge.plan if charge is not None else subscription.plan if subscription else None),
-        period=charge.period if charge is not None else period,
-        amount=amount,
-        currency=currency or (charge.currency if charge is not None else ""),
-        merchant_id=merchant_id or (charge.merchant_id if charge is not None else ""),
-        tx=tx,
-        alias_masked=mask_alias(subscription.alias) if subscription is not None else None,
-        code=code,
-        message=redact(message, secrets=secrets)[:_RAW_LIMIT] if message else None,
-        raw=redact(raw, secrets=secrets)[:_RAW_LIMIT] if raw else None,
-        http_status=http_status,
-        reason=reason,
-        details=details,
-    )
-    session.add(entry)
-    return entry
+    at: datetime | None = None,
+) -> int:
+    """Insert one ledger row in ``session``'s transaction (it lands when that commits);
+    returns its ID. ``subscription`` defaults to an ORM charge's own; ``at`` to now."""
+    sub = subscription if subscription is not None else getattr(charge, "subscription", None)
+    return session.execute(
+        insert(LedgerEntry)
+        .values(
+            at=at or utcnow(),
+            outcome=str(outcome),
+            operation=str(operation),
+            actor=widths.fit(actor, widths.ACTOR),
+            charge_id=charge.id if charge is not None else None,
+            attempt_id=attempt_id,
+            subscription_id=sub.id if sub is not None else None,
+            external_ref=sub.external_ref if sub is not None else None,
+            plan=charge.plan if charge is not None else sub.plan if sub is not None else None,
+            period=charge.period if charge is not None else period,
+            amount=amount,
+            currency=currency or (charge.currency if charge is not None else ""),
+            merchant_id=merchant_id or (charge.merchant_id if charge is not None else ""),
+            tx=widths.fit(tx, widths.TX),
+            alias_masked=mask_alias(sub.alias) if sub is not None else None,
+            code=widths.fit(code, widths.CODE),
+            message=_text(message, secrets),
+            raw=_text(raw, secrets),
+            http_status=http_status,
+            reason=_text(reason, secrets),
+            details=details,
+        )
+        .returning(LedgerEntry.id)
+    ).scalar_one()
 
 
 def append_outcome(
     session: Session,
-    charge: Charge,
+    charge: ChargeLike,
+    subscription: SubscriptionLike,
     result: Outcome,
     *,
-    operation: str,
+    operation: Operation | str,
     actor: str,
-    ledger_outcome: str,
+    outcome: LedgerOutcome | str,
     amount: Decimal = ZERO,
     attempt_id: int | None = None,
     reason: str | None = None,
     secrets: tuple[str, ...] = (),
     details: dict[str, Any] | None = None,
-) -> LedgerEntry:
-    """The ledger row for one gateway call's ``result``."""
+) -> int:
+    """The ledger row of one gateway call's ``result``; returns its ID."""
     return append(
         session,
-        outcome=ledger_outcome,
+        outcome=outcome,
         operation=operation,
         actor=actor,
+        subscription=subscription,
         charge=charge,
         amount=amount,
         tx=getattr(result, "tx", None),

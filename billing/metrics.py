@@ -16,9 +16,11 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from billing.db import session_scope
+from billing.db import read_scope
 from billing.errors import ConfigError
-from billing.models import ATTENTION_STATES, Charge, ChargeState, utcnow
+from billing.models import Charge, utcnow
+from billing.vocabulary import ATTENTION_STATES, ChargeState
+from billing.vocabulary import QUEUE_REASONS as VOCABULARY_QUEUE_REASONS
 
 CHARGES = Counter(
     "billing_charges_total",
@@ -46,20 +48,14 @@ def observe_gateway_call(operation: str, outcome: str, seconds: float) -> None:
 # database. The collector below reads the latter at every scrape, so an alert on the
 # failed-charge queue needs no worker to be running.
 
-#: Reasons always exported (0 when empty), so an alert never meets an absent series.
-QUEUE_REASONS = (
-    "hard_decline",
-    "ladder_exhausted",
-    "not_sent_exhausted",
-    "unknown_outcome",
-    "stuck_in_flight",
-    "velocity_guard",
-)
+#: Reasons always exported (0 when empty), so an alert never meets an absent series:
+#: every failure reason and review flag of ``billing.vocabulary``.
+QUEUE_REASONS = VOCABULARY_QUEUE_REASONS
 
 log = logging.getLogger("billing.metrics")
 
 QUEUE_DEPTH = "billing_failed_queue_depth"
-QUEUE_DEPTH_HELP = "Charges waiting for a person (failed or unknown), by reason."
+QUEUE_DEPTH_HELP = "Charges waiting for a person (failed, unknown or flagged), by reason."
 OLDEST_UNKNOWN = "billing_oldest_unknown_charge_age_seconds"
 OLDEST_UNKNOWN_HELP = (
     "Seconds since the oldest charge with an unknown outcome last changed (0 when none)."
@@ -100,15 +96,24 @@ class FailedQueueCollector(Collector):
         return [gauge, age, up]
 
     def _query(self) -> tuple[dict[str, int], datetime | None]:
-        with session_scope(self.url) as session:
+        with read_scope(self.url) as session:
             rows = session.execute(
                 select(Charge.reason, func.count())
-                .where(Charge.state.in_(ATTENTION_STATES))
+                .where(Charge.state.in_(ATTENTION_STATES), Charge.review.is_(None))
                 .group_by(Charge.reason)
             )
             depth: dict[str, int] = {}
             for reason, count in rows:
                 key = reason or "none"
+                depth[key] = depth.get(key, 0) + count
+            # A flagged charge counts under its flag, whatever its state.
+            flagged = session.execute(
+                select(Charge.review, func.count())
+                .where(Charge.review.is_not(None))
+                .group_by(Charge.review)
+            )
+            for review, count in flagged:
+                key = review or "none"
                 depth[key] = depth.get(key, 0) + count
             oldest = session.scalar(
                 select(func.min(Charge.updated_at)).where(Charge.state == ChargeState.UNKNOWN)

@@ -35,7 +35,33 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
+from billing import widths
 from billing.errors import StateError
+from billing.vocabulary import (
+    ATTENTION_STATES,
+    OPEN_STATES,
+    ChargeState,
+    SubscriptionStatus,
+)
+
+__all__ = [
+    "ATTENTION_STATES",
+    "OPEN_STATES",
+    "Attempt",
+    "Base",
+    "Charge",
+    "ChargeState",
+    "DeadLetter",
+    "Event",
+    "EventDelivery",
+    "EventStatus",
+    "LedgerEntry",
+    "PlanVersion",
+    "Subscription",
+    "SubscriptionStatus",
+    "WebhookEndpointRecord",
+    "utcnow",
+]
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -82,36 +108,6 @@ class Base(DeclarativeBase):
     }
 
 
-class SubscriptionStatus(enum.StrEnum):
-    ACTIVE = "active"
-    PAST_DUE = "past_due"
-    SUSPENDED = "suspended"
-    CANCELLED = "cancelled"
-    PAUSED = "paused"
-
-
-class ChargeState(enum.StrEnum):
-    """Where a charge is. Only ``pending`` and ``queued`` charges are ever sent."""
-
-    PENDING = "pending"  # waiting for next_attempt_at, then dispatched
-    QUEUED = "queued"  # a task message is on its way
-    IN_FLIGHT = "in_flight"  # claimed by a worker; a gateway call may be under way
-    APPROVED = "approved"  # collected (or validated after a deferred authorization)
-    AUTHORIZED = "authorized"  # deferred: authorized, waiting for validation
-    FAILED = "failed"  # in the failed-charge queue (hard decline, ladder or retries spent)
-    UNKNOWN = "unknown"  # in the failed-charge queue: the card may have been charged
-    DECLINED = "declined"  # a person recorded a decline; final
-    DISCARDED = "discarded"  # a person gave up on this period
-    SKIPPED = "skipped"  # an overdue period not charged (catch-up policy)
-    CANCELLED = "cancelled"  # an authorization released before validation
-
-
-#: States a charge can still move from without a person.
-OPEN_STATES = (ChargeState.PENDING, ChargeState.QUEUED, ChargeState.IN_FLIGHT)
-#: States that wait for a person: the failed-charge queue.
-ATTENTION_STATES = (ChargeState.FAILED, ChargeState.UNKNOWN)
-
-
 class PlanVersion(Base):
     """One row per distinct (amount, currency, interval) a plan has had."""
 
@@ -133,9 +129,9 @@ class Subscription(Base):
     __table_args__ = (Index("ix_subscriptions_due", "plan", "status", "next_charge_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    external_ref: Mapped[str] = mapped_column(String(128), unique=True)
-    plan: Mapped[str] = mapped_column(String(64))
-    alias: Mapped[str] = mapped_column(String(128))
+    external_ref: Mapped[str] = mapped_column(String(widths.EXTERNAL_REF), unique=True)
+    plan: Mapped[str] = mapped_column(String(widths.PLAN))
+    alias: Mapped[str] = mapped_column(String(widths.ALIAS))
     customer_ip: Mapped[str] = mapped_column(String(45))
     email: Mapped[str | None] = mapped_column(String(254))
     amount_override: Mapped[Decimal | None]
@@ -144,7 +140,7 @@ class Subscription(Base):
     #: The next period to charge, counted from the anchor.
     next_period: Mapped[int] = mapped_column(Integer, default=0)
     next_charge_at: Mapped[datetime]
-    status: Mapped[str] = mapped_column(String(16), default=SubscriptionStatus.ACTIVE)
+    status: Mapped[str] = mapped_column(String(widths.STATE), default=SubscriptionStatus.ACTIVE)
     paused_at: Mapped[datetime | None]
     last_charged_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -166,40 +162,44 @@ class Charge(Base):
     __table_args__ = (
         UniqueConstraint("subscription_id", "period"),
         Index("ix_charges_dispatch", "state", "next_attempt_at"),
+        Index("ix_charges_review", "review"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     subscription_id: Mapped[int] = mapped_column(ForeignKey("subscriptions.id"))
     period: Mapped[int] = mapped_column(Integer)
     due_at: Mapped[datetime]
-    plan: Mapped[str] = mapped_column(String(64))
+    plan: Mapped[str] = mapped_column(String(widths.PLAN))
     plan_version: Mapped[int] = mapped_column(Integer)
     amount: Mapped[Decimal]
     currency: Mapped[str] = mapped_column(String(3))
-    merchant_id: Mapped[str] = mapped_column(String(32))
+    merchant_id: Mapped[str] = mapped_column(String(widths.MERCHANT_ID))
     deferred: Mapped[bool] = mapped_column(Boolean, default=False)
     #: A person asked for the current attempt: the engine's velocity guard does not apply.
     manual: Mapped[bool] = mapped_column(Boolean, default=False)
-    state: Mapped[str] = mapped_column(String(16), default=ChargeState.PENDING)
-    #: Gateway calls made for this charge (duplicate.pl attempts).
+    state: Mapped[str] = mapped_column(String(widths.STATE), default=ChargeState.PENDING)
+    #: Gateway calls made for this charge, of any script. The current attempt is the one
+    #: numbered so: an answer carrying another number is late (see the lifecycle).
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     #: Declines so far: the position on the plan's retry ladder.
     declines: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None]
     queued_at: Mapped[datetime | None]
     claimed_at: Mapped[datetime | None]
-    tx: Mapped[str | None] = mapped_column(String(64))
-    last_code: Mapped[str | None] = mapped_column(String(32))
-    last_message: Mapped[str | None] = mapped_column(String(255))
-    #: Why the charge waits for a person (hard_decline, ladder_exhausted, ...).
-    reason: Mapped[str | None] = mapped_column(String(64))
+    tx: Mapped[str | None] = mapped_column(String(widths.TX))
+    last_code: Mapped[str | None] = mapped_column(String(widths.CODE))
+    last_message: Mapped[str | None] = mapped_column(String(widths.MESSAGE))
+    #: Why the charge waits for a person (``billing.vocabulary.FailureReason``).
+    reason: Mapped[str | None] = mapped_column(String(widths.REASON))
+    #: Why a person must look at it whatever its state (``billing.vocabulary.Review``).
+    review: Mapped[str | None] = mapped_column(String(widths.REVIEW))
     authorized_amount: Mapped[Decimal | None]
     collected_amount: Mapped[Decimal | None]
     refunded_amount: Mapped[Decimal | None]
     #: Authorization given back: cancelled, or the rest after a partial validation.
     released_amount: Mapped[Decimal | None]
     #: validate | cancel while such a call is under way (claimed atomically, like a charge).
-    operation: Mapped[str | None] = mapped_column(String(16))
+    operation: Mapped[str | None] = mapped_column(String(widths.STATE))
     operation_since: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -215,14 +215,14 @@ class Attempt(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     charge_id: Mapped[int] = mapped_column(ForeignKey("charges.id"), index=True)
     number: Mapped[int] = mapped_column(Integer)
-    #: duplicate | validate | cancel
-    operation: Mapped[str] = mapped_column(String(16))
+    #: duplicate | validate | release | refund
+    operation: Mapped[str] = mapped_column(String(widths.STATE))
     amount: Mapped[Decimal]
-    worker: Mapped[str] = mapped_column(String(128))
+    worker: Mapped[str] = mapped_column(String(widths.ACTOR))
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
-    outcome: Mapped[str | None] = mapped_column(String(16))
-    code: Mapped[str | None] = mapped_column(String(32))
+    outcome: Mapped[str | None] = mapped_column(String(widths.STATE))
+    code: Mapped[str | None] = mapped_column(String(widths.CODE))
 
 
 class LedgerEntry(Base):
@@ -233,29 +233,28 @@ class LedgerEntry(Base):
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
-    #: approved, declined, not_sent, unknown, authorized, validated, cancelled, refunded,
-    #: resolved_approved, resolved_declined, discarded, skipped, retry_requested
-    outcome: Mapped[str] = mapped_column(String(24), index=True)
+    #: ``billing.vocabulary.Outcome``
+    outcome: Mapped[str] = mapped_column(String(widths.OUTCOME), index=True)
     #: duplicate | validate | cancel | person | engine
     operation: Mapped[str] = mapped_column(String(16))
     charge_id: Mapped[int | None] = mapped_column(ForeignKey("charges.id"), index=True)
     attempt_id: Mapped[int | None] = mapped_column(ForeignKey("attempts.id"))
     subscription_id: Mapped[int | None] = mapped_column(ForeignKey("subscriptions.id"))
-    external_ref: Mapped[str | None] = mapped_column(String(128))
-    plan: Mapped[str | None] = mapped_column(String(64))
+    external_ref: Mapped[str | None] = mapped_column(String(widths.EXTERNAL_REF))
+    plan: Mapped[str | None] = mapped_column(String(widths.PLAN))
     period: Mapped[int | None] = mapped_column(Integer)
     #: Money that moved with this row (0 when none did), in ``currency``.
     amount: Mapped[Decimal]
     currency: Mapped[str] = mapped_column(String(3))
-    merchant_id: Mapped[str] = mapped_column(String(32))
-    tx: Mapped[str | None] = mapped_column(String(64))
+    merchant_id: Mapped[str] = mapped_column(String(widths.MERCHANT_ID))
+    tx: Mapped[str | None] = mapped_column(String(widths.TX))
     alias_masked: Mapped[str | None] = mapped_column(String(16))
-    code: Mapped[str | None] = mapped_column(String(32))
+    code: Mapped[str | None] = mapped_column(String(widths.CODE))
     message: Mapped[str | None] = mapped_column(Text)
     #: The gateway's body with secrets removed, so a real answer can be read later.
     raw: Mapped[str | None] = mapped_column(Text)
     http_status: Mapped[int | None] = mapped_column(Integer)
-    actor: Mapped[str] = mapped_column(String(128))
+    actor: Mapped[str] = mapped_column(String(widths.ACTOR))
     reason: Mapped[str | None] = mapped_column(Text)
     details: Mapped[dict[str, Any] | None]
 
@@ -296,9 +295,9 @@ class EventStatus(enum.StrEnum):
 class Event(Base):
     """A state change the shop is told about: the transactional outbox.
 
-    Rows are written by a ``before_flush`` listener (``billing.events``) in the very flush
-    that writes the change, so an event exists exactly when its change committed, together
-    with one ``EventDelivery`` per endpoint that is to receive it. ``event_id`` never
+    Rows are written by ``billing.events.emit``, called by the charge lifecycle in the very
+    transaction that makes the change, so an event exists exactly when its change committed,
+    together with one ``EventDelivery`` per endpoint that is to receive it. ``event_id`` never
     changes, so each endpoint drops the duplicates that at-least-once delivery brings.
 
     The delivery columns here (``status`` to ``redelivered_by``) held the single endpoint's
@@ -400,6 +399,3 @@ class WebhookEndpointRecord(Base):
     first_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
     #: When a delivery run last found it gone from the plans file; None while it is there.
     removed_at: Mapped[datetime | None]
-
-
-import billing.events as _events  # noqa: E402, F401  (registers the outbox listener)

@@ -1,7 +1,10 @@
 """The failed-charge queue: what waits for a person, and what a person can do about it.
 
 A charge lands here (state ``failed`` or ``unknown``) when the engine will not touch it
-again by itself; ``charge.reason`` says why. A person then does one of three things:
+again by itself; ``charge.reason`` says why. A charge whatever its state also lands here
+when it carries a review flag (``charge.review``): the gateway said money moved that the
+books do not hold (a late approval, a possible double charge, another amount than asked).
+A person then does one of these things:
 
 - *retry*: send it again. For an ``unknown`` charge the card may already have been
   charged, so a retry is refused until the person says they checked the Klik & Pay back
@@ -9,9 +12,15 @@ again by itself; ``charge.reason`` says why. A person then does one of three thi
 - *resolve*: record what the back office shows: approved (with its TX, and the
   subscription moves on to its next period exactly as after an approval) or declined.
 - *discard*: give up on that period; the subscription moves on to the next one.
+- *review*: say a flagged charge was reconciled (refunded in the back office, say): the
+  flag goes, the ledger keeps who did it and why.
 
-Each action runs in the caller's transaction, locks the charge row first (so the engine
-cannot change it halfway), and writes a ledger row saying who did it and why.
+Each action runs in the caller's transaction: it reads the charge under its row's lock
+(``FOR UPDATE`` on PostgreSQL, the database's write lock on SQLite), decides, and makes its
+move through ``billing.charging.lifecycle`` on condition that the charge is still in the
+state and on the attempt it read; a move that finds it changed refuses with a clear error
+and writes nothing. A failed validation or release is retried by running that call again,
+never by authorizing the card anew.
 """
 
 from __future__ import annotations
@@ -21,34 +30,39 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, or_, select
 from sqlalchemy.orm import Session
 
-from billing import dates, dunning, ledger, settlement
+from billing import dunning, ledger, widths
+from billing.charging import lifecycle, settlement
+from billing.charging.housekeeping import attempt_id_of
+from billing.charging.lifecycle import Lost
+from billing.charging.rows import ChargeRow, SubRow, load_charge, load_subscription
 from billing.db import checked_id
-from billing.engine import advance_subscription
 from billing.errors import InvalidInput, NotFound, StateError
-from billing.metrics import QUEUE_REASONS
-from billing.models import (
-    ATTENTION_STATES,
-    Attempt,
-    Charge,
-    ChargeState,
-    LedgerEntry,
-    Subscription,
-    SubscriptionStatus,
-    utcnow,
-)
+from billing.events import charge_event, subscription_event
+from billing.models import Attempt, Charge, LedgerEntry, Subscription, utcnow
 from billing.money import format_amount
 from billing.plans import PlanSet
 from billing.redact import mask_alias
 from billing.reports import entry_dict
+from billing.vocabulary import (
+    ATTENTION_STATES,
+    QUEUE_REASONS,
+    SETTLEMENT_FAILED,
+    SETTLEMENT_UNKNOWN,
+    STATUS_EVENTS,
+    Call,
+    ChargeState,
+    EventType,
+    FailureReason,
+    LedgerOutcome,
+    Operation,
+    SubscriptionStatus,
+)
 
-#: Why a charge can be in the queue (``charge.reason``), as the engine writes it.
+#: Why a charge can be in the queue: its failure reasons and its review flags.
 REASONS = QUEUE_REASONS
-
-#: Width of ``charges.tx``.
-_TX_WIDTH = 64
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -71,6 +85,8 @@ class FailedCharge:
     age: timedelta
     reason: str | None
     state: str
+    #: Why a person must look at it whatever its state (``billing.vocabulary.Review``).
+    review: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -85,6 +101,7 @@ class FailedCharge:
             "age_seconds": int(self.age.total_seconds()),
             "reason": self.reason,
             "state": self.state,
+            "review": self.review,
         }
 
 
@@ -102,7 +119,7 @@ class SubscriptionView:
     last_charged_at: datetime | None
 
     @classmethod
-    def of(cls, sub: Subscription) -> SubscriptionView:
+    def of(cls, sub: Subscription | SubRow) -> SubscriptionView:
         return cls(
             id=sub.id,
             external_ref=sub.external_ref,
@@ -156,6 +173,7 @@ class ChargeStory:
                 "manual": c.manual,
                 "state": c.state,
                 "reason": c.reason,
+                "review": c.review,
                 "attempts": c.attempts,
                 "declines": c.declines,
                 "next_attempt_at": _iso(c.next_attempt_at),
@@ -190,26 +208,36 @@ class ChargeStory:
 # --- reading --------------------------------------------------------------------------
 
 
+#: A charge is in the failed-charge queue: waiting for a person, or flagged for one.
+IN_QUEUE = or_(Charge.state.in_(ATTENTION_STATES), Charge.review.is_not(None))
+
+
 def list_failed(
     session: Session,
     *,
     plan: str | None = None,
     reason: str | None = None,
+    state: str | None = None,
     older_than: timedelta | None = None,
     now: datetime | None = None,
 ) -> list[FailedCharge]:
-    """The queue, oldest first: charges in ``failed`` or ``unknown``."""
+    """The queue, oldest first: charges in ``failed`` or ``unknown``, and flagged ones.
+
+    ``reason`` matches a failure reason or a review flag.
+    """
     now = now or utcnow()
     query = (
         select(Charge, Subscription.external_ref)
         .join(Subscription, Subscription.id == Charge.subscription_id)
-        .where(Charge.state.in_(ATTENTION_STATES))
+        .where(IN_QUEUE)
         .order_by(Charge.updated_at, Charge.id)
     )
     if plan is not None:
         query = query.where(Charge.plan == plan)
     if reason is not None:
-        query = query.where(Charge.reason == reason)
+        query = query.where(or_(Charge.reason == reason, Charge.review == reason))
+    if state is not None:
+        query = query.where(Charge.state == state)
     if older_than is not None:
         query = query.where(Charge.updated_at <= now - older_than)
     return [
@@ -225,6 +253,7 @@ def list_failed(
             age=max(now - charge.updated_at, timedelta(0)),
             reason=charge.reason,
             state=charge.state,
+            review=charge.review,
         )
         for charge, ref in session.execute(query)
     ]
@@ -232,7 +261,9 @@ def list_failed(
 
 def charge_story(session: Session, charge_id: int) -> ChargeStory:
     """One charge with its subscription (alias masked), attempts and ledger rows, in order."""
-    charge = _get(session, charge_id, lock=False)
+    charge = session.get(Charge, checked_id(charge_id, "charge"), populate_existing=True)
+    if charge is None:
+        raise NotFound(f"charge {charge_id} does not exist")
     attempts = session.scalars(
         select(Attempt).where(Attempt.charge_id == charge_id).order_by(Attempt.id)
     )
@@ -250,6 +281,14 @@ def charge_story(session: Session, charge_id: int) -> ChargeStory:
 # --- actions --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Handled:
+    """A charge after a person's action, and its subscription."""
+
+    charge: ChargeRow
+    subscription: SubRow
+
+
 def retry(
     session: Session,
     charge_id: int,
@@ -258,55 +297,62 @@ def retry(
     confirm_not_charged: bool = False,
     reason: str | None = None,
     now: datetime | None = None,
-) -> Charge:
+) -> Handled:
     """Put a queued charge back in line to be sent now, bypassing the velocity guard.
 
-    The caller dispatches it after commit (or leaves it to the engine sweep).
+    A failed validation or release is run again (the charge goes back to ``authorized``,
+    the engine sweep sends the call), never a new ``duplicate.pl``. The caller dispatches
+    a retried charge after commit (or leaves it to the engine sweep).
     """
     now = now or utcnow()
-    charge = _get(session, charge_id)
+    charge = load_charge(session, charge_id, lock=True)
     _require_attention(charge, "retried")
-    _refuse_settlement(charge, "retried")
+    _refuse_settlement_unknown(charge, "retried")
+    _refuse_late_approval(charge, "retried")
     if charge.state == ChargeState.UNKNOWN and not confirm_not_charged:
         raise StateError(
             f"charge {charge_id} has an unknown outcome: check the Klik & Pay back office, "
             "then pass --confirm-not-charged"
         )
-    sub = charge.subscription
-    if sub.status == SubscriptionStatus.CANCELLED:
-        raise StateError(
-            f"charge {charge_id}: subscription {sub.external_ref} is cancelled; "
-            "discard the charge instead"
-        )
-    previous = (charge.state, charge.reason)
-    charge.state = ChargeState.PENDING
-    charge.next_attempt_at = now
-    charge.manual = True
-    charge.reason = None
-    charge.declines = 0
-    charge.updated_at = now
-    if sub.status in (SubscriptionStatus.SUSPENDED, SubscriptionStatus.PAST_DUE):
-        sub.status = SubscriptionStatus.PAST_DUE
-        sub.updated_at = now
-    why = f"retry requested (was {previous[0]}: {previous[1] or 'no reason recorded'})"
-    if previous[0] == ChargeState.UNKNOWN:
+    sub = load_subscription(session, charge.subscription_id, lock=True)
+    why = f"retry requested (was {charge.state}: {charge.reason or 'no reason recorded'})"
+    if charge.state == ChargeState.UNKNOWN:
         why += "; the person checked the back office: the card was not charged"
-    if reason:
+    if reason and reason.strip():
         why += f"; {reason.strip()}"
+    details: dict[str, Any] = {
+        "previous_state": charge.state,
+        "previous_reason": charge.reason,
+        "confirm_not_charged": confirm_not_charged,
+    }
+    if charge.reason in SETTLEMENT_FAILED:
+        call = FailureReason(charge.reason).call
+        moved = _move_from(
+            session, charge, "retry", ChargeState.AUTHORIZED, now,
+            {"reason": None, "next_attempt_at": now},
+        )  # fmt: skip
+        details["call"] = call.value
+        why = f"{call} requested again ({charge.reason}); the authorization is not renewed"
+    else:
+        if sub.status == SubscriptionStatus.CANCELLED:
+            raise StateError(
+                f"charge {charge_id}: subscription {sub.external_ref} is cancelled; "
+                "discard the charge instead"
+            )
+        moved = _move_from(
+            session, charge, "retry", ChargeState.PENDING, now,
+            {"next_attempt_at": now, "manual": True, "reason": None, "declines": 0},
+        )  # fmt: skip
+        details["call"] = Call.CHARGE.value
+        back = lifecycle.move_subscription(
+            session, sub.id, "retried", to=SubscriptionStatus.PAST_DUE, now=now
+        )
+        sub = _told(session, back, sub)
     ledger.append(
-        session,
-        outcome="retry_requested",
-        operation="person",
-        actor=by,
-        charge=charge,
-        reason=why,
-        details={
-            "previous_state": str(previous[0]),
-            "previous_reason": previous[1],
-            "confirm_not_charged": confirm_not_charged,
-        },
-    )
-    return charge
+        session, outcome=LedgerOutcome.RETRY_REQUESTED, operation=Operation.PERSON, actor=by,
+        subscription=sub, charge=moved, reason=why, details=details,
+    )  # fmt: skip
+    return Handled(moved, sub)
 
 
 def resolve(
@@ -319,7 +365,7 @@ def resolve(
     reason: str | None,
     plans: PlanSet,
     now: datetime | None = None,
-) -> Charge:
+) -> Handled:
     """Record what the Klik & Pay back office shows for a queued charge.
 
     Approved: the charge is paid (or authorized, for a deferred plan, then validated by the
@@ -327,24 +373,24 @@ def resolve(
     to its next period as after any approval. A subscription the failure had suspended
     comes back, since what suspended it turned out to be paid.
     Declined: final; the subscription takes the plan's after-ladder status.
-    A lost validation or cancellation answer is settled by ``billing.settlement`` instead:
+    A lost validation or cancellation answer is settled by ``settlement.resolve_unknown``:
     the charge already has its TX, and its period was paid long ago.
     """
     now = now or utcnow()
     tx = tx.strip() if tx is not None else None
-    if tx is not None and len(tx) > _TX_WIDTH:
-        raise InvalidInput(f"charge {charge_id}: --tx is longer than {_TX_WIDTH} characters")
-    charge = _get(session, charge_id)
+    if tx is not None and len(tx) > widths.TX:
+        raise InvalidInput(f"charge {charge_id}: --tx is longer than {widths.TX} characters")
+    charge = load_charge(session, charge_id, lock=True)
     _require_attention(charge, "resolved")
     why = reason.strip() if reason and reason.strip() else None
-    if charge.reason in settlement.UNKNOWN_REASONS:
+    if charge.reason in SETTLEMENT_UNKNOWN:
         if tx:
             raise InvalidInput(
                 f"charge {charge_id}: a lost {_kind(charge)} answer is resolved without --tx "
                 f"(the charge keeps its TX {charge.tx})"
             )
-        settlement.resolve_unknown(session, charge, approved=approved, by=by, reason=why)
-        return charge
+        moved = settlement.resolve_unknown(session, charge_id, approved=approved, by=by, reason=why)
+        return Handled(moved, load_subscription(session, charge.subscription_id))
     if approved and not tx:
         raise InvalidInput(
             f"charge {charge_id}: --approved needs --tx, the Klik & Pay transaction number "
@@ -353,39 +399,54 @@ def resolve(
     if not approved and tx:
         raise InvalidInput(f"charge {charge_id}: --tx goes with --approved, not --declined")
     plan = plans.plan(charge.plan)
-    sub = charge.subscription
-    details = {"previous_state": str(charge.state), "previous_reason": charge.reason}
-    charge.next_attempt_at = None
-    charge.updated_at = now
-    if approved:
-        charge.tx = tx
-        charge.reason = None
-        if charge.deferred:
-            charge.state = ChargeState.AUTHORIZED
-            charge.authorized_amount = charge.amount
-            charge.next_attempt_at = now + plan.capture_after  # the engine sweep validates then
-            outcome = "resolved_authorized"
-        else:
-            charge.state = ChargeState.APPROVED
-            charge.collected_amount = charge.amount
-            outcome = "resolved_approved"
-        ledger.append(
-            session, outcome=outcome, operation="person", actor=by, charge=charge,
-            amount=charge.amount, tx=tx, reason=why, details=details,
+    sub = load_subscription(session, charge.subscription_id, lock=True)
+    details = {"previous_state": charge.state, "previous_reason": charge.reason}
+    attempt_id = attempt_id_of(session, charge)
+    if not approved:
+        moved = _move_from(
+            session, charge, "resolve", ChargeState.DECLINED, now,
+            {"next_attempt_at": None},
         )  # fmt: skip
-        if sub.status == SubscriptionStatus.SUSPENDED and not _other_waiting(session, charge):
-            sub.status = SubscriptionStatus.PAST_DUE
-        advance_subscription(sub, plan, charge.period, now)
-    else:
-        charge.state = ChargeState.DECLINED
         ledger.append(
-            session, outcome="resolved_declined", operation="person", actor=by, charge=charge,
-            reason=why, details=details,
+            session, outcome=LedgerOutcome.RESOLVED_DECLINED, operation=Operation.PERSON,
+            actor=by, subscription=sub, charge=moved, reason=why, details=details,
+            attempt_id=attempt_id,
+        )  # fmt: skip
+        charge_event(
+            session, EventType.CHARGE_RESOLVED, moved, sub, reason=why, by=by,
+            resolution="declined",
         )  # fmt: skip
         if sub.status != SubscriptionStatus.CANCELLED:
-            sub.status = dunning.status_after_failure(plan)
-            sub.updated_at = now
-    return charge
+            after = lifecycle.move_subscription(
+                session, sub.id, "resolved_declined", to=dunning.status_after_failure(plan),
+                now=now,
+            )  # fmt: skip
+            sub = _told(session, after, sub)
+        return Handled(moved, sub)
+    if charge.deferred:
+        to, outcome = ChargeState.AUTHORIZED, LedgerOutcome.RESOLVED_AUTHORIZED
+        values: dict[str, Any] = {
+            "authorized_amount": charge.amount,
+            "next_attempt_at": now + plan.capture_after,  # the engine sweep validates then
+        }
+    else:
+        to, outcome = ChargeState.APPROVED, LedgerOutcome.RESOLVED_APPROVED
+        values = {"collected_amount": charge.amount, "next_attempt_at": None}
+    moved = _move_from(session, charge, "resolve", to, now, values | {"tx": tx, "reason": None})
+    ledger.append(
+        session, outcome=outcome, operation=Operation.PERSON, actor=by, subscription=sub,
+        charge=moved, amount=charge.amount, tx=tx, reason=why, details=details,
+        attempt_id=attempt_id,
+    )  # fmt: skip
+    charge_event(
+        session, EventType.CHARGE_RESOLVED, moved, sub, amount=charge.amount, reason=why,
+        by=by, resolution=outcome.removeprefix("resolved_"),
+    )  # fmt: skip
+    revive = sub.status == SubscriptionStatus.SUSPENDED and not _other_waiting(session, charge)
+    advanced = lifecycle.advance_subscription(
+        session, sub.id, plan, charge.period, now, revive=revive
+    )
+    return Handled(moved, _told(session, advanced, sub))
 
 
 def discard(
@@ -396,44 +457,106 @@ def discard(
     reason: str,
     plans: PlanSet,
     now: datetime | None = None,
-) -> Charge:
+) -> Handled:
     """Give up on a queued charge's period: never charged; the subscription moves past it."""
     now = now or utcnow()
     if not reason or not reason.strip():
         raise InvalidInput(f"charge {charge_id}: --reason is required to discard a charge")
-    charge = _get(session, charge_id)
+    charge = load_charge(session, charge_id, lock=True)
     _require_attention(charge, "discarded")
-    _refuse_settlement(charge, "discarded")
+    _refuse_settlement_unknown(charge, "discarded")
+    _refuse_late_approval(charge, "discarded")
+    if charge.reason in SETTLEMENT_FAILED:
+        raise StateError(
+            f"charge {charge_id}: its {_kind(charge)} call failed while the card's "
+            f"authorization is held; `billing failed retry {charge_id}` runs that call again"
+        )
     plan = plans.plan(charge.plan)
-    sub = charge.subscription
-    details = {"previous_state": str(charge.state), "previous_reason": charge.reason}
-    charge.state = ChargeState.DISCARDED
-    charge.next_attempt_at = None
-    charge.updated_at = now
+    sub = load_subscription(session, charge.subscription_id, lock=True)
+    details = {"previous_state": charge.state, "previous_reason": charge.reason}
+    moved = _move_from(
+        session, charge, "discard", ChargeState.DISCARDED, now, {"next_attempt_at": None}
+    )
     ledger.append(
-        session, outcome="discarded", operation="person", actor=by, charge=charge,
-        reason=reason.strip(), details=details,
+        session, outcome=LedgerOutcome.DISCARDED, operation=Operation.PERSON, actor=by,
+        subscription=sub, charge=moved, reason=reason.strip(), details=details,
     )  # fmt: skip
+    charge_event(session, EventType.CHARGE_DISCARDED, moved, sub, reason=reason.strip(), by=by)
     if sub.next_period == charge.period:
-        sub.next_period = charge.period + 1
-        sub.next_charge_at = dates.due_at(sub.anchor_at, plan.every, sub.next_period, plan.timezone)
-        sub.updated_at = now
-    return charge
+        sub = lifecycle.pass_period(session, sub.id, plan, charge.period, now)
+    return Handled(moved, sub)
+
+
+def review(
+    session: Session,
+    charge_id: int,
+    *,
+    by: str,
+    reason: str,
+    now: datetime | None = None,
+) -> Handled:
+    """A person reconciled a flagged charge (a late approval, a possible double charge, an
+    amount other than asked): the flag goes, the ledger says who and why."""
+    now = now or utcnow()
+    if not reason or not reason.strip():
+        raise InvalidInput(f"charge {charge_id}: --reason is required: say what was done")
+    charge = load_charge(session, charge_id, lock=True)
+    if not charge.review:
+        raise StateError(f"charge {charge_id} is not flagged for review")
+    moved = lifecycle.clear_review(session, charge_id, charge.review, now=now)
+    if isinstance(moved, Lost):
+        raise StateError(f"charge {charge_id} changed meanwhile: look at it again")
+    sub = load_subscription(session, charge.subscription_id)
+    ledger.append(
+        session, outcome=LedgerOutcome.REVIEWED, operation=Operation.PERSON, actor=by,
+        subscription=sub, charge=moved, reason=reason.strip(),
+        details={"review": charge.review},
+    )  # fmt: skip
+    return Handled(moved, sub)
 
 
 # --- helpers --------------------------------------------------------------------------
 
 
-def _get(session: Session, charge_id: int, *, lock: bool = True) -> Charge:
-    charge = session.get(
-        Charge, checked_id(charge_id, "charge"), with_for_update=lock, populate_existing=True
-    )
-    if charge is None:
-        raise NotFound(f"charge {charge_id} does not exist")
-    return charge
+def _same(column: Any, value: Any) -> ColumnElement[bool]:
+    same: ColumnElement[bool] = column.is_(None) if value is None else column == value
+    return same
 
 
-def _require_attention(charge: Charge, action: str) -> None:
+def _move_from(
+    session: Session,
+    charge: ChargeRow,
+    event: str,
+    to: ChargeState,
+    now: datetime,
+    values: dict[str, Any],
+) -> ChargeRow:
+    """Move the charge a person decided about, on condition it is still as they saw it."""
+    moved = lifecycle.move(
+        session, charge.id, event, to=to, now=now, attempt=charge.attempts,
+        where=[Charge.state == charge.state, _same(Charge.reason, charge.reason)],
+        values=values,
+    )  # fmt: skip
+    if isinstance(moved, Lost):
+        raise StateError(
+            f"charge {charge.id} changed while this was decided (it was {charge.state}): "
+            f"look at it again with `billing failed show {charge.id}`"
+        )
+    return moved
+
+
+def _told(session: Session, moved: lifecycle.SubMove | Lost, sub: SubRow) -> SubRow:
+    """The subscription after a status move, with the shop's event when it changed."""
+    if isinstance(moved, Lost):
+        return sub
+    if moved.changed:
+        type_ = STATUS_EVENTS.get(SubscriptionStatus(moved.after.status))
+        if type_ is not None:
+            subscription_event(session, type_, moved.after, previous=moved.before)
+    return moved.after
+
+
+def _require_attention(charge: ChargeRow, action: str) -> None:
     if charge.state not in ATTENTION_STATES:
         wanted = " or ".join(s.value for s in ATTENTION_STATES)
         raise StateError(
@@ -441,14 +564,14 @@ def _require_attention(charge: Charge, action: str) -> None:
         )
 
 
-def _kind(charge: Charge) -> str:
-    return (charge.reason or "").removesuffix("_unknown")
+def _kind(charge: ChargeRow) -> str:
+    return FailureReason(charge.reason).call.value if charge.reason else "charge"
 
 
-def _refuse_settlement(charge: Charge, action: str) -> None:
+def _refuse_settlement_unknown(charge: ChargeRow, action: str) -> None:
     """A lost validation or cancellation answer is not a charge to send again or give up:
     the card was charged already; only the back office can say what the call did."""
-    if charge.reason in settlement.UNKNOWN_REASONS:
+    if charge.reason in SETTLEMENT_UNKNOWN:
         raise StateError(
             f"charge {charge.id} waits on a lost {_kind(charge)} answer and cannot be {action}: "
             f"check the Klik & Pay back office, then `billing failed resolve {charge.id}` "
@@ -456,7 +579,18 @@ def _refuse_settlement(charge: Charge, action: str) -> None:
         )
 
 
-def _other_waiting(session: Session, charge: Charge) -> bool:
+def _refuse_late_approval(charge: ChargeRow, action: str) -> None:
+    """An earlier attempt was approved late: the card was charged for this period."""
+    if charge.reason == FailureReason.LATE_APPROVAL:
+        raise StateError(
+            f"charge {charge.id} cannot be {action}: an earlier attempt was approved late, so "
+            "the card was charged; find its TX in the ledger (`billing failed show "
+            f"{charge.id}`), confirm it in the back office, then `billing failed resolve "
+            f"{charge.id} --approved --tx TX`"
+        )
+
+
+def _other_waiting(session: Session, charge: ChargeRow) -> bool:
     """Whether another charge of the same subscription still waits for a person."""
     found = session.scalar(
         select(Charge.id)
@@ -471,13 +605,16 @@ def _other_waiting(session: Session, charge: Charge) -> bool:
 
 
 __all__ = [
+    "IN_QUEUE",
     "REASONS",
     "ChargeStory",
     "FailedCharge",
+    "Handled",
     "SubscriptionView",
     "charge_story",
     "discard",
     "list_failed",
     "resolve",
     "retry",
+    "review",
 ]

@@ -20,12 +20,16 @@ class Approved:
     """``RESPONSE=00``: the gateway accepted the transaction."""
 
     tx: str
+    #: ``MONTANT`` as answered, when it reads as an amount.
     amount: Decimal | None = None
     alias: str | None = field(default=None, repr=False)
     raw: str = field(default="", repr=False)
     http_status: int = 200
     code: str = "00"
     message: str = ""
+    #: ``MONTANT`` exactly as answered (redacted, cut), kept as evidence even when it does
+    #: not read as an amount (``1E+30``); None when the answer had no ``MONTANT``.
+    amount_text: str | None = None
     kind: OutcomeKind = field(default="approved", init=False)
     #: A later retry of the same request is never wanted: the money moved.
     retry_safe: bool = field(default=False, init=False)

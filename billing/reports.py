@@ -20,38 +20,16 @@ from typing import Any, Literal, TextIO
 from sqlalchemy import ColumnElement, Integer, Select, SQLColumnExpression, cast, func, select
 from sqlalchemy.orm import Session
 
-from billing import ledger
 from billing.errors import InvalidInput, NotFound
-from billing.models import Charge, ChargeState, LedgerEntry, Subscription
+from billing.models import Attempt, Charge, LedgerEntry, Subscription
 from billing.money import format_amount
+from billing.vocabulary import AUTHORIZED, COLLECTED, REFUNDED, ChargeState, LedgerOutcome
 
 ExportFormat = Literal["csv", "jsonl"]
 FORMATS: tuple[ExportFormat, ...] = ("csv", "jsonl")
 
-#: Every outcome the code writes (see ``LedgerEntry.outcome``).
-KNOWN_OUTCOMES = (
-    "approved",
-    "declined",
-    "not_sent",
-    "unknown",
-    "held",
-    "authorized",
-    "validated",
-    "cancelled",
-    "refunded",
-    "resolved_approved",
-    "resolved_authorized",
-    "resolved_declined",
-    "resolved_validated",
-    "resolved_refunded",
-    "resolved_cancelled",
-    "resolved_validate_declined",
-    "resolved_release_declined",
-    "resolved_refund_declined",
-    "discarded",
-    "skipped",
-    "retry_requested",
-)
+#: Every outcome the code writes (``billing.vocabulary.LedgerOutcome``).
+KNOWN_OUTCOMES: tuple[str, ...] = tuple(o.value for o in LedgerOutcome)
 
 #: Columns of an export, in order.
 COLUMNS = (
@@ -283,6 +261,10 @@ class ReportLine:
     in_dunning: int = 0
     unknown_count: int = 0
     unknown_amount: Decimal = _ZERO
+    #: Approvals that came for an attempt no longer current: evidence the card was charged,
+    #: never counted as collected; each is flagged for a person.
+    late_approved_count: int = 0
+    late_approved_amount: Decimal = _ZERO
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -297,6 +279,8 @@ class ReportLine:
             "in_dunning": self.in_dunning,
             "unknown_count": self.unknown_count,
             "unknown_amount": format_amount(self.unknown_amount),
+            "late_approved_count": self.late_approved_count,
+            "late_approved_amount": format_amount(self.late_approved_amount),
         }
 
 
@@ -324,7 +308,7 @@ def report(session: Session, *, since: datetime, until: datetime) -> list[Report
         return lines[key]
 
     in_period = (LedgerEntry.at >= since, LedgerEntry.at < until)
-    counted = (*ledger.COLLECTED, *ledger.AUTHORIZED, *ledger.REFUNDED)
+    counted = (*COLLECTED, *AUTHORIZED, *REFUNDED)
     moved = session.execute(
         select(
             LedgerEntry.plan,
@@ -338,13 +322,30 @@ def report(session: Session, *, since: datetime, until: datetime) -> list[Report
     )
     for plan, currency, outcome, count, cents in moved:
         target = line(plan, currency)
-        if outcome in ledger.COLLECTED:
+        if outcome in COLLECTED:
             target.collected += _money(cents)
             target.collected_count += count
-        elif outcome in ledger.AUTHORIZED:
+        elif outcome in AUTHORIZED:
             target.authorized += _money(cents)
         else:
             target.refunded += _money(cents)
+
+    # A late approval moves no money in the books (amount 0): what it charged is the attempt's.
+    late = session.execute(
+        select(LedgerEntry.plan, LedgerEntry.currency, func.count(), _cents(Attempt.amount))
+        .join(Attempt, Attempt.id == LedgerEntry.attempt_id)
+        .where(
+            *in_period,
+            LedgerEntry.outcome == LedgerOutcome.LATE_ANSWER,
+            Attempt.outcome == "approved",
+            Attempt.operation == "duplicate",
+        )
+        .group_by(LedgerEntry.plan, LedgerEntry.currency)
+    )
+    for plan, currency, count, cents in late:
+        target = line(plan, currency)
+        target.late_approved_count = count
+        target.late_approved_amount = _money(cents)
 
     # A declined call moves no money (its ledger amount is 0): what was asked is the charge's.
     declined = session.execute(

@@ -5,8 +5,14 @@ What each change means for money:
   subscriptions, so charge rows of a paused subscription (a pending retry, say) stay as
   they are and are simply not sent until it is resumed.
 - *Resume* starts again from the first period due after the resume date; every period
-  that fell due while paused is written to the ledger as ``skipped`` and never charged.
-- *Cancel* is final. Releasing a pending deferred authorization is the engine's job.
+  that fell due while paused is written to the ledger as ``skipped``, and its charge row,
+  if one was waiting, becomes ``skipped`` too: it is never sent. A resume while one of the
+  subscription's charges is in flight is refused (its answer decides that period).
+- *Cancel* is final: charges not yet sent are discarded. Releasing a pending deferred
+  authorization is the engine's job.
+
+Each change is a move of ``billing.charging.lifecycle``, written with its ledger row
+(who and why) and the shop's event in one transaction.
 """
 
 from __future__ import annotations
@@ -15,14 +21,27 @@ import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
 from billing import dates, ledger
+from billing.charging import lifecycle
+from billing.charging.lifecycle import Lost, SubMove
+from billing.charging.rows import SubRow, load_subscription
 from billing.db import MAX_ID
 from billing.errors import InvalidInput, NotFound, StateError
-from billing.models import Subscription, SubscriptionStatus
+from billing.events import charge_event, subscription_event
+from billing.models import Charge, Subscription
 from billing.plans import PlanSet
+from billing.vocabulary import (
+    STATUS_EVENTS,
+    SUBSCRIPTION_CANCELLED,
+    ChargeState,
+    EventType,
+    LedgerOutcome,
+    Operation,
+    SubscriptionStatus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +87,7 @@ def get_subscription(session: Session, ref_or_id: str, *, for_update: bool = Fal
     return found
 
 
-def _require(sub: Subscription, allowed: Sequence[SubscriptionStatus], action: str) -> None:
+def _require(sub: SubRow, allowed: Sequence[SubscriptionStatus], action: str) -> None:
     if sub.status not in allowed:
         wanted = " or ".join(s.value for s in allowed)
         raise StateError(
@@ -77,17 +96,42 @@ def _require(sub: Subscription, allowed: Sequence[SubscriptionStatus], action: s
         )
 
 
-def pause(session: Session, ref: str, *, now: datetime | None = None, by: str) -> Subscription:
+def _locked(session: Session, ref: str) -> SubRow:
+    """The subscription, its open charges locked first, then itself (the lock order)."""
+    found = get_subscription(session, ref)
+    lifecycle.lock_open_charges(session, found.id)
+    return load_subscription(session, found.id, lock=True)
+
+
+def _moved(session: Session, moved: SubMove | Lost, sub: SubRow, action: str) -> SubRow:
+    if isinstance(moved, Lost):
+        raise StateError(f"subscription {sub.external_ref} changed meanwhile; it was not {action}")
+    type_ = STATUS_EVENTS.get(SubscriptionStatus(moved.after.status))
+    if moved.changed and type_ is not None:
+        subscription_event(session, type_, moved.after, previous=moved.before)
+    return moved.after
+
+
+def _row(session: Session, sub: SubRow, outcome: LedgerOutcome, by: str, reason: str) -> None:
+    ledger.append(
+        session, outcome=outcome, operation=Operation.PERSON, actor=by, subscription=sub,
+        reason=reason,
+    )  # fmt: skip
+
+
+def pause(session: Session, ref: str, *, now: datetime | None = None, by: str) -> SubRow:
     """Stop charging an active or past-due subscription until it is resumed."""
     now = now or datetime.now(UTC)
-    sub = get_subscription(session, ref, for_update=True)
+    sub = _locked(session, ref)
     _require(sub, PAUSABLE, "paused")
-    sub.status = SubscriptionStatus.PAUSED.value
-    sub.paused_at = now
-    sub.updated_at = now
-    session.flush()
+    moved = lifecycle.move_subscription(
+        session, sub.id, "pause", to=SubscriptionStatus.PAUSED, now=now,
+        values={"paused_at": now},
+    )  # fmt: skip
+    after = _moved(session, moved, sub, "paused")
+    _row(session, after, LedgerOutcome.SUBSCRIPTION_PAUSED, by, "paused")
     log.info("subscription %s paused by %s", sub.external_ref, by)
-    return sub
+    return after
 
 
 def resume(
@@ -97,49 +141,71 @@ def resume(
     *,
     now: datetime | None = None,
     by: str,
-) -> Subscription:
+) -> SubRow:
     """Make a paused subscription active again from the first period due after ``now``.
 
     Each period due while it was paused gets a ``skipped`` ledger row (amount 0) saying
-    so, so that the ledger explains why those periods have no charge.
+    so, and a charge row waiting for such a period is skipped too: it is never sent.
     """
     now = now or datetime.now(UTC)
-    sub = get_subscription(session, ref, for_update=True)
+    sub = _locked(session, ref)
     _require(sub, (SubscriptionStatus.PAUSED,), "resumed")
+    in_flight = session.scalar(
+        select(
+            exists().where(Charge.subscription_id == sub.id, Charge.state == ChargeState.IN_FLIGHT)
+        )
+    )
+    if in_flight:
+        raise StateError(
+            f"subscription {sub.external_ref} has a charge in flight (sent before the pause);"
+            " its answer decides that period: resume again in a minute"
+        )
     plan = plans.plan(sub.plan)
     first = dates.first_period_after(sub.anchor_at, plan.every, plan.timezone, now)
     # Never step back to a period the engine already took on.
     next_period = max(first, sub.next_period)
     since = f"from {sub.paused_at.isoformat()} " if sub.paused_at else ""
     reason = f"paused {since}to {now.isoformat()}"
-    merchant_id = plans.account_for(plan).merchant_id
     skipped = range(sub.next_period, next_period)
-    for period in skipped:
-        ledger.append(
-            session,
-            outcome="skipped",
-            operation="engine",
-            actor=by,
-            subscription=sub,
-            period=period,
-            currency=plan.currency,
-            merchant_id=merchant_id,
-            reason=reason,
+    if skipped:
+        lifecycle.move_many(
+            session, "skip", to=ChargeState.SKIPPED, now=now,
+            where=[Charge.subscription_id == sub.id, Charge.period.in_(list(skipped))],
+            values={"next_attempt_at": None, "reason": "paused"},
+        )  # fmt: skip
+    waiting = set(
+        session.scalars(
+            select(Charge.period).where(
+                Charge.subscription_id == sub.id,
+                Charge.period.in_(list(skipped)),
+                Charge.state != ChargeState.SKIPPED,
+            )
         )
-    sub.next_period = next_period
-    sub.next_charge_at = dates.due_at(sub.anchor_at, plan.every, next_period, plan.timezone)
-    sub.status = SubscriptionStatus.ACTIVE.value
-    sub.paused_at = None
-    sub.updated_at = now
-    session.flush()
+    )
+    merchant_id = plans.account_for(plan).merchant_id
+    for period in skipped:
+        if period in waiting:  # its charge waits for a person: they decide that period
+            continue
+        ledger.append(
+            session, outcome=LedgerOutcome.SKIPPED, operation=Operation.ENGINE, actor=by,
+            subscription=sub, period=period, currency=plan.currency, merchant_id=merchant_id,
+            reason=reason,
+        )  # fmt: skip
+    moved = lifecycle.move_subscription(
+        session, sub.id, "resume", to=SubscriptionStatus.ACTIVE, now=now,
+        values={
+            "next_period": next_period,
+            "next_charge_at": dates.due_at(sub.anchor_at, plan.every, next_period, plan.timezone),
+            "paused_at": None,
+        },
+    )  # fmt: skip
+    after = _moved(session, moved, sub, "resumed")
+    _row(session, after, LedgerOutcome.SUBSCRIPTION_RESUMED, by, reason)
     log.info(
         "subscription %s resumed by %s at period %d (%d skipped)",
-        sub.external_ref,
-        by,
-        next_period,
-        len(skipped),
-    )
-    return sub
+        sub.external_ref, by, next_period, len(skipped),
+    )  # fmt: skip
+    return after
 
 
 def cancel(
@@ -149,14 +215,39 @@ def cancel(
     now: datetime | None = None,
     by: str,
     reason: str | None = None,
-) -> Subscription:
-    """End a subscription for good: nothing is charged for it any more."""
+) -> SubRow:
+    """End a subscription for good: nothing is charged for it any more.
+
+    Its charges not yet sent are discarded; one in flight ends as its answer says.
+    """
     now = now or datetime.now(UTC)
-    sub = get_subscription(session, ref, for_update=True)
+    sub = _locked(session, ref)
     if sub.status == SubscriptionStatus.CANCELLED:
         raise StateError(f"subscription {sub.external_ref} is already cancelled")
-    sub.status = SubscriptionStatus.CANCELLED.value
-    sub.updated_at = now
-    session.flush()
-    log.info("subscription %s cancelled by %s: %s", sub.external_ref, by, reason or "no reason")
-    return sub
+    why = reason.strip() if reason and reason.strip() else "cancelled by a person"
+    moved = lifecycle.move_subscription(
+        session, sub.id, "cancel", to=SubscriptionStatus.CANCELLED, now=now
+    )
+    if isinstance(moved, Lost):
+        raise StateError(f"subscription {sub.external_ref} changed meanwhile; it was not cancelled")
+    discarded = lifecycle.move_many(
+        session, "discard", to=ChargeState.DISCARDED, now=now,
+        where=[
+            Charge.subscription_id == sub.id,
+            Charge.state.in_([ChargeState.PENDING, ChargeState.QUEUED]),
+        ],
+        values={"next_attempt_at": None, "reason": SUBSCRIPTION_CANCELLED},
+    )  # fmt: skip
+    for charge in discarded:
+        message = "subscription cancelled before the charge was sent"
+        ledger.append(
+            session, outcome=LedgerOutcome.DISCARDED, operation=Operation.PERSON, actor=by,
+            subscription=moved.after, charge=charge, reason=message,
+        )  # fmt: skip
+        charge_event(
+            session, EventType.CHARGE_DISCARDED, charge, moved.after, reason=message, by=by
+        )
+    after = _moved(session, moved, sub, "cancelled")
+    _row(session, after, LedgerOutcome.SUBSCRIPTION_CANCELLED, by, why)
+    log.info("subscription %s cancelled by %s: %s", sub.external_ref, by, why)
+    return after

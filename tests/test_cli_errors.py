@@ -43,6 +43,7 @@ ID_HELP = re.compile(r"\b(id|ID|number|reference)\b")
 NEEDS = {
     ("failed", "resolve"): ["--declined"],
     ("failed", "discard"): ["--reason", "test"],
+    ("failed", "review"): ["--reason", "test"],
     ("cancel",): ["--reason", "test"],
 }
 MISSING_IDS = ["999999", "424242"]

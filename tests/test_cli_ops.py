@@ -370,15 +370,15 @@ def _book(url: str) -> None:
             (ca, "refunded", "0.10", datetime(2025, 1, 31, 23, tzinfo=UTC)),
             (cb, "approved", "9.99", datetime(2025, 2, 1, 0, tzinfo=UTC)),
         ):
-            entry = ledger.append(
+            ledger.append(
                 session,
                 outcome=outcome,
                 operation="duplicate",
                 actor="engine",
                 charge=charge,
                 amount=Decimal(amount),
+                at=at,
             )
-            entry.at = at
 
 
 def test_ledger_list_and_report(run: Run) -> None:

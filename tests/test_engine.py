@@ -349,7 +349,7 @@ def test_an_amount_change_applies_from_the_next_period_not_yet_charged(
     h.engine.sweep_plan("monthly")  # period 0's charge is created at 29.90, not yet sent
     repriced = tmp_path / "plans.toml"
     repriced.write_text(ENGINE_PLANS.read_text().replace('amount = "29.90"', 'amount = "34.90"'))
-    h.engine._plans = load_plans(repriced)
+    h.engine.ctx.fixed_plans = load_plans(repriced)
 
     h.run_sent()
     with freeze_time(utcnow() + timedelta(days=32), tick=True):

@@ -512,8 +512,9 @@ def _lost_validation(url: str) -> int:
     with session_scope(url) as session:
         sub = add_subscription(session, "r-val", plan="deferred", next_period=1)
         charge = add_charge(
-            session, sub, state=ChargeState.UNKNOWN, reason="validate_unknown", period=0
-        )
+            session, sub, state=ChargeState.UNKNOWN, reason="validate_unknown", period=0,
+            attempts=2,  # the authorization, then the validation whose answer was lost
+        )  # fmt: skip
         charge.tx = "TX-AUTH"
         charge.authorized_amount = Decimal("120.00")
         session.add(

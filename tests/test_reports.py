@@ -23,18 +23,17 @@ T0 = datetime(2025, 2, 1, tzinfo=UTC)
 def book(
     session: Session, charge: Charge, outcome: str, amount: str, at: datetime, **extra: object
 ) -> LedgerEntry:
-    entry = ledger.append(
+    entry_id = ledger.append(
         session,
         outcome=outcome,
         operation="duplicate",
         actor="test",
         charge=charge,
         amount=Decimal(amount),
+        at=at,
         **extra,  # type: ignore[arg-type]
     )
-    entry.at = at
-    session.flush()
-    return entry
+    return session.get_one(LedgerEntry, entry_id)
 
 
 def test_report_sums_to_the_cent(db_url: str) -> None:

@@ -15,10 +15,10 @@ from freezegun import freeze_time
 from sqlalchemy import select
 
 from billing import ledger as ledger_mod
+from billing.charging.settlement import resolve_unknown
 from billing.db import session_scope
 from billing.errors import InvalidInput, StateError
 from billing.models import ChargeState, LedgerEntry, SubscriptionStatus, utcnow
-from billing.settlement import resolve_unknown
 from tests.fixtures.engine import ENGINE_PLANS
 
 BILLING = str(Path(sys.executable).with_name("billing"))
@@ -177,12 +177,9 @@ def test_a_lost_answer_to_a_refund_waits_for_a_person(pg_url, gateway, make_harn
     assert len(gateway.calls(alias=alias, script="cancel_transaction")) == 1
     # A person finds the refund in the back office and records it.
     with session_scope(pg_url) as session:
-        from billing.models import Charge
-
         resolve_unknown(
-            session, session.get_one(Charge, charge.id), approved=True, by="ops:carol",
-            reason="seen in back office",
-        )  # fmt: skip
+            session, charge.id, approved=True, by="ops:carol", reason="seen in back office"
+        )
     charge = h.charge(sub_id)
     assert (charge.state, charge.refunded_amount) == (ChargeState.APPROVED, Decimal("5.00"))
     assert [e.outcome for e in h.ledger(sub_id)][-2:] == ["unknown", "resolved_refunded"]

@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import joinedload
 from typer.testing import CliRunner
 
-from billing import subscriptions, webhooks
+from billing import webhooks
 from billing.cli import app
 from billing.db import session_scope
 from billing.errors import ConfigError, InvalidInput, NotFound, StateError
@@ -34,12 +34,12 @@ from billing.models import (
     Event,
     EventDelivery,
     EventStatus,
-    Subscription,
     SubscriptionStatus,
     utcnow,
 )
 from billing.settings import Settings, get_settings, load_settings
 from schedules.beat import DELIVER_EVENTS, build_beat_schedule
+from tests.fixtures import outbox
 from tests.fixtures.engine import ENGINE_PLANS
 from tests.fixtures.processes import Cluster, wait_until
 
@@ -130,23 +130,12 @@ def _settings(url: str, receiver: Receiver | None, **extra: Any) -> Settings:
 
 
 def _subscription(url: str, ref: str) -> int:
-    now = utcnow()
-    with session_scope(url) as session:
-        sub = Subscription(
-            external_ref=ref, plan="monthly", alias="ab12cd34ef56gh78", customer_ip="203.0.113.7",
-            anchor_at=now, next_period=0, next_charge_at=now, status=SubscriptionStatus.ACTIVE,
-        )  # fmt: skip
-        session.add(sub)
-        session.flush()
-        return sub.id
+    return outbox.subscription(url, ref)
 
 
 def _set_status(url: str, ref: str, *statuses: str) -> None:
     """One committed status change (hence one event) per status."""
-    for status in statuses:
-        with session_scope(url) as session:
-            sub = subscriptions.get_subscription(session, ref)
-            sub.status = status
+    outbox.set_status(url, ref, *statuses)
 
 
 def _events(url: str) -> list[Event]:

@@ -75,13 +75,16 @@ def list_(
         str | None,
         typer.Option("--reason", help=f"Only this reason ({', '.join(ops.REASONS)})."),
     ] = None,
+    state: Annotated[
+        str | None, typer.Option("--state", help="Only this state (failed, unknown, ...).")
+    ] = None,
     older_than: Annotated[
         str | None,
         typer.Option("--older-than", help='Only charges waiting longer than this ("2 days").'),
     ] = None,
     as_json: AsJson = False,
 ) -> None:
-    """The charges waiting for a person, oldest first."""
+    """The charges waiting for a person, oldest first (flagged charges too)."""
     delay = None
     if older_than is not None:
         try:
@@ -89,7 +92,7 @@ def list_(
         except ValueError as exc:
             raise InvalidInput(f"--older-than: {exc}") from None
     with session_scope(get_settings().database_url) as session:
-        rows = ops.list_failed(session, plan=plan, reason=reason, older_than=delay)
+        rows = ops.list_failed(session, plan=plan, reason=reason, state=state, older_than=delay)
     if as_json:
         typer.echo(json.dumps([r.as_dict() for r in rows], indent=2, ensure_ascii=False))
         return
@@ -104,7 +107,7 @@ def list_(
             escape(r.plan),
             f"{format_amount(r.amount)} {r.currency}",
             r.state,
-            r.reason or "",
+            (r.reason or "") + (f" [review: {r.review}]" if r.review else ""),
             str(r.attempts),
             escape(r.last_code or ""),
             escape(r.last_message or ""),
@@ -166,9 +169,16 @@ def retry(
     """Send a charge again now (the velocity guard does not apply to it)."""
     number = charge_id(charge)
     with session_scope(get_settings().database_url) as session:
-        ops.retry(
+        done = ops.retry(
             session, number, by=actor(by), confirm_not_charged=confirm_not_charged, reason=reason
         )
+    if done.charge.state == ChargeState.AUTHORIZED:
+        out.print(
+            f"charge {number}: its failed call is tried again by the next engine sweep "
+            "(the card's authorization is kept, never renewed)",
+            markup=False,
+        )
+        return
     out.print(f"charge {number} put back in line", markup=False)
     out.print(_dispatch(number), markup=False)
 
@@ -244,7 +254,10 @@ def resolve(
             session, number, approved=approved, tx=tx, by=actor(by), reason=reason, plans=plans
         )
         sub = done.subscription
-        line = f"charge {number} is {done.state}; subscription {sub.external_ref} is {sub.status}"
+        line = (
+            f"charge {number} is {done.charge.state}; subscription {sub.external_ref} is "
+            f"{sub.status}"
+        )
         if approved:
             line += f", next charge (period {sub.next_period}) at {sub.next_charge_at.isoformat()}"
     out.print(line, markup=False)
@@ -272,6 +285,24 @@ def discard(
             f"next charge (period {sub.next_period}) at {sub.next_charge_at.isoformat()}"
         )
     out.print(line, markup=False)
+
+
+@failed_app.command()
+def review(
+    charge: ChargeId,
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="What was done to reconcile it (required).")
+    ] = None,
+    by: By = None,
+) -> None:
+    """Clear a charge's review flag once it is reconciled (a late approval, a possible
+    double charge, an amount other than asked): say what was done."""
+    number = charge_id(charge)
+    if reason is None or not reason.strip():
+        raise InvalidInput(f"charge {number}: --reason is required: say what was done")
+    with session_scope(get_settings().database_url) as session:
+        ops.review(session, number, by=actor(by), reason=reason)
+    out.print(f"charge {number} reviewed", markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -171,6 +171,8 @@ def report(
     """Money per plan and currency between two days.
 
     Collected, authorized, refunded and declined in the period; in dunning and unknown now.
+    Late approvals (an attempt given up on, then approved) are shown apart: the card was
+    charged but the books do not count it until a person resolves the charge.
     """
     start, stop = parse_when(since, "--from"), parse_when(until, "--to", end=True)
     with session_scope(get_settings().database_url) as session:
@@ -185,7 +187,7 @@ def report(
         return
     table = Table(
         "plan", "currency", "collected", "authorized", "refunded", "declined",
-        "in dunning (now)", "unknown (now)",
+        "in dunning (now)", "unknown (now)", "late approvals",
         title=f"{start:%Y-%m-%d %H:%M} to {stop:%Y-%m-%d %H:%M} UTC",
     )  # fmt: skip
     for line in lines:
@@ -195,6 +197,7 @@ def report(
             f"{d['collected']} ({d['collected_count']})", d["authorized"], d["refunded"],
             f"{d['declined_amount']} ({d['declined_count']})", str(d["in_dunning"]),
             f"{d['unknown_amount']} ({d['unknown_count']})",
+            f"{d['late_approved_amount']} ({d['late_approved_count']})",
         )  # fmt: skip
     out.print(table)
     if not lines:

@@ -8,10 +8,10 @@ import time
 import typer
 from rich import print as rprint
 
+from billing.charging.settlement import SettlementResult
 from billing.engine import Engine
 from billing.errors import BillingError
 from billing.settings import get_settings
-from billing.settlement import SettlementResult
 
 
 class CallFailed(BillingError):
@@ -35,6 +35,11 @@ def _finish(result: SettlementResult, run_again: object) -> None:
         return
     if result.outcome == "declined":
         raise CallFailed(f"charge {result.charge_id}: {result.kind} declined: {result.message}")
+    if result.outcome == "late":
+        raise CallFailed(
+            f"charge {result.charge_id}: the {result.kind}'s answer came after the charge had "
+            "moved on; it is kept in the ledger and the charge is flagged for review"
+        )
     if result.outcome == "unknown":
         raise CallFailed(
             f"charge {result.charge_id}: the gateway's answer to the {result.kind} was lost; "

@@ -1,0 +1,664 @@
+"""One gateway call of a charge: claim, call, record.
+
+- **Claim** (one transaction, committed before the call): ``queued -> in_flight`` as one
+  conditional statement that also numbers the attempt, then the attempt row. A second
+  message for the charge (a redelivery, a second worker, a requeue) loses the claim and does
+  nothing. A charge that must not go out (its subscription paused, the velocity guard, a
+  plan gone from the file) is held back in the same transaction, unsent.
+- **Call**: ``duplicate.pl``, ending in one of the four outcomes, within a total deadline.
+- **Record** (one transaction): the attempt, the charge's move, its ledger row, the
+  subscription and the events. The move is made on the attempt's number: an answer whose
+  attempt is no longer current (the stuck sweep gave up on it and a person retried, say)
+  loses the move and is written as a ``late_answer``: evidence, never money in the books.
+  A late *approval* stops a retry that is still waiting (the charge goes to the failed
+  queue, ``late_approval``) and otherwise flags the charge for a person: a possible double
+  charge if the period was approved again meanwhile.
+
+If recording fails because the database connection broke, it is tried again (the charge is
+still in flight and nothing was written). If it fails for any other reason, the attempt is
+still recorded, as ``unknown`` with the redacted evidence: an answer is never lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, Literal
+
+from sqlalchemy import and_, exists, insert, or_, select, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from billing import dunning, ledger, metrics, widths
+from billing.charging import lifecycle
+from billing.charging.context import Context, recorded_surely
+from billing.charging.lifecycle import Lost
+from billing.charging.rows import ChargeRow, SubRow, load_subscription
+from billing.db import session_scope
+from billing.errors import InvalidInput, NotFound
+from billing.events import charge_event, subscription_event
+from billing.models import Attempt, Charge, LedgerEntry, utcnow
+from billing.outcomes import Approved, Declined, NotSent, Outcome, Unknown
+from billing.plans import Plan
+from billing.redact import mask_alias
+from billing.vocabulary import (
+    AUTHORIZED,
+    CHARGEABLE,
+    COLLECTED,
+    STATUS_EVENTS,
+    Call,
+    ChargeState,
+    EventType,
+    FailureReason,
+    LedgerOutcome,
+    Operation,
+    Review,
+    SubscriptionStatus,
+)
+
+log = logging.getLogger("billing.engine")
+
+#: The charge's attempt is still the current one: in flight, or given up on by the stuck
+#: sweep while its worker still waited (its answer then is still *the* answer).
+CURRENT = or_(
+    Charge.state == ChargeState.IN_FLIGHT,
+    and_(Charge.state == ChargeState.UNKNOWN, Charge.reason == FailureReason.STUCK_IN_FLIGHT),
+)
+#: No earlier attempt was approved late: another try may be scheduled.
+NOT_LATE_APPROVED = or_(Charge.review.is_(None), Charge.review != Review.LATE_APPROVAL)
+
+Status = Literal["done", "not_claimed", "held", "retry", "late"]
+
+
+@dataclass(frozen=True)
+class ChargeResult:
+    """What a charge task did. ``retry_in`` asks the task layer for a delayed retry."""
+
+    charge_id: int
+    status: Status
+    outcome: str | None = None
+    retry_in: float | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A charge claimed for one gateway call: everything the call and its record need."""
+
+    charge: ChargeRow
+    subscription: SubRow
+    attempt_id: int
+    plan: Plan
+    private_key: str = field(repr=False)
+
+    @property
+    def number(self) -> int:
+        """The attempt's number: the answer is recorded on it."""
+        return self.charge.attempts
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """The charge after an on-time answer, and what the shop is told about it."""
+
+    charge: ChargeRow
+    ledger_outcome: LedgerOutcome
+    reason: str | None = None
+
+
+class Calls:
+    """Claims, calls and records charges."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    # ------------------------------------------------------------------ the whole call
+
+    def charge(self, charge_id: int, *, retries: int = 0) -> ChargeResult:
+        """Make one gateway call for a queued charge and record what came of it."""
+        if self._rate_limited():
+            waited = self._wait_for_slot(charge_id)
+            if waited is not None:
+                return waited
+        claimed = self.claim(charge_id)
+        if isinstance(claimed, ChargeResult):
+            return claimed
+        result, duration = self.call(claimed)
+        if isinstance(result, NotSent) and result.reason.startswith("invalid request"):
+            retries = self.ctx.settings.not_sent_max_retries  # sending again cannot help
+        return self.record_surely(claimed, result, retries=retries, duration=duration)
+
+    def call(self, claim: Claim) -> tuple[Outcome, float]:
+        """``duplicate.pl`` for the claim; the outcome and how long it took."""
+        started = time.monotonic()
+        try:
+            result = self.ctx.client.duplicate(
+                merchant_id=claim.charge.merchant_id,
+                alias=claim.subscription.alias,
+                ip=claim.subscription.customer_ip,
+                amount=claim.charge.amount,
+                private_key=claim.private_key,
+                deferred=claim.charge.deferred,
+            )
+        except InvalidInput as exc:  # refused before anything was sent
+            result = NotSent(reason=f"invalid request: {exc}")
+        duration = time.monotonic() - started
+        metrics.observe_gateway_call(Operation.DUPLICATE, result.kind, duration)
+        return result, duration
+
+    def record_surely(
+        self, claim: Claim, result: Outcome, *, retries: int, duration: float
+    ) -> ChargeResult:
+        """:meth:`record`, tried again if the connection broke, and never lost otherwise:
+        any other failure still records the attempt, as unknown (:meth:`record_unknown`)."""
+        try:
+            return recorded_surely(
+                lambda: self.record(claim, result, retries=retries, duration=duration),
+                f"charge {claim.charge.id}",
+            )
+        except OperationalError:
+            raise
+        except Exception as exc:
+            log.exception("charge %s: the outcome could not be recorded", claim.charge.id)
+            return self.record_unknown(claim, result, exc)
+
+    # ----------------------------------------------------------------------- claim
+
+    def claim(self, charge_id: int, now: datetime | None = None) -> Claim | ChargeResult:
+        """Take the charge from ``queued`` to ``in_flight`` and commit its attempt.
+
+        A missing private key raises inside this transaction, so the claim rolls back and
+        the charge stays queued, unsent and not unknown.
+        """
+        now = now or utcnow()
+        with session_scope(self.ctx.url) as session:
+            moved = lifecycle.move(
+                session, charge_id, "claim", to=ChargeState.IN_FLIGHT, now=now,
+                values={"claimed_at": now, "attempts": Charge.attempts + 1},
+            )  # fmt: skip
+            if isinstance(moved, Lost):
+                if session.get(Charge, charge_id) is None:
+                    raise NotFound(f"charge {charge_id} does not exist")
+                return ChargeResult(charge_id, "not_claimed")
+            sub = load_subscription(session, moved.subscription_id)
+            plans = self.ctx.plans
+            plan = plans.plans.get(moved.plan)
+            account = plans.accounts.get(moved.currency)
+            if plan is None or account is None:  # nothing is sent for an unknown plan
+                return self._hold(session, moved, sub, FailureReason.UNKNOWN_PLAN, now)
+            private_key = account.private_key()
+            held = self._hold_reason(moved, sub, now)
+            if held is not None:
+                return self._hold(session, moved, sub, held, now)
+            attempt_id = session.execute(
+                insert(Attempt)
+                .values(
+                    charge_id=charge_id,
+                    number=moved.attempts,
+                    operation=Operation.DUPLICATE,
+                    amount=moved.amount,
+                    worker=widths.fit(self.ctx.actor, widths.ACTOR),
+                    started_at=now,
+                )
+                .returning(Attempt.id)
+            ).scalar_one()
+            return Claim(moved, sub, attempt_id, plan, private_key)
+
+    def _hold_reason(self, charge: ChargeRow, sub: SubRow, now: datetime) -> str | None:
+        if sub.status not in CHARGEABLE:
+            return f"subscription_{sub.status}"
+        gap = timedelta(hours=self.ctx.settings.min_charge_gap_hours)
+        if (
+            not charge.manual
+            and sub.last_charged_at is not None
+            and now - sub.last_charged_at < gap
+        ):
+            return FailureReason.VELOCITY_GUARD
+        return None
+
+    def _hold(
+        self, session: Session, charge: ChargeRow, sub: SubRow, reason: str, now: datetime
+    ) -> ChargeResult:
+        """Keep a claimed charge away from the gateway, and say why (no attempt is made)."""
+        back = {"attempts": Charge.attempts - 1}
+        if reason in (FailureReason.VELOCITY_GUARD, FailureReason.UNKNOWN_PLAN):
+            if reason == FailureReason.VELOCITY_GUARD:
+                message = (
+                    "not sent: subscription was charged successfully less than "
+                    f"{self.ctx.settings.min_charge_gap_hours:g} hours ago"
+                )
+            else:
+                message = (
+                    f"plan {charge.plan!r} or the account for {charge.currency} is no longer in "
+                    "the plans file: nothing was sent; add it back, then `billing failed retry`"
+                )
+            held = lifecycle.move(
+                session, charge.id, "hold", to=ChargeState.FAILED, now=now,
+                attempt=charge.attempts,
+                values={**back, "reason": reason, "last_message": message, "next_attempt_at": None},
+            )  # fmt: skip
+            if isinstance(held, ChargeRow):
+                ledger.append(
+                    session, outcome=LedgerOutcome.HELD, operation=Operation.ENGINE,
+                    actor=self.ctx.actor, subscription=sub, charge=held, reason=message,
+                )  # fmt: skip
+                charge_event(
+                    session, EventType.CHARGE_FAILED, held, sub, reason=None, failure=reason
+                )
+        elif reason == f"subscription_{SubscriptionStatus.CANCELLED}":
+            message = "subscription cancelled before the charge was sent"
+            held = lifecycle.move(
+                session, charge.id, "hold", to=ChargeState.DISCARDED, now=now,
+                attempt=charge.attempts,
+                values={**back, "reason": reason, "next_attempt_at": None},
+            )  # fmt: skip
+            if isinstance(held, ChargeRow):
+                ledger.append(
+                    session, outcome=LedgerOutcome.DISCARDED, operation=Operation.ENGINE,
+                    actor=self.ctx.actor, subscription=sub, charge=held, reason=message,
+                )  # fmt: skip
+                charge_event(session, EventType.CHARGE_DISCARDED, held, sub, reason=message)
+        else:  # paused or suspended: it waits, unsent, until the subscription is chargeable
+            lifecycle.move(
+                session, charge.id, "hold", to=ChargeState.PENDING, now=now,
+                attempt=charge.attempts, values=back,
+            )  # fmt: skip
+        log.info("charge %s held: %s", charge.id, reason)
+        return ChargeResult(charge.id, "held", reason)
+
+    def _rate_limited(self) -> bool:
+        return self.ctx.limiter is not None and any(
+            account.max_charges_per_second for account in self.ctx.plans.accounts.values()
+        )
+
+    def _wait_for_slot(self, charge_id: int) -> ChargeResult | None:
+        """Under a rate limit, wait for the account's slot *before* claiming: time spent
+        waiting must not count as time in flight, which the stuck sweep measures."""
+        with session_scope(self.ctx.url) as session:
+            found = session.execute(
+                select(Charge.state, Charge.currency).where(Charge.id == charge_id)
+            ).one_or_none()
+        if found is None:
+            raise NotFound(f"charge {charge_id} does not exist")
+        if found.state != ChargeState.QUEUED:
+            return ChargeResult(charge_id, "not_claimed")
+        account = self.ctx.plans.accounts.get(found.currency)
+        if self.ctx.limiter is not None and account is not None and account.max_charges_per_second:
+            self.ctx.limiter.acquire(account.merchant_id, account.max_charges_per_second)
+        return None
+
+    # ---------------------------------------------------------------------- record
+
+    def record(
+        self,
+        claim: Claim,
+        result: Outcome,
+        *,
+        retries: int = 0,
+        duration: float = 0.0,
+        now: datetime | None = None,
+    ) -> ChargeResult:
+        """Write the answer of the claim's attempt: charge, attempt, ledger, subscription
+        and events in one transaction; a late answer as evidence only."""
+        now = now or utcnow()
+        retry_in: float | None = None
+        with session_scope(self.ctx.url) as session:
+            session.execute(
+                update(Attempt)
+                .where(Attempt.id == claim.attempt_id)
+                .values(
+                    finished_at=now,
+                    outcome=result.kind,
+                    code=widths.fit(result.code or None, widths.CODE),
+                )
+            )
+            match result:
+                case Approved():
+                    recorded = self._approved(session, claim, result, now)
+                case Declined():
+                    recorded = self._declined(session, claim, result, now)
+                case NotSent():
+                    again = retries < self.ctx.settings.not_sent_max_retries
+                    recorded = self._not_sent(session, claim, result, now, again=again)
+                    if (
+                        isinstance(recorded, Recorded)
+                        and recorded.charge.state == ChargeState.QUEUED
+                    ):
+                        # Safe to send again: the request provably never reached the gateway.
+                        retry_in = self.ctx.backoff(retries)
+                case Unknown():
+                    recorded = self._unknown(session, claim, result, now)
+            if isinstance(recorded, Lost):
+                self._late(session, claim, result, now)
+        self._log(claim, result, duration, late=isinstance(recorded, Lost))
+        if isinstance(recorded, Lost):
+            return ChargeResult(claim.charge.id, "late", result.kind)
+        metrics.count_charge(claim.charge.plan, result.kind)
+        if retry_in is not None:
+            return ChargeResult(claim.charge.id, "retry", result.kind, retry_in)
+        return ChargeResult(claim.charge.id, "done", result.kind)
+
+    def _ledger(
+        self,
+        session: Session,
+        claim: Claim,
+        charge: ChargeRow,
+        result: Outcome,
+        outcome: LedgerOutcome,
+        **extra: Any,
+    ) -> None:
+        """The ledger row of this attempt's answer (the private key scrubbed from it)."""
+        ledger.append_outcome(
+            session, charge, claim.subscription, result, operation=Operation.DUPLICATE,
+            actor=self.ctx.actor, outcome=outcome, attempt_id=claim.attempt_id,
+            secrets=(claim.private_key,), **extra,
+        )  # fmt: skip
+
+    def _answer(
+        self,
+        session: Session,
+        claim: Claim,
+        to: ChargeState,
+        values: dict[str, Any],
+        now: datetime,
+    ) -> ChargeRow | Lost:
+        """The move an on-time answer makes. Another try is never scheduled once an earlier
+        attempt was approved late: the charge fails instead, for a person."""
+        where = [CURRENT]
+        if to in (ChargeState.PENDING, ChargeState.QUEUED):
+            where.append(NOT_LATE_APPROVED)
+        moved = lifecycle.move(
+            session, claim.charge.id, "answer", to=to, now=now, attempt=claim.number,
+            where=where, values=values,
+        )  # fmt: skip
+        if isinstance(moved, Lost) and to in (ChargeState.PENDING, ChargeState.QUEUED):
+            moved = lifecycle.move(
+                session, claim.charge.id, "answer", to=ChargeState.FAILED, now=now,
+                attempt=claim.number, where=[CURRENT, Charge.review == Review.LATE_APPROVAL],
+                values={
+                    **values, "reason": FailureReason.LATE_APPROVAL, "next_attempt_at": None,
+                    "last_message": "an earlier attempt was approved late: see its ledger row",
+                },
+            )  # fmt: skip
+        return moved
+
+    def _approved(
+        self, session: Session, claim: Claim, result: Approved, now: datetime
+    ) -> Recorded | Lost:
+        charge, plan = claim.charge, claim.plan
+        asked = charge.amount
+        mismatch = result.amount != asked if result.amount is not None else bool(result.amount_text)
+        review: Any = lifecycle.either_value(
+            Charge.review == Review.LATE_APPROVAL,
+            Review.POSSIBLE_DOUBLE_CHARGE,
+            Review.AMOUNT_MISMATCH if mismatch else Charge.review,
+        )
+        values: dict[str, Any] = {
+            "tx": widths.fit(result.tx, widths.TX),
+            "reason": None,
+            "review": review,
+            **_said(result),
+        }
+        if charge.deferred:
+            to, outcome, event = (
+                ChargeState.AUTHORIZED,
+                LedgerOutcome.AUTHORIZED,
+                EventType.CHARGE_AUTHORIZED,
+            )
+            values |= {"authorized_amount": asked, "next_attempt_at": now + plan.capture_after}
+        else:
+            to, outcome, event = (
+                ChargeState.APPROVED,
+                LedgerOutcome.APPROVED,
+                EventType.CHARGE_APPROVED,
+            )
+            values |= {"collected_amount": asked, "next_attempt_at": None}
+        moved = self._answer(session, claim, to, values, now)
+        if isinstance(moved, Lost):
+            return moved
+        details = _answered(result, asked) if mismatch else None
+        self._ledger(session, claim, moved, result, outcome, amount=asked, details=details)
+        advanced = lifecycle.advance_subscription(
+            session, charge.subscription_id, plan, charge.period, now
+        )
+        charge_event(session, event, moved, advanced.after, amount=asked)
+        _subscription_changed(session, advanced)
+        return Recorded(moved, outcome)
+
+    def _declined(
+        self, session: Session, claim: Claim, result: Declined, now: datetime
+    ) -> Recorded | Lost:
+        charge, plan = claim.charge, claim.plan
+        declines = charge.declines + 1
+        delay = dunning.next_retry_delay(plan, declines) if result.soft else None
+        values: dict[str, Any] = {"declines": declines, **_said(result)}
+        if delay is not None:
+            to, failure = ChargeState.PENDING, None
+            values |= {"next_attempt_at": now + delay, "reason": None}
+        else:
+            to = ChargeState.FAILED
+            failure = FailureReason.LADDER_EXHAUSTED if result.soft else FailureReason.HARD_DECLINE
+            values |= {"next_attempt_at": None, "reason": failure}
+        moved = self._answer(session, claim, to, values, now)
+        if isinstance(moved, Lost):
+            return moved
+        if moved.state == ChargeState.FAILED:
+            failure = FailureReason(moved.reason) if moved.reason else failure
+        retry_at = (
+            moved.next_attempt_at.isoformat()
+            if moved.state == ChargeState.PENDING and moved.next_attempt_at is not None
+            else None
+        )
+        self._ledger(
+            session, claim, moved, result, LedgerOutcome.DECLINED, reason=failure,
+            details={"soft": result.soft, "next_attempt_at": retry_at},
+        )  # fmt: skip
+        changed: lifecycle.SubMove | Lost = Lost(None, "declined")
+        if moved.state == ChargeState.PENDING:
+            changed = lifecycle.move_subscription(
+                session, charge.subscription_id, "declined", to=SubscriptionStatus.PAST_DUE,
+                now=now,
+            )  # fmt: skip
+        elif failure in (FailureReason.LADDER_EXHAUSTED, FailureReason.HARD_DECLINE):
+            changed = lifecycle.move_subscription(
+                session, charge.subscription_id, "failed",
+                to=dunning.status_after_failure(plan), now=now,
+            )  # fmt: skip
+        # The shop sees the subscription as it is after the whole change.
+        sub = changed.after if isinstance(changed, lifecycle.SubMove) else claim.subscription
+        charge_event(
+            session, EventType.CHARGE_DECLINED, moved, sub, reason=failure, call=Call.CHARGE,
+            soft=result.soft, next_attempt_at=retry_at.replace("+00:00", "Z") if retry_at else None,
+        )  # fmt: skip
+        if moved.state == ChargeState.FAILED:
+            charge_event(session, EventType.CHARGE_FAILED, moved, sub, failure=failure)
+        _subscription_changed(session, changed)
+        return Recorded(moved, LedgerOutcome.DECLINED, failure)
+
+    def _not_sent(
+        self, session: Session, claim: Claim, result: NotSent, now: datetime, *, again: bool
+    ) -> Recorded | Lost:
+        values = _said(result)
+        if again:
+            moved = self._answer(
+                session, claim, ChargeState.QUEUED, values | {"queued_at": now}, now
+            )
+        else:
+            values |= {"reason": FailureReason.NOT_SENT_EXHAUSTED, "next_attempt_at": None}
+            moved = self._answer(session, claim, ChargeState.FAILED, values, now)
+        if isinstance(moved, Lost):
+            return moved
+        self._ledger(session, claim, moved, result, LedgerOutcome.NOT_SENT)
+        if moved.state == ChargeState.FAILED:
+            charge_event(
+                session, EventType.CHARGE_FAILED, moved, claim.subscription, failure=moved.reason
+            )
+        return Recorded(moved, LedgerOutcome.NOT_SENT)
+
+    def _unknown(
+        self, session: Session, claim: Claim, result: Unknown, now: datetime
+    ) -> Recorded | Lost:
+        values = {"reason": FailureReason.UNKNOWN_OUTCOME, "next_attempt_at": None, **_said(result)}
+        moved = self._answer(session, claim, ChargeState.UNKNOWN, values, now)
+        if isinstance(moved, Lost):
+            return moved
+        self._ledger(session, claim, moved, result, LedgerOutcome.UNKNOWN)
+        charge_event(session, EventType.CHARGE_UNKNOWN, moved, claim.subscription, call=Call.CHARGE)
+        return Recorded(moved, LedgerOutcome.UNKNOWN)
+
+    # ------------------------------------------------------------------ late answers
+
+    def _late(self, session: Session, claim: Claim, result: Outcome, now: datetime) -> None:
+        """The answer of an attempt that is no longer current: evidence, and a person is
+        told when it says money moved."""
+        answered = getattr(result, "amount", None)
+        self._ledger(
+            session, claim, claim.charge, result, LedgerOutcome.LATE_ANSWER,
+            reason=f"late answer of attempt {claim.number}: the charge had moved on",
+            details={
+                "call": Call.CHARGE.value,
+                "attempt": claim.number,
+                "answer": result.kind,
+                "amount": str(claim.charge.amount),
+                "answered_amount": str(answered) if answered is not None else None,
+            },
+        )  # fmt: skip
+        if isinstance(result, Approved):
+            late_approval(session, claim.charge.id, claim.subscription, result, claim.number, now)
+
+    def record_unknown(self, claim: Claim, result: Outcome, error: Exception) -> ChargeResult:
+        """The last resort: recording the answer failed for a reason other than a lost
+        connection; the attempt is still recorded, as unknown, with the redacted evidence."""
+        now = utcnow()
+        why = f"the answer ({result.kind}) could not be recorded ({type(error).__name__})"
+        evidence = Unknown(
+            reason=why, http_status=result.http_status, raw=result.raw,
+            code=result.code, message=result.message, tx=getattr(result, "tx", None),
+        )  # fmt: skip
+        with session_scope(self.ctx.url) as session:
+            session.execute(
+                update(Attempt)
+                .where(Attempt.id == claim.attempt_id)
+                .values(finished_at=now, outcome="unknown")
+            )
+            moved = lifecycle.move(
+                session, claim.charge.id, "answer", to=ChargeState.UNKNOWN, now=now,
+                attempt=claim.number, where=[CURRENT],
+                values={"reason": FailureReason.UNKNOWN_OUTCOME, "next_attempt_at": None,
+                        "last_message": widths.fit(why, widths.MESSAGE)},
+            )  # fmt: skip
+            target = moved if isinstance(moved, ChargeRow) else claim.charge
+            self._ledger(session, claim, target, evidence, LedgerOutcome.UNKNOWN, reason=why)
+            if isinstance(moved, ChargeRow):
+                charge_event(
+                    session, EventType.CHARGE_UNKNOWN, moved, claim.subscription, call=Call.CHARGE
+                )
+        metrics.count_charge(claim.charge.plan, "unknown")
+        return ChargeResult(claim.charge.id, "done", "unknown")
+
+    def _log(self, claim: Claim, result: Outcome, duration: float, *, late: bool) -> None:
+        outcome = f"late_{result.kind}" if late else result.kind
+        log.info(
+            "charge outcome charge=%s ref=%s alias=%s outcome=%s code=%s duration=%.3f",
+            claim.charge.id,
+            claim.subscription.external_ref,
+            mask_alias(claim.subscription.alias),
+            outcome,
+            result.code,
+            duration,
+            extra={
+                "charge_id": claim.charge.id,
+                "external_ref": claim.subscription.external_ref,
+                "alias": mask_alias(claim.subscription.alias),
+                "outcome": outcome,
+                "code": result.code,
+                "duration": round(duration, 4),
+            },
+        )
+
+
+def _said(result: Outcome) -> dict[str, Any]:
+    """What the gateway said, as the charge keeps it (cut to its columns)."""
+    return {
+        "last_code": widths.fit(result.code or None, widths.CODE),
+        "last_message": widths.fit(
+            result.message or getattr(result, "reason", "") or None, widths.MESSAGE
+        ),
+    }
+
+
+def _answered(result: Approved, asked: Decimal) -> dict[str, Any]:
+    """What the gateway said it moved, when it is not what was asked."""
+    return {
+        "asked": str(asked),
+        "answered_amount": str(result.amount) if result.amount is not None else None,
+        "answered_amount_raw": result.amount_text,
+    }
+
+
+def _subscription_changed(session: Session, moved: lifecycle.SubMove | Lost) -> None:
+    """The shop's event for a subscription whose status changed."""
+    if isinstance(moved, lifecycle.SubMove) and moved.changed:
+        type_ = STATUS_EVENTS.get(SubscriptionStatus(moved.after.status))
+        if type_ is not None:
+            subscription_event(session, type_, moved.after, previous=moved.before)
+
+
+def late_approval(
+    session: Session,
+    charge_id: int,
+    sub: SubRow,
+    result: Approved,
+    number: int,
+    now: datetime,
+) -> None:
+    """An attempt no longer current was approved: the card was charged for this period.
+
+    A retry still waiting stops (the charge goes to the failed queue, ``late_approval``);
+    otherwise the charge is flagged for a person, as a possible double charge when the
+    period was approved again meanwhile. Nothing is flagged when the books already hold
+    this transaction (a person resolved the charge with it).
+    """
+    message = widths.fit(
+        f"attempt {number} was approved after it was given up on (TX {result.tx}): the card "
+        "was charged; confirm it in the Klik & Pay back office, then "
+        f"`billing failed resolve {charge_id} --approved --tx {result.tx}`",
+        widths.MESSAGE,
+    )
+    stopped = lifecycle.move(
+        session, charge_id, "late_approval", to=ChargeState.FAILED, now=now,
+        values={"reason": FailureReason.LATE_APPROVAL, "next_attempt_at": None,
+                "last_message": message},
+    )  # fmt: skip
+    if isinstance(stopped, ChargeRow):
+        charge_event(
+            session, EventType.CHARGE_FAILED, stopped, sub, failure=FailureReason.LATE_APPROVAL
+        )
+        return
+    booked = session.scalar(
+        select(
+            exists().where(
+                LedgerEntry.charge_id == charge_id,
+                LedgerEntry.tx == widths.fit(result.tx, widths.TX),
+                LedgerEntry.outcome.in_([o.value for o in (*COLLECTED, *AUTHORIZED)]),
+            )
+        )
+    )
+    if booked:
+        return
+    lifecycle.flag(
+        session,
+        charge_id,
+        lifecycle.either_value(
+            Charge.state.in_([ChargeState.APPROVED, ChargeState.AUTHORIZED])
+            | (Charge.review == Review.POSSIBLE_DOUBLE_CHARGE),
+            Review.POSSIBLE_DOUBLE_CHARGE,
+            Review.LATE_APPROVAL,
+        ),
+        now=now,
+    )
+
+
+__all__ = ["Calls", "ChargeResult", "Claim", "late_approval"]
