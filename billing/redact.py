@@ -28,8 +28,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, unquote_plus, urlsplit
 
-#: Request or answer fields whose values are secret, in any case.
-SECRET_FIELDS = frozenset({"NUMCARTE", "CVV", "PRIVATE_KEY", "EXPMOIS", "EXPANNEE"})
+#: Request or answer fields whose values are secret, in any case (the gateway's names, and
+#: the other names of a card's security code that ``chaos.scan`` looks for).
+SECRET_FIELDS = frozenset(
+    {"NUMCARTE", "CVV", "PRIVATE_KEY", "EXPMOIS", "EXPANNEE", "CVV2", "CVC", "CVC2", "CRYPTOGRAMME"}
+)
 #: What replaces a secret (by value or by field name) and a card number.
 SECRET_MARK = "[redacted]"
 PAN_MARK = "[redacted-pan]"
@@ -247,15 +250,18 @@ def _groups(run: str, offset: int) -> list[_Group]:
 
 
 def _is_card(groups: list[_Group], i: int, j: int, digits: str) -> bool:
-    """Whether groups ``i``..``j`` (their ``digits``) are a card number written alone."""
+    """Whether groups ``i``..``j`` (their ``digits``) are a card number written alone.
+
+    Not one: a decimal's part (``29.90``, ``0.0123456789012345``), nor groups where lone
+    dots mix with other joints (``12.00 29.90 100.00``); ``4012.8888.8888.1881`` is one.
+    """
     low, high = PAN_DIGITS
     if not low <= len(digits) <= high or not luhn_valid(digits):
         return False
-    if groups[i].after_lone_dot:  # the fraction of a decimal number
+    if groups[i].after_lone_dot or (j + 1 < len(groups) and groups[j + 1].after_lone_dot):
         return False
-    if j + 1 < len(groups) and groups[j + 1].after_lone_dot:  # the integer part of one
-        return False
-    return not (j == i + 1 and groups[j].after_lone_dot)  # "<integer>.<fraction>"
+    dots = [group.after_lone_dot for group in groups[i + 1 : j + 1]]
+    return not any(dots) or (all(dots) and len(dots) >= 2)
 
 
 def _pan_spans(text: str) -> Iterator[tuple[int, int]]:
