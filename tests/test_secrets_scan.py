@@ -209,9 +209,16 @@ def log_dir(tmp_path: Path) -> Iterator[Path]:
 
 
 def _echo(conn: socket.socket, request: bytes) -> None:
-    """A hostile gateway: declines and repeats in its message every field it was sent."""
+    """A hostile gateway: declines and repeats every field it was sent, as sent, with
+    every character percent-encoded (lower case), \\u-escaped, and a card grouped by %20."""
+    from urllib.parse import parse_qsl
+
     body = request.split(b"\r\n\r\n", 1)[1]
+    values = "|".join(value for _, value in parse_qsl(body.decode()))
+    percent = "".join(f"%{byte:02x}" for byte in values.encode())
+    escaped = "".join(f"\\u{ord(char):04x}" for char in values)
     answer = b"RESPONSE=05&MESSAGE=Refus%20" + body + b"&" + body
+    answer += f"&LOWER={percent}&JSON={escaped}&CARD=4111%201111%201111%201111".encode()
     conn.sendall(
         b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
         + f"Content-Length: {len(answer)}\r\n\r\n".encode()
