@@ -21,12 +21,13 @@ them too.
 from __future__ import annotations
 
 import functools
+import json
 import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, unquote_plus, urlsplit
+from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit
 
 #: Request or answer fields whose values are secret, in any case (the gateway's names, and
 #: the other names of a card's security code that ``chaos.scan`` looks for).
@@ -47,6 +48,13 @@ PAN_DIGITS = (13, 19)
 #: Separator characters a card number may be grouped with, at most this many in a row.
 PAN_SEPARATORS = " .-+"
 PAN_MAX_SEPARATORS = 3
+#: A run of more digit groups than this is blanked whole, and so is every long run of a
+#: text with more groups than ``PAN_MAX_TEXT_GROUPS`` (see ``_pan_spans``).
+PAN_MAX_GROUPS = 200
+PAN_MAX_TEXT_GROUPS = 4000
+#: Longer secrets (and aliases, which come from outside) are looked for in the usual
+#: encoders' spellings only: a pattern of every mix grows with the secret's length.
+MAX_PATTERN_LENGTH = 128
 #: Secrets a process remembers (accounts' keys, endpoints' secrets: a few dozen at most);
 #: past this the oldest is forgotten, so a leak of calls cannot grow memory for ever.
 MAX_REMEMBERED = 256
@@ -148,10 +156,25 @@ def secret_pattern(secret: str) -> str:
     )
 
 
+def _lower_hex(text: str) -> str:
+    return re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), text)
+
+
+def fixed_forms(secret: str) -> list[str]:
+    """The secret as the usual encoders write it, for secrets too long for a pattern."""
+    json_escaped = json.dumps(secret)[1:-1]
+    forms = [secret, secret.replace("+", " "), json_escaped, json_escaped.replace("/", "\\/")]
+    for encoded in (quote(secret, safe=""), quote_plus(secret, safe=""), quote(secret)):
+        forms += [encoded, _lower_hex(encoded)]
+    return list(dict.fromkeys(forms))
+
+
 @functools.lru_cache(maxsize=512)
 def _secret_regex(secret: str) -> re.Pattern[str]:
     # One pattern per secret, compiled once per process: the set of secrets changes from
     # call to call (a card number is given for one payment), each secret does not.
+    if len(secret) > MAX_PATTERN_LENGTH:
+        return re.compile("|".join(re.escape(form) for form in fixed_forms(secret)))
     return re.compile(secret_pattern(secret))
 
 
@@ -228,8 +251,22 @@ class _Group:
     after_lone_dot: bool
 
 
+_PLAIN_DIGITS = re.compile(r"\d+")
+
+
 def _groups(run: str, offset: int) -> list[_Group]:
     """The digit groups of a run that starts at ``offset`` of the text."""
+    if "%" not in run and "\\" not in run:  # no encoding: the quick way
+        found = list(_PLAIN_DIGITS.finditer(run))
+        return [
+            _Group(
+                offset + m.start(),
+                offset + m.end(),
+                m.group(),
+                k > 0 and run[found[k - 1].end() : m.start()] == ".",
+            )
+            for k, m in enumerate(found)
+        ]
     groups: list[_Group] = []
     start = end = offset
     digits = ""
@@ -249,39 +286,67 @@ def _groups(run: str, offset: int) -> list[_Group]:
     return groups
 
 
-def _is_card(groups: list[_Group], i: int, j: int, digits: str) -> bool:
-    """Whether groups ``i``..``j`` (their ``digits``) are a card number written alone.
+def _decimal_part(groups: list[_Group], i: int, j: int) -> bool:
+    """Whether groups ``i``..``j`` belong to decimal numbers rather than a grouping.
 
-    Not one: a decimal's part (``29.90``, ``0.0123456789012345``), nor groups where lone
-    dots mix with other joints (``12.00 29.90 100.00``); ``4012.8888.8888.1881`` is one.
+    A decimal's part: ``29.90``, ``0.0123456789012345``, or lone dots mixed with other
+    joints (``12.00 29.90 100.00``); ``4012.8888.8888.1881`` is a grouping.
+    """
+    if groups[i].after_lone_dot or (j + 1 < len(groups) and groups[j + 1].after_lone_dot):
+        return True
+    dots = [group.after_lone_dot for group in groups[i + 1 : j + 1]]
+    return any(dots) and not (all(dots) and len(dots) >= 2)
+
+
+def _card_groups(groups: list[_Group]) -> list[bool]:
+    """Which groups are part of a card number: whole groups, 13 to 19 digits, Luhn-valid.
+
+    The Luhn sum is built from the right (each group added on the left keeps the place of
+    the digits after it), so each candidate costs only its new group's digits.
     """
     low, high = PAN_DIGITS
-    if not low <= len(digits) <= high or not luhn_valid(digits):
-        return False
-    if groups[i].after_lone_dot or (j + 1 < len(groups) and groups[j + 1].after_lone_dot):
-        return False
-    dots = [group.after_lone_dot for group in groups[i + 1 : j + 1]]
-    return not any(dots) or (all(dots) and len(dots) >= 2)
+    marked = [False] * len(groups)
+    for j in range(len(groups)):
+        total = length = 0
+        for i in range(j, -1, -1):
+            for ch in reversed(groups[i].digits):
+                value = ord(ch) - 48
+                if length % 2:
+                    value = value * 2 - 9 if value > 4 else value * 2
+                total += value
+                length += 1
+                if length > high:
+                    break
+            if length > high:
+                break
+            if length >= low and total % 10 == 0 and not _decimal_part(groups, i, j):
+                marked[i : j + 1] = [True] * (j + 1 - i)
+    return marked
 
 
 def _pan_spans(text: str) -> Iterator[tuple[int, int]]:
-    """(start, end) of each card number in ``text``, in order, never overlapping."""
+    """(start, end) of each card number in ``text``, in order, never overlapping.
+
+    A run of more than :data:`PAN_MAX_GROUPS` digit groups is blanked whole, and in a text
+    of more than :data:`PAN_MAX_TEXT_GROUPS` every run long enough to hold a card is: a
+    hostile answer full of digits must not cost seconds to search, and holds no evidence
+    worth it.
+    """
     if not _ENOUGH_DIGITS.match(text):  # every encoding of a digit holds that digit
         return
+    soup = len(_PLAIN_DIGITS.findall(text)) > PAN_MAX_TEXT_GROUPS
     for match in _RUN.finditer(text):
         run = match.group("run")
         if run is None or len(run) < PAN_DIGITS[0]:
             continue
+        if soup:
+            yield match.start(), match.end()
+            continue
         groups = _groups(run, match.start())
-        marked = [False] * len(groups)
-        for i in range(len(groups)):
-            digits = ""
-            for j in range(i, len(groups)):
-                digits += groups[j].digits
-                if len(digits) > PAN_DIGITS[1]:
-                    break
-                if _is_card(groups, i, j, digits):
-                    marked[i : j + 1] = [True] * (j + 1 - i)
+        if len(groups) > PAN_MAX_GROUPS:
+            yield match.start(), match.end()
+            continue
+        marked = _card_groups(groups)
         i = 0
         while i < len(groups):
             if not marked[i]:

@@ -445,3 +445,34 @@ def test_an_alias_is_masked_in_any_encoding_and_url_tokens_are_secrets() -> None
     assert mask_aliases(text, [alias]) == "ALIAS=ab+c…12 then ab+c…12 then ab+c…12"
     url = "https://u:pa55word@shop.example/h?token=a%2Bb%3D&x=1&sig=zzzz"
     assert secrets_in_url(url) == ("pa55word", "a%2Bb%3D", "a+b=", "zzzz")
+
+
+def test_a_hostile_answer_full_of_digits_or_a_huge_alias_is_scrubbed_quickly() -> None:
+    """The scrubber runs on every answer: one built to make it slow must not stall a
+    worker (nor leak what it hides among the digits)."""
+    import time
+
+    from billing.answers import classify
+
+    bodies = [
+        "RESPONSE=05&MESSAGE=" + ("1 " * 150 + f"{CARD} x ") * 200,
+        "RESPONSE=05&MESSAGE=" + "12-" * 21000 + CARD,
+        "RESPONSE=05&ALIAS=" + "a+/" * 5000 + "&MESSAGE=x",
+    ]
+    for body in bodies:
+        started = time.monotonic()
+        outcome = classify(200, body, secrets=(EUR_KEY, "k" * 300))
+        assert time.monotonic() - started < 2.0
+        assert CARD not in outcome.raw and CARD not in outcome.message
+
+
+def test_a_secret_too_long_for_a_pattern_is_still_scrubbed_as_encoders_write_it() -> None:
+    from urllib.parse import quote
+
+    from billing.redact import MAX_PATTERN_LENGTH, redact
+
+    key = "Zk9+ab/Q1w==" * (MAX_PATTERN_LENGTH // 12 + 1)
+    percent = quote(key, safe="")
+    lower = re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), percent)
+    for form in (key, key.replace("+", " "), percent, lower, json.dumps(key)[1:-1]):
+        assert redact(f"x {form} y", secrets=(key,)) == "x [redacted] y"
