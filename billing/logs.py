@@ -5,9 +5,10 @@ object per line with ``ts``, ``level``, ``logger``, ``message`` and every ``extr
 so a log platform can count outcomes by code or find every line of one charge.
 
 Whatever the format, each record goes through :class:`RedactFilter` on the way out: its
-message, arguments, extra fields (at any depth: Celery passes a task's arguments in a
-dict) and traceback pass through :func:`billing.redact.redact`, so a card number that
-slipped into an exception message still never reaches a log line. A log record does not
+message, arguments, extra fields (at any depth) and traceback pass through
+:func:`billing.redact.redact`, so a card number that slipped into an exception message
+still never reaches a log line. Celery's records carry a task's arguments (a shop's
+message, an alias) in their ``data`` field: those are not logged at all. A log record does not
 know the private keys and webhook secrets, so :func:`configure_logging` has the process
 remember the ones its settings and plans file name (see ``billing.redact``): they are
 blanked, in any encoding, from every line.
@@ -64,7 +65,7 @@ class RedactFilter(logging.Filter):
         record.msg = redact(message)
         record.args = None
         for key, value in extra_fields(record).items():
-            setattr(record, key, _redacted_extra(value))
+            setattr(record, key, _redacted_extra(_without_task_arguments(record, key, value)))
         if record.exc_info and not record.exc_text:
             record.exc_text = self._formatter.formatException(record.exc_info)
         if record.exc_text:
@@ -73,6 +74,18 @@ class RedactFilter(logging.Filter):
             record.stack_info = redact(record.stack_info)
         record._redacted = True
         return True
+
+
+#: What Celery's task records show instead of the task's arguments.
+NOT_LOGGED = "[task arguments are not logged]"
+
+
+def _without_task_arguments(record: logging.LogRecord, key: str, value: Any) -> Any:
+    """Celery passes each task's context as ``extra={"data": ...}``, with the repr of its
+    arguments: a shop's message, alias and all. The dead letter keeps them, masked."""
+    if key == "data" and record.name.startswith("celery") and isinstance(value, dict):
+        return {k: NOT_LOGGED if k in ("args", "kwargs") else v for k, v in value.items()}
+    return value
 
 
 def _redacted_extra(value: Any) -> Any:

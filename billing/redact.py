@@ -375,11 +375,11 @@ def _redact_pans(text: str) -> str:
 _FIELD = re.compile(
     r"(?P<key>\b(?:"
     + "|".join(sorted(SECRET_FIELDS))
-    # Quotes around the key and the value, plain or escaped (JSON inside a JSON string),
-    # and a percent-encoded "=" or ":".
-    + r")\b)(?P<sep>(?:\\*\")?\s*(?:[=:]|%3[dDaA])\s*(?:\\*\")?)"
+    # Quotes around the key and the value: JSON's, Python's (a dict's repr, as Celery logs
+    # a task's arguments), escaped (JSON inside a JSON string); a percent-encoded = or :.
+    + r")\b)(?P<sep>(?:\\*[\"'])?\s*(?:[=:]|%3[dDaA])\s*(?:\\*[\"'])?)"
     # The value runs to the next delimiter, over escapes except an escaped quote.
-    + r"(?P<val>(?:\\[^\"\n]|[^&\n\",}\\])*)",
+    + r"(?P<val>(?:\\[^\"'\n]|[^&\n\"',}\\])*)",
     re.IGNORECASE,
 )
 

@@ -217,9 +217,9 @@ def test_the_configured_keys_and_secrets_never_reach_a_log_line_in_any_encoding(
                 assert form not in line
 
 
-def test_a_task_s_arguments_in_a_celery_log_record_are_redacted() -> None:
+def test_a_task_s_arguments_in_a_celery_log_record_are_not_logged() -> None:
     """Celery logs a failed task with ``extra={"data": {"args": ..., "kwargs": ...}}``: a
-    dict, which used to be printed as it was."""
+    dict, which used to be printed as it was (Python quotes and all: ``'cvv': '987'``)."""
     stream = io.StringIO()
     configure_logging(Settings(log_format="json"), stream=stream)
     logging.getLogger("celery.app.trace").error(
@@ -227,13 +227,19 @@ def test_a_task_s_arguments_in_a_celery_log_record_are_redacted() -> None:
         {"name": "billing.add_subscription", "id": "t-1", "exc": "InvalidInput()"},
         extra={
             "data": {
-                "args": f"({{'card_number': '{PAN}', 'note': '4012 8888 8888 1881'}},)",
+                # Celery's safe_repr of the arguments: Python quotes, not JSON's.
+                "args": f"({{'alias': 'ab12cd34ef56gh78', 'cvv': '987', 'card_number': '{PAN}'}},)",
                 "kwargs": {"cvv": "CVV=123", "pan": [PAN]},
             },
             "obj": ValueError(PAN),
         },
     )
-    [line] = _lines(stream)
+    logging.getLogger("billing.x").info(
+        "nested", extra={"data": {"a": [{"b": f"{PAN[:4]} {PAN[4:]}"}]}}
+    )
+    line, nested = _lines(stream)
+    assert nested["data"] == {"a": [{"b": "[redacted-pan]"}]}
     assert PAN not in stream.getvalue() and "4012 8888" not in stream.getvalue()
-    assert "123" not in json.dumps(line["data"])
+    assert line["data"]["args"] == line["data"]["kwargs"] == "[task arguments are not logged]"
+    assert "987" not in stream.getvalue() and "ab12cd34" not in stream.getvalue()
     assert line["message"] == "Task billing.add_subscription[t-1] raised unexpected: InvalidInput()"

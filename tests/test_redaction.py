@@ -426,6 +426,10 @@ def test_what_logs_and_answers_are_full_of_is_left_alone(text: str) -> None:
         ('{"Cvv" : "111", "a": 1}', '{"Cvv" : "[redacted]", "a": 1}'),
         ('{"m": "{\\"cvv\\": \\"111\\"}"}', '{"m": "{\\"cvv\\": \\"[redacted]\\"}"}'),
         ('"PRIVATE_KEY": "ab\\\\cd"}', '"PRIVATE_KEY": "[redacted]"}'),
+        (
+            "{'cvv': '987', 'private_key': 'a b'}",
+            "{'cvv': '[redacted]', 'private_key': '[redacted]'}",
+        ),
         ("paid 29.90 4012 8888 8888 1881.", "paid 29.90 [redacted-pan]."),
         ("%34%30%31%32888888881881", "[redacted-pan]"),
         ("x4012888888881881y", "x[redacted-pan]y"),
