@@ -205,3 +205,21 @@ def test_a_letter_of_an_unknown_task_keeps_its_arguments_redacted(env: str) -> N
     assert stored.args["args"] == ["card [redacted-pan]", 7]
     assert stored.args["kwargs"] == {"alias": mask_alias(ALIAS), "note": "fine"}
     assert stored.args["masked"] == ["args[0]", "kwargs.alias"]
+
+
+def test_a_letter_stored_raw_by_an_older_version_is_shown_masked(env: str) -> None:
+    with session_scope(env) as session:
+        session.add(
+            DeadLetter(
+                task_name="billing.add_subscription", task_id="old",
+                args={"args": [{**MESSAGE, "card_number": CARD}], "kwargs": {}},
+                exc_type="InvalidInput", exc_message=f"bad card {CARD}",
+                traceback=f"Traceback ...\nInvalidInput: bad card {CARD}",
+            )
+        )  # fmt: skip
+    (letter,) = _letters(env)
+    listed = _cli("deadletters", "list", "--json")
+    shown = _cli("deadletters", "show", str(letter.id))
+    for text in (listed.stdout, shown.stdout, _cli("deadletters", "list").stdout):
+        assert CARD not in text and ALIAS not in text and "card_number" not in text
+    assert json.loads(listed.stdout)[0]["args"] == [{**MESSAGE, "alias": mask_alias(ALIAS)}]

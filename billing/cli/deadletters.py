@@ -22,6 +22,7 @@ from billing.cli.failed import actor
 from billing.db import session_scope
 from billing.errors import BillingError, InvalidInput
 from billing.models import DeadLetter
+from billing.redact import redact
 from billing.settings import get_settings
 
 letters_app = typer.Typer(
@@ -43,15 +44,19 @@ def _time(value: Any) -> str | None:
 
 
 def _summary(letter: DeadLetter) -> dict[str, Any]:
+    # A letter stored before arguments were masked on the way in is masked for display.
+    shown, _ = deadletters.stored_arguments(
+        letter.task_name, letter.args.get("args", []), letter.args.get("kwargs", {})
+    )
     return {
         "id": letter.id,
         "task_name": letter.task_name,
         "task_id": letter.task_id,
-        "args": letter.args.get("args", []),
-        "kwargs": letter.args.get("kwargs", {}),
+        "args": shown["args"],
+        "kwargs": shown["kwargs"],
         "exc_type": letter.exc_type,
         "masked": deadletters.masked(letter),
-        "exc_message": letter.exc_message,
+        "exc_message": redact(letter.exc_message),
         "created_at": _time(letter.created_at),
         "requeued_at": _time(letter.requeued_at),
         "requeued_by": letter.requeued_by,
@@ -103,7 +108,7 @@ def show(
     """One dead letter with its full traceback."""
     with session_scope(get_settings().database_url) as session:
         found = deadletters.get(session, letter_id(letter))
-        data = {**_summary(found), "traceback": found.traceback}
+        data = {**_summary(found), "traceback": redact(found.traceback)}
     if as_json:
         typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
         return
