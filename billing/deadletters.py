@@ -27,7 +27,7 @@ from billing.db import checked_id, session_scope
 from billing.errors import NotFound, StateError
 from billing.intake import FIELDS as SUBSCRIPTION_FIELDS
 from billing.models import DeadLetter, utcnow
-from billing.redact import PAN_MARK, mask_alias, mask_aliases, redact, redact_data
+from billing.redact import PAN_MARK, mask_alias, mask_aliases, redact
 from billing.webhooks import REDELIVER_TASK
 from schedules.beat import DELIVER_EVENTS, ENGINE_SWEEP, SWEEP_PLAN
 
@@ -36,6 +36,9 @@ MESSAGE_LIMIT = 4000
 TRACEBACK_LIMIT = 20000
 #: Names of parameters and dict keys whose value is an alias, kept masked.
 ALIAS_KEYS = frozenset({"alias"})
+#: Values removed from a letter's arguments that are also looked for, in every encoding,
+#: in its exception text: a message of thousands of unknown fields must not cost minutes.
+MAX_SCRUBBED_VALUES = 32
 #: What a person does instead of requeueing a letter whose arguments were masked.
 RESEND = "send the task again from where it came, with its real arguments"
 
@@ -69,8 +72,8 @@ TASKS: Mapping[str, TaskArguments] = {
 
 @dataclass
 class _Kept:
-    """Arguments as stored, what was changed (paths, for the person), and the values that
-    were removed or masked (scrubbed from the exception text too)."""
+    """What was changed to store a letter's arguments (paths, for the person), and the
+    values removed or masked (scrubbed by value from the exception text too)."""
 
     masked: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
@@ -78,7 +81,7 @@ class _Kept:
 
     def dropped(self, path: str, what: str, values: list[Any]) -> None:
         self.masked.append(f"{path}: {what} dropped")
-        self.removed += _strings(values)
+        self._remove(values)
 
     def value(self, path: str, name: str, value: Any, keys: tuple[str, ...] | None) -> Any:
         """One argument (or dict field) called ``name``, as it may be stored."""
@@ -86,28 +89,38 @@ class _Kept:
             self.masked.append(path)
             self.aliases.append(value)
             return mask_alias(value)
-        if keys is not None and isinstance(value, dict):
-            unknown = [k for k in value if k not in keys]
-            if unknown:
-                self.dropped(
-                    path, f"{len(unknown)} unknown key(s)", [*unknown, *map(value.get, unknown)]
-                )
-            return {k: self.value(f"{path}.{k}", k, v, None) for k, v in value.items() if k in keys}
+        if isinstance(value, dict):
+            if keys is not None:
+                unknown = [k for k in value if k not in keys]
+                if unknown:
+                    self.dropped(
+                        path, f"{len(unknown)} unknown key(s)", [value[k] for k in unknown]
+                    )
+            return {
+                redact(str(k)): self.value(f"{path}.{k}", str(k), v, None)
+                for k, v in value.items()
+                if keys is None or k in keys
+            }
+        if isinstance(value, list | tuple):
+            return [self.value(f"{path}[{n}]", "", item, None) for n, item in enumerate(value)]
         if value is None or isinstance(value, bool):
             return value
-        if isinstance(value, int | float):  # a card number sent as a number
-            return (
-                value if redact(str(value)) == str(value) else self._changed(path, value, PAN_MARK)
-            )
-        if isinstance(value, str | list | dict):
-            cleaned = redact_data(value)
+        if isinstance(value, str):
+            cleaned = redact(value)
             return value if cleaned == value else self._changed(path, value, cleaned)
-        return self._changed(path, value, redact(repr(value)))
+        if isinstance(value, int | float):  # a card number may come as a number
+            unchanged = redact(str(value)) == str(value)
+            return value if unchanged else self._changed(path, value, PAN_MARK)
+        return self._changed(path, value, redact(repr(value)))  # not JSON: its text, redacted
 
     def _changed(self, path: str, value: Any, stored: Any) -> Any:
         self.masked.append(path)
-        self.removed += _strings([value])
+        self._remove([value])
         return stored
+
+    def _remove(self, values: list[Any]) -> None:
+        room = MAX_SCRUBBED_VALUES - len(self.removed)
+        self.removed += [text for text in _strings(values) if len(text) >= 4][: max(room, 0)]
 
 
 def _strings(values: list[Any]) -> list[str]:
@@ -115,7 +128,7 @@ def _strings(values: list[Any]) -> list[str]:
     found: list[str] = []
     for value in values:
         if isinstance(value, dict):
-            found += _strings([*value.keys(), *value.values()])
+            found += _strings(list(value.values()))
         elif isinstance(value, list | tuple):
             found += _strings(list(value))
         elif value is not None:

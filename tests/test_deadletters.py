@@ -197,14 +197,31 @@ def test_a_letter_of_an_unknown_task_keeps_its_arguments_redacted(env: str) -> N
         env,
         task_name="shop.custom",
         task_id=None,
-        args=[f"card {CARD}", 7],
-        kwargs={"alias": ALIAS, "note": "fine"},
+        args=[f"card {CARD}", 7, [{"alias": ALIAS}]],
+        kwargs={"alias": ALIAS, "note": "fine", "pan": int(CARD)},
         exc=RuntimeError("x"),
     )
     (stored,) = _letters(env)
-    assert stored.args["args"] == ["card [redacted-pan]", 7]
-    assert stored.args["kwargs"] == {"alias": mask_alias(ALIAS), "note": "fine"}
-    assert stored.args["masked"] == ["args[0]", "kwargs.alias"]
+    assert stored.args["args"] == ["card [redacted-pan]", 7, [{"alias": mask_alias(ALIAS)}]]
+    assert stored.args["kwargs"] == {
+        "alias": mask_alias(ALIAS), "note": "fine", "pan": "[redacted-pan]"
+    }  # fmt: skip
+    assert stored.args["masked"] == ["args[0]", "args[2][0].alias", "kwargs.alias", "kwargs.pan"]
+
+
+def test_a_message_of_thousands_of_fields_is_recorded_quickly(env: str) -> None:
+    import time
+
+    data = {**MESSAGE, **{f"field{n}": f"value-{n:05d}" for n in range(5000)}}
+    started = time.monotonic()
+    deadletters.record(
+        env, task_name="billing.add_subscription", task_id="big", args=[data], kwargs={},
+        exc=ValueError("value-00001 value-04999"),
+    )  # fmt: skip
+    assert time.monotonic() - started < 10
+    (stored,) = _letters(env)
+    assert stored.args["masked"] == ["args[0]: 5000 unknown key(s) dropped", "args[0].alias"]
+    assert stored.exc_message == "[redacted] value-04999"  # the first values, by value
 
 
 def test_a_letter_stored_raw_by_an_older_version_is_shown_masked(env: str) -> None:
