@@ -23,7 +23,7 @@ from urllib.parse import unquote
 from billing.declines import is_soft
 from billing.money import CENT
 from billing.outcomes import Approved, Declined, NotSent, Outcome, Unknown
-from billing.redact import SECRET_FIELDS, mask_alias, redact
+from billing.redact import mask_aliases, redact
 
 #: Characters of a (redacted) body kept in outcomes and so in the ledger: enough to read
 #: what the gateway said, not enough to store an HTML error page.
@@ -42,12 +42,6 @@ PENDING_CODES = frozenset({"AWAITING"})
 #: HTTP statuses a front server answers before any script runs (rate limit, maintenance).
 NOT_SENT_STATUSES = frozenset({429, 503})
 
-# ``redact`` knows ``KEY=VALUE`` and ``KEY: VALUE``; a JSON echo writes ``"KEY": "VALUE"``,
-# with a quote between the name and the colon, which its pattern does not allow.
-_QUOTED_SECRET = re.compile(
-    r'(?P<key>"(?:' + "|".join(sorted(SECRET_FIELDS)) + r')")(?P<sep>\s*:\s*"?)(?P<val>[^",}]*)',
-    re.IGNORECASE,
-)
 _KEY = re.compile(r"[A-Z_][A-Z0-9_.\-]*")
 _PAIR_SEPARATORS = re.compile(r"&|\r\n|\r|\n")
 
@@ -137,16 +131,15 @@ def parse_amount_lenient(text: str | None) -> Decimal | None:
 
 
 def _scrub(text: str, secrets: tuple[str, ...]) -> str:
-    text = _QUOTED_SECRET.sub(lambda m: f"{m.group('key')}{m.group('sep')}[redacted]", text)
+    # One scrubber for every shape: form, JSON, escaped JSON, any encoding of the secrets.
     return redact(text, secrets=secrets)
 
 
 def _raw(body: str, secrets: tuple[str, ...], alias: str | None) -> str:
+    """The body as stored: scrubbed whole (up to ``SCAN_LIMIT``) before it is cut."""
     if not isinstance(body, str):
         return ""
-    cleaned = _scrub(body[:SCAN_LIMIT], secrets)
-    if alias and len(alias) >= 4:
-        cleaned = cleaned.replace(alias, mask_alias(alias))
+    cleaned = mask_aliases(_scrub(body[:SCAN_LIMIT], secrets), (alias,))
     return cleaned[:RAW_LIMIT]
 
 

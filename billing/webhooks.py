@@ -13,20 +13,27 @@ How an event gets to an endpoint exactly as often as it must:
 - a delivery is due only when no earlier event of its subscription is still pending *for
   the same endpoint*, so the shop never hears of a reactivation before the suspension it
   ends, and an endpoint that fails holds back none of the others;
-- a 2xx answer marks it delivered; anything else (status, timeout, refused connection)
-  schedules the next try from ``webhook_backoff``, stored in the database rather than in a
-  broker countdown; after the last try it is dead, with a dead letter for ops, until
-  ``billing events redeliver`` (or ``billing deadletters requeue``) sends it again;
+- a 2xx answer marks it delivered; anything else (status, timeout, refused connection, an
+  answer that cannot be read, any exception at all while posting) schedules the next try
+  from ``webhook_backoff``, stored in the database rather than in a broker countdown; after
+  the last try it is dead, with a dead letter for ops, until ``billing events redeliver``
+  (or ``billing deadletters requeue``) sends it again;
 - one run posts to the endpoints in parallel threads, so a slow endpoint (timeouts) does
   not make the others wait for it either.
 
 An endpoint that is not configured (``BILLING_WEBHOOK_URL`` unset, a table removed from the
 plans file, its secret missing from the environment) is not posted to and nothing fails:
 its deliveries stay pending, listed by ``billing events list``, and go out once it is.
+
+What is stored and logged of a failed post is built from the kind of failure, never from
+the exception's message: requests names the URL's path and query in it, and a shop may
+put a token there. Only :func:`endpoint_label` of a URL is stored or shown, and an
+endpoint's answer is kept only scrubbed of its secret and its URL's credentials.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import json
@@ -46,6 +53,7 @@ from urllib.parse import urlsplit
 import requests
 from sqlalchemy import exists, or_, select, update
 from sqlalchemy.orm import Session, aliased, selectinload
+from urllib3.exceptions import DecodeError, NameResolutionError, ProtocolError
 
 from billing import __version__
 from billing.db import session_scope
@@ -60,7 +68,7 @@ from billing.models import (
     utcnow,
 )
 from billing.plans import WebhookEndpoint
-from billing.redact import redact
+from billing.redact import redact, remember_secrets, secrets_in_url
 from billing.settings import Settings
 
 if TYPE_CHECKING:
@@ -159,6 +167,11 @@ class Target:
     def name(self) -> str:
         return self.endpoint.name
 
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """What must never be stored or logged: the secret and the URL's credentials."""
+        return (self.secret, *secrets_in_url(self.endpoint.url))
+
 
 def configured_endpoints(settings: Settings, plans: PlanSet | None) -> list[WebhookEndpoint]:
     """Every endpoint to post to: ``default`` if ``BILLING_WEBHOOK_URL`` is set, then the
@@ -189,6 +202,8 @@ def _targets(
             ready.append(Target(endpoint, endpoint.secret()))
         except ConfigError as exc:
             problems[endpoint.name] = str(exc)
+    for target in ready:  # blanked from every log line of this process from now on
+        remember_secrets(*target.secrets)
     return ready, problems
 
 
@@ -372,30 +387,84 @@ def claim_next(
     )  # fmt: skip
 
 
+#: Why a post failed, by the kind of exception (the first that matches): what is stored
+#: and logged instead of the exception's message.
+_FAILURES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
+    (NameResolutionError, "host name did not resolve"),
+    (requests.exceptions.ConnectTimeout, "connect timeout"),
+    (requests.exceptions.ReadTimeout, "no answer within the timeout"),
+    (requests.exceptions.SSLError, "TLS failed"),
+    (requests.exceptions.ProxyError, "the proxy failed"),
+    ((requests.exceptions.ContentDecodingError, DecodeError), "answer could not be decoded"),
+    ((requests.exceptions.ChunkedEncodingError, ProtocolError), "connection lost mid-answer"),
+    (
+        (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+         requests.exceptions.InvalidSchema),
+        "invalid URL",
+    ),
+    (requests.exceptions.ConnectionError, "could not connect"),
+)  # fmt: skip
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and what it wraps (urllib3 keeps the cause in ``reason``)."""
+    found: list[BaseException] = []
+    todo: list[object] = [exc]
+    while todo and len(found) < 32:
+        item = todo.pop(0)
+        if isinstance(item, BaseException) and all(item is not known for known in found):
+            found.append(item)
+            todo += [item.__cause__, item.__context__, getattr(item, "reason", None), *item.args]
+    return found
+
+
+def failure_text(exc: BaseException) -> str:
+    """``ConnectionError: connection refused``: the exception's type and the reason it
+    stands for, from types and error numbers only (never ``str(exc)``)."""
+    chain = _chain(exc)
+    reason = next(
+        (text for kinds, text in _FAILURES if any(isinstance(e, kinds) for e in chain)),
+        "unexpected error while posting",
+    )
+    if reason == "could not connect":  # say why, from the system's error number
+        for error in chain:
+            code = error.errno if isinstance(error, OSError) else None
+            if code is not None and code in errno.errorcode:
+                reason = os.strerror(code).lower()
+                break
+    return f"{type(exc).__name__}: {reason}"
+
+
 def _post(
     http: requests.Session, target: Target, claimed: Claimed, timeout: float
 ) -> tuple[int | None, str | None]:
-    """(HTTP status, error text) of one post; status None when no answer came."""
-    body = body_of(claimed.payload)
-    headers = headers_for(claimed.event_id, claimed.type, claimed.attempts, body, target.secret)
-    address = target.endpoint.url
+    """(HTTP status, error text) of one post; status None when no answer came.
+
+    Any exception is a failed try: a hostile answer (a bad ``Content-Encoding``, a cut
+    body) must never leave the delivery claimed with no error.
+    """
     try:
+        body = body_of(claimed.payload)
+        headers = headers_for(claimed.event_id, claimed.type, claimed.attempts, body, target.secret)
         with http.post(
-            address,
+            target.endpoint.url,
             data=body,
             headers=headers,
             timeout=(timeout, timeout),
             allow_redirects=False,
             stream=True,
         ) as answer:
-            if 200 <= answer.status_code < 300:
-                return answer.status_code, None
-            excerpt = answer.raw.read(300, decode_content=True) or b""
-            text = excerpt.decode("utf-8", "replace").strip()
-            return answer.status_code, f"HTTP {answer.status_code}" + (f": {text}" if text else "")
-    except requests.RequestException as exc:
-        message = str(exc).replace(address, endpoint_label(address))
-        return None, f"{type(exc).__name__}: {message}"
+            status = answer.status_code
+            if 200 <= status < 300:
+                return status, None
+            try:
+                excerpt = answer.raw.read(300, decode_content=True) or b""
+            except Exception as exc:
+                return status, f"HTTP {status} (answer unreadable: {type(exc).__name__})"
+            text = redact(excerpt.decode("utf-8", "replace").strip(), secrets=target.secrets)
+            return status, f"HTTP {status}" + (f": {text}" if text else "")
+    except Exception as exc:
+        return None, failure_text(exc)
 
 
 def _delivered(url: str, claimed: Claimed, status: int, now: datetime) -> None:

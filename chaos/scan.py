@@ -6,12 +6,19 @@ file of a folder and a dump of every table (``SELECT *`` of each, the ledger inc
 reports each place where one of ``PATTERNS`` matches. Findings show where and which
 pattern, never the secret itself.
 
+Each text is looked at as stored and as every reader could decode it: form-decoded
+(``+`` -> space, ``%XX``), percent-decoded, JSON-unescaped, and two of these in a row
+(:func:`decoded_views`). A secret that is only there percent-encoded or JSON-escaped is
+still there. This decoding is written here with the standard library, apart from
+``billing.redact``, so that the scan checks the redaction rather than repeating it.
+
 What counts as a secret here, and why the patterns are shaped as they are:
 
 - the guide's two test card numbers, anywhere, even inside a longer token;
 - any other Luhn-valid run of 13 to 19 digits standing alone (not part of a word, a hex
   alias, a decimal fraction such as Celery's ``succeeded in 0.0123456789012s``, or a
-  UUID), plain or grouped by fours with spaces or dashes;
+  UUID), plain or in groups of any size joined by spaces, dashes, dots or ``+`` (once
+  the text is decoded, ``%20`` is a space too);
 - a CVV next to its field name (``CVV=111``, ``"cvv": "111"``);
 - the private keys the tests, benchmarks and chaos runs use, and any ``PRIVATE_KEY=``
   field whose value was not redacted.
@@ -28,6 +35,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
+from urllib.parse import unquote, unquote_plus
 
 from sqlalchemy import MetaData, select
 
@@ -62,6 +70,35 @@ def _always(_: str) -> bool:
     return True
 
 
+_UUID = re.compile(r"(?i)[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _grouped_card(run: str) -> bool:
+    """True when whole groups of ``run`` (digits joined by separators) make a card number.
+
+    ``29.90 4111 1111 1111 1111`` holds one. Not a card: groups joined by lone dots unless
+    every joint is one (``4111.1111.1111.1111``), since ``12.00 29.90`` are decimals, nor
+    groups of one or two digits before the last (dates, lists of small numbers).
+    """
+    if sum(char.isdigit() for char in run) < 13:
+        return False
+    parts = re.split(r"([ .+\-]{1,3})", run)
+    digits, joints = parts[::2], parts[1::2]
+    for i in range(len(digits)):
+        for j in range(i, len(digits)):
+            inside = joints[i:j]
+            before, after = joints[i - 1] if i else "", joints[j] if j < len(joints) else ""
+            if "." in (before, after):  # the fraction or the integer part of a decimal
+                continue
+            if "." in inside and (set(inside) != {"."} or len(inside) < 2):
+                continue
+            if any(len(group) < 3 for group in digits[i:j]):
+                continue
+            if luhn_valid("".join(digits[i : j + 1])):
+                return True
+    return False
+
+
 @dataclass(frozen=True)
 class Pattern:
     """One kind of secret: a regular expression, and a check of each match (e.g. Luhn)."""
@@ -84,13 +121,9 @@ PATTERNS: tuple[Pattern, ...] = (
         _luhn_of_match,
     ),
     Pattern(
-        "card number grouped by fours",
-        re.compile(
-            _ALONE_BEFORE
-            + r"(?:\d{4}([ \-])\d{4}\1\d{4}\1\d{1,7}|\d{4}([ \-])\d{6}\2\d{4,5})"
-            + _ALONE_AFTER
-        ),
-        _luhn_of_match,
+        "card number in digit groups",
+        re.compile(_ALONE_BEFORE + r"\d+(?:[ .+\-]{1,3}\d+)+" + _ALONE_AFTER),
+        lambda run: _grouped_card(run),
     ),
     Pattern(
         "CVV value",
@@ -123,6 +156,53 @@ def mask(value: str) -> str:
     return f"{value[:2]}…{value[-2:]} ({len(value)} chars)"
 
 
+def json_unescape(text: str) -> str:
+    """``\\/``, ``\\"``, ``\\u00e9`` and the other JSON escapes of ``text`` decoded."""
+
+    def one(match: re.Match[str]) -> str:
+        try:
+            return str(json.loads(f'"{match.group(0)}"'))
+        except ValueError:  # a lone surrogate escape
+            return match.group(0)
+
+    return re.sub(
+        r'\\(?:u[dD][89abAB][0-9a-fA-F]{2}\\u[0-9a-fA-F]{4}|u[0-9a-fA-F]{4}|["\\/bfnrt])', one, text
+    )
+
+
+#: How a reader may decode what it reads, each tried when the text has what it decodes.
+DECODERS: tuple[tuple[str, Callable[[str], str]], ...] = (
+    # Not for a "+" alone: the patterns read "+" as a space already (a card grouped with it,
+    # a given secret with a space in it), and "+00:00" is on every log line.
+    ("%", unquote_plus),
+    ("%", unquote),
+    ("\\", json_unescape),
+)
+#: Decoders applied one after the other: 2 finds a secret percent-encoded then escaped.
+DECODING_DEPTH = 2
+
+
+def decoded_views(text: str, depth: int = DECODING_DEPTH) -> list[str]:
+    """``text`` and every text that up to ``depth`` decoders in a row make of it."""
+    views = {text: None}
+    layer = [text]
+    for _ in range(depth):
+        layer = [
+            decode(view)
+            for view in layer
+            for triggers, decode in DECODERS
+            if any(char in view for char in triggers)
+        ]
+        layer = [view for view in layer if view not in views]
+        views.update(dict.fromkeys(layer))
+    return list(views)
+
+
+def _secret_forms(secret: str) -> list[str]:
+    """The secret and its form-decoded (or form-encoded) spelling."""
+    return list(dict.fromkeys([secret, secret.replace("+", " "), secret.replace(" ", "+")]))
+
+
 def scan_text(
     text: str,
     where: str,
@@ -130,28 +210,35 @@ def scan_text(
     patterns: Sequence[Pattern] = PATTERNS,
     extra_secrets: Sequence[str] = (),
 ) -> list[Finding]:
-    """Every match of ``patterns`` (and of the literal ``extra_secrets``) in ``text``.
+    """Every match of ``patterns`` (and of the literal ``extra_secrets``) in ``text``, as
+    stored or decoded (see :func:`decoded_views`), once per line and kind.
 
     ``where`` names the source; the line number is appended for multi-line texts.
     """
     found: list[Finding] = []
-    multiline = "\n" in text
-
-    def place(offset: int) -> str:
-        return f"{where}:{text.count(chr(10), 0, offset) + 1}" if multiline else where
-
-    for pattern in patterns:
-        for match in pattern.regex.finditer(text):
-            if pattern.check(match.group(0)):
-                found.append(Finding(place(match.start()), pattern.name, mask(match.group(0))))
-    for secret in extra_secrets:
-        if len(secret) < 4:
-            continue
-        start = text.find(secret)
-        while start != -1:
-            found.append(Finding(place(start), "given secret", mask(secret)))
-            start = text.find(secret, start + 1)
+    lines = text.split("\n")
+    for number, line in enumerate(lines, start=1):
+        place = f"{where}:{number}" if len(lines) > 1 else where
+        seen: set[tuple[str, str]] = set()
+        for view in decoded_views(line):
+            for finding in _matches(view, place, patterns, extra_secrets):
+                if (finding.pattern, finding.masked) not in seen:
+                    seen.add((finding.pattern, finding.masked))
+                    found.append(finding)
     return found
+
+
+def _matches(
+    text: str, place: str, patterns: Sequence[Pattern], extra_secrets: Sequence[str]
+) -> Iterator[Finding]:
+    without_uuids = _UUID.sub("<uuid>", text)  # an all-digit UUID part is not a card
+    for pattern in patterns:
+        for match in pattern.regex.finditer(without_uuids):
+            if pattern.check(match.group(0)):
+                yield Finding(place, pattern.name, mask(match.group(0)))
+    for secret in extra_secrets:
+        if len(secret) >= 4 and any(form in text for form in _secret_forms(secret)):
+            yield Finding(place, "given secret", mask(secret))
 
 
 def log_files(directory: Path, suffixes: Sequence[str] = LOG_SUFFIXES) -> list[Path]:

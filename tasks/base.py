@@ -101,6 +101,14 @@ class BillingTask(Task):
                 exc=exc,
                 traceback=str(einfo),
             )
-            log.error("task %s[%s] failed; dead letter %d: %s", self.name, task_id, letter, exc)
+            # The letter holds the (scrubbed) message; the exception itself may name what
+            # the arguments held (an alias, a card field), so only its type is logged.
+            log.error(
+                "task %s[%s] failed with %s; dead letter %d (billing deadletters show %d)",
+                self.name, task_id, type(exc).__qualname__, letter, letter,
+            )  # fmt: skip
         except Exception:  # the database itself is down: the worker log is all we have
-            log.exception("task %s[%s] failed and could not be dead-lettered", self.name, task_id)
+            log.exception(
+                "task %s[%s] failed with %s and could not be dead-lettered",
+                self.name, task_id, type(exc).__qualname__,
+            )  # fmt: skip

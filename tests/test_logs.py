@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -154,3 +155,91 @@ def test_json_logging_from_the_environment_in_a_real_process() -> None:
     [line] = [json.loads(x) for x in done.stderr.splitlines()]
     assert (line["message"], line["charge_id"]) == ("charge outcome", 3)
     assert PAN not in done.stderr
+
+
+# --- secrets the record does not know, in every encoding (issue 14, item 5) -------------
+
+ODD_KEY = 'Zk9+ab/Q1w==&x%41\\y"z'
+HOOK_SECRET = 'whsec+/=%&\\"0123456789'
+
+
+@pytest.fixture
+def remembered(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The engine's plans file, its EUR key and a webhook secret in the environment."""
+    from tests.fixtures.engine import ENGINE_PLANS
+
+    monkeypatch.setenv("KLIKANDPAY_KEY_EUR", ODD_KEY)
+    monkeypatch.setenv("BILLING_PLANS_FILE", str(ENGINE_PLANS))
+    yield
+    from billing.redact import forget_secrets
+
+    forget_secrets(ODD_KEY, HOOK_SECRET, "tok-0123456789")
+
+
+def test_the_configured_keys_and_secrets_never_reach_a_log_line_in_any_encoding(
+    remembered: None,
+) -> None:
+    """Before: a log record was scrubbed of card numbers and fields only; a private key in
+    an exception message (any encoding) was printed as it came."""
+    from urllib.parse import quote, quote_plus
+
+    from tests.fixtures.engine import ENGINE_PLANS
+
+    stream = io.StringIO()
+    settings = Settings(
+        log_format="json",
+        plans_file=ENGINE_PLANS,
+        webhook_url="https://shop.example/hooks?token=tok-0123456789",
+        webhook_secret=HOOK_SECRET,
+    )
+    configure_logging(settings, stream=stream)
+    log = logging.getLogger("billing.test")
+    for secret in (ODD_KEY, HOOK_SECRET, "tok-0123456789"):
+        forms = [
+            secret,
+            secret.replace("+", " "),
+            quote(secret, safe=""),
+            re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), quote_plus(secret, safe="")),
+            json.dumps(secret)[1:-1].replace("/", "\\/"),
+        ]
+        for form in forms:
+            log.warning("echo %s", form, extra={"note": f"k={form}", "nested": {"a": [form]}})
+            try:
+                raise ValueError(f"gateway said {form}")
+            except ValueError:
+                log.exception("call failed")
+    text = stream.getvalue()
+    assert text.count("[redacted]") >= 30
+    for secret in (ODD_KEY, HOOK_SECRET, "tok-0123456789"):
+        for line in text.splitlines():
+            assert secret not in json.loads(line)["message"]
+            for form in (secret, secret.replace("+", " "), quote(secret, safe="")):
+                assert form not in line
+
+
+def test_a_task_s_arguments_in_a_celery_log_record_are_not_logged() -> None:
+    """Celery logs a failed task with ``extra={"data": {"args": ..., "kwargs": ...}}``: a
+    dict, which used to be printed as it was (Python quotes and all: ``'cvv': '987'``)."""
+    stream = io.StringIO()
+    configure_logging(Settings(log_format="json"), stream=stream)
+    logging.getLogger("celery.app.trace").error(
+        "Task %(name)s[%(id)s] raised unexpected: %(exc)s",
+        {"name": "billing.add_subscription", "id": "t-1", "exc": "InvalidInput()"},
+        extra={
+            "data": {
+                # Celery's safe_repr of the arguments: Python quotes, not JSON's.
+                "args": f"({{'alias': 'ab12cd34ef56gh78', 'cvv': '987', 'card_number': '{PAN}'}},)",
+                "kwargs": {"cvv": "CVV=123", "pan": [PAN]},
+            },
+            "obj": ValueError(PAN),
+        },
+    )
+    logging.getLogger("billing.x").info(
+        "nested", extra={"data": {"a": [{"b": f"{PAN[:4]} {PAN[4:]}"}]}}
+    )
+    line, nested = _lines(stream)
+    assert nested["data"] == {"a": [{"b": "[redacted-pan]"}]}
+    assert PAN not in stream.getvalue() and "4012 8888" not in stream.getvalue()
+    assert line["data"]["args"] == line["data"]["kwargs"] == "[task arguments are not logged]"
+    assert "987" not in stream.getvalue() and "ab12cd34" not in stream.getvalue()
+    assert line["message"] == "Task billing.add_subscription[t-1] raised unexpected: InvalidInput()"

@@ -20,7 +20,13 @@ from billing.gateway import DirectPayment, KlikAndPayClient
 from billing.outcomes import Approved, Declined, NotSent, Outcome, Unknown
 from billing.redact import mask_alias
 from billing.sandbox import Sandbox
-from tests.fixtures.sandbox import EUR_KEY, EUR_MERCHANT, LoopbackServer, SandboxControl
+from tests.fixtures.sandbox import (
+    EUR_KEY,
+    EUR_MERCHANT,
+    LoopbackServer,
+    SandboxControl,
+    http_answer,
+)
 
 CARD = "4012888888881881"
 OTHER_CARD = "5555555555554444"
@@ -287,3 +293,190 @@ def test_secret_sent_under_an_unusual_name_is_scrubbed_by_value() -> None:
 def test_client_repr_has_no_secret() -> None:
     client = KlikAndPayClient("http://127.0.0.1:9")
     assert_clean(repr(client))
+
+
+# --- every encoding a secret can take on the way (issue 14, item 5) ----------------------
+
+#: A private key made of the characters every encoding changes.
+ODD_KEY = 'Zk9+ab/Q1w==&x%41\\y"z'
+
+
+def _encodings(secret: str) -> list[str]:
+    """Forms a secret can take in a body: as sent, form-encoded, percent-encoded (either
+    case), form-decoded, JSON-escaped."""
+    from urllib.parse import quote, quote_plus
+
+    def lower_hex(text: str) -> str:
+        return re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), text)
+
+    json_escaped = json.dumps(secret)[1:-1].replace("/", "\\/")
+    return [
+        secret,
+        secret.replace("+", " "),
+        quote(secret, safe=""),
+        lower_hex(quote(secret, safe="")),
+        quote_plus(secret, safe=""),
+        lower_hex(quote_plus(secret, safe="")),
+        quote(secret),
+        json_escaped,
+        json.dumps(secret, ensure_ascii=True)[1:-1].replace("+", "\\u002b"),
+    ]
+
+
+def _decoded(text: str) -> list[str]:
+    """``text`` as each decoder a reader might apply would show it."""
+    from urllib.parse import unquote, unquote_plus
+
+    def json_unescape(value: str) -> str:
+        return re.sub(
+            r'\\(u[0-9a-fA-F]{4}|["\\/bfnrt])',
+            lambda m: json.loads(f'"\\{m.group(1)}"'),
+            value,
+        )
+
+    views = [text, unquote(text), unquote_plus(text), json_unescape(text)]
+    return [*views, unquote_plus(json_unescape(text)), json_unescape(unquote_plus(text))]
+
+
+def assert_no_form_of(secret: str, *texts: str) -> None:
+    forms = {secret, secret.replace("+", " ")}
+    for text in texts:
+        for form in _encodings(secret):
+            assert form not in text, f"{form!r} leaked in {text[:300]!r}"
+        for view in _decoded(text):
+            for form in forms:
+                assert form not in view, f"{form!r} leaked (decoded) in {text[:300]!r}"
+
+
+def _declined_by(body: str, private_key: str = EUR_KEY) -> Outcome:
+    """A charge answered with ``body`` by a gateway on loopback."""
+    with LoopbackServer(http_answer(200, body)) as server:
+        outcome = KlikAndPayClient(server.url).duplicate(
+            merchant_id=EUR_MERCHANT,
+            alias="alias-0001",
+            ip=IP,
+            amount=Decimal("1"),
+            private_key=private_key,
+        )
+    assert isinstance(outcome, Declined), outcome
+    return outcome
+
+
+@pytest.mark.parametrize("shape", ["form", "json"])
+def test_a_private_key_echoed_in_any_encoding_is_scrubbed(
+    shape: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: ``+`` was decoded to a space before the key was searched for, and the raw
+    body kept its percent-encoded (either case) and JSON-escaped forms."""
+    caplog.set_level(logging.DEBUG)
+    forms = _encodings(ODD_KEY)
+    if shape == "form":
+        from urllib.parse import quote
+
+        body = "RESPONSE=05&MESSAGE=" + quote(f"bad key {ODD_KEY}") + "&MESSAGE2=" + "|".join(forms)
+        body += "&RAW=" + ODD_KEY.replace("+", "%2B")
+    else:
+        body = json.dumps({"RESPONSE": "05", "MESSAGE": f"bad key {ODD_KEY}", "ECHO": forms})
+    outcome = _declined_by(body, ODD_KEY)
+    assert outcome.raw and "[redacted]" in outcome.raw
+    assert_no_form_of(ODD_KEY, *outcome_texts(outcome), caplog.text)
+
+
+@pytest.mark.parametrize(
+    "grouped",
+    [
+        "4012%208888%208888%201881",
+        "4012+8888+8888+1881",
+        "4012.8888.8888.1881",
+        "4012%2D8888%2d8888%2D1881",
+        "4012\\u00208888\\u00208888\\u00201881",
+        "4012 - 8888 - 8888 - 1881",
+        "401288%20888888%201881",
+    ],
+)
+def test_a_card_number_in_any_grouping_is_scrubbed_from_the_raw_body(grouped: str) -> None:
+    outcome = _declined_by(f"RESPONSE=05&MESSAGE=refus&ECHO=card%20{grouped}%20end")
+    assert "[redacted-pan]" in outcome.raw
+    for view in _decoded(outcome.raw):
+        assert CARD not in re.sub(r"(?<=\d)[ .+\-]{1,3}(?=\d)", "", view), outcome.raw
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Task billing.charge[1df905fe-4939-4424-ad70-3ec24e50fa9d] succeeded in "
+        "0.012345678901234567s: 'done'",
+        "2030-01-15 09:00:00.123456+00:00 at 2030-01-15T09:00:00Z",
+        "alias=ab12…78 tx=100000001 amount=29.90 MONTANT=1.00",
+        "epoch 1715000000.1234567890123 and 1.4012888888881881",
+        "counter 1234567890123 is not Luhn-valid",
+        "RESPONSE=00&TX=123456789&MESSAGE=Paiement%20accept%C3%A9",
+    ],
+)
+def test_what_logs_and_answers_are_full_of_is_left_alone(text: str) -> None:
+    from billing.redact import redact
+
+    assert redact(text, secrets=(EUR_KEY,)) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("NUMCARTE%3D4012&CVV%3D111&x=1", "NUMCARTE%3D[redacted]&CVV%3D[redacted]&x=1"),
+        ('{"Cvv" : "111", "a": 1}', '{"Cvv" : "[redacted]", "a": 1}'),
+        ('{"m": "{\\"cvv\\": \\"111\\"}"}', '{"m": "{\\"cvv\\": \\"[redacted]\\"}"}'),
+        ('"PRIVATE_KEY": "ab\\\\cd"}', '"PRIVATE_KEY": "[redacted]"}'),
+        (
+            "{'cvv': '987', 'private_key': 'a b'}",
+            "{'cvv': '[redacted]', 'private_key': '[redacted]'}",
+        ),
+        ("paid 29.90 4012 8888 8888 1881.", "paid 29.90 [redacted-pan]."),
+        ("%34%30%31%32888888881881", "[redacted-pan]"),
+        ("x4012888888881881y", "x[redacted-pan]y"),
+    ],
+)
+def test_fields_and_card_numbers_in_every_shape(text: str, expected: str) -> None:
+    from billing.redact import redact
+
+    assert redact(text) == expected
+
+
+def test_an_alias_is_masked_in_any_encoding_and_url_tokens_are_secrets() -> None:
+    from billing.redact import mask_aliases, secrets_in_url
+
+    alias = "ab+cd/ef=12"
+    text = "ALIAS=ab%2Bcd%2Fef%3D12 then ab cd/ef=12 then ab+cd\\/ef=12"
+    assert mask_aliases(text, [alias]) == "ALIAS=ab+c…12 then ab+c…12 then ab+c…12"
+    url = "https://u:pa55word@shop.example/h?token=a%2Bb%3D&x=1&sig=zzzz"
+    assert secrets_in_url(url) == ("pa55word", "a%2Bb%3D", "a+b=", "zzzz")
+
+
+def test_a_hostile_answer_full_of_digits_or_a_huge_alias_is_scrubbed_quickly() -> None:
+    """The scrubber runs on every answer: one built to make it slow must not stall a
+    worker (nor leak what it hides among the digits)."""
+    import time
+
+    from billing.answers import classify
+
+    bodies = [
+        "RESPONSE=05&MESSAGE=" + ("1 " * 150 + f"{CARD} x ") * 200,
+        "RESPONSE=05&MESSAGE=" + "12-" * 21000 + CARD,
+        "RESPONSE=05&ALIAS=" + "a+/" * 5000 + "&MESSAGE=x",
+    ]
+    for body in bodies:
+        started = time.monotonic()
+        outcome = classify(200, body, secrets=(EUR_KEY, "k" * 300))
+        assert time.monotonic() - started < 2.0
+        assert CARD not in outcome.raw and CARD not in outcome.message
+
+
+def test_a_secret_too_long_for_a_pattern_is_still_scrubbed_as_encoders_write_it() -> None:
+    from urllib.parse import quote
+
+    from billing.redact import MAX_PATTERN_LENGTH, redact
+
+    key = "Zk9+ab/Q1w==" * (MAX_PATTERN_LENGTH // 12 + 1)
+    percent = quote(key, safe="")
+    lower = re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), percent)
+    for form in (key, key.replace("+", " "), percent, lower, json.dumps(key)[1:-1]):
+        assert redact(f"x {form} y", secrets=(key,)) == "x [redacted] y"

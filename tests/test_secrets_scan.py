@@ -61,8 +61,8 @@ def test_luhn() -> None:
         ("card x4012888888881881y inside a token", "test card number"),
         ("paid with 4111111111111111.", "card number (Luhn-valid run of 13-19 digits)"),
         ('{"pan": "378282246310005"}', "card number (Luhn-valid run of 13-19 digits)"),
-        ("card 4012 8888 8888 1881 ok", "card number grouped by fours"),
-        ("card 5555-5555-5555-4444 ok", "card number grouped by fours"),
+        ("card 4012 8888 8888 1881 ok", "card number in digit groups"),
+        ("card 5555-5555-5555-4444 ok", "card number in digit groups"),
         ("CVV=111", "CVV value"),
         ('{"cvv": "111"}', "CVV value"),
         ("cvc2: 9876", "CVV value"),
@@ -93,10 +93,53 @@ def test_each_kind_of_secret_is_found(text: str, pattern: str) -> None:
         "card [redacted-pan], private_key_env = KLIKANDPAY_KEY_EUR",
         "private_key: must be a non-empty string",
         "counter 1234567890123 is not Luhn-valid",
+        "at 2030-01-15T09%3A00%3A00.123456%2B00%3A00 and 2030-01-15 09:00:00.123456+00:00",
+        "ids 12345678-1234-1234-1234-123456789012 and 43215678-1234-5678-1234-567812345678",
+        "Task x succeeded in 0.012345678901234567s; epoch 1715000000.1234567890123",
+        "RESPONSE=00&TX=123456789&MONTANT=29.90&MESSAGE=Paiement%20accept%C3%A9",
+        "phone +33 1 00 00 00 00, ip 203.0.113.7, amounts 12.00 29.90 100.00 1.50",
     ],
 )
 def test_what_logs_are_full_of_is_not_a_secret(text: str) -> None:
     assert scan_text(text, "sample") == []
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("NUMCARTE=4111%201111%201111%201111", "card number in digit groups"),
+        ("ECHO=4111+1111+1111+1111&x=1", "card number in digit groups"),
+        ("card 4111.1111.1111.1111 ok", "card number in digit groups"),
+        ("paid 29.90 4111 1111 1111 1111", "card number in digit groups"),
+        ('"m": "4111\\u00201111\\u00201111\\u00201111"', "card number in digit groups"),
+        ("card 3782 822463 10005 ok", "card number in digit groups"),
+        ("MESSAGE=Refus%20378282246310005", "card number (Luhn-valid run of 13-19 digits)"),
+        ("%34%31%31%31111111111111 echoed", "card number (Luhn-valid run of 13-19 digits)"),
+        ('{"m": "{\\"cvv\\": \\"987\\"}"}', "CVV value"),
+        ("CVV%3D987&x=1", "CVV value"),
+        ("key test%2Dkey%2Deur", "test private key"),
+        ("PRIVATE_KEY%3Ds3cr3t", "unredacted PRIVATE_KEY field"),
+    ],
+)
+def test_each_kind_of_secret_is_found_in_every_decoded_form(text: str, pattern: str) -> None:
+    """Before: the scan looked at text as stored, so a card grouped with ``%20``, ``+``
+    or dots, or a key percent-encoded, passed it."""
+    found = scan_text(text, "sample")
+    assert pattern in {f.pattern for f in found}, found
+
+
+@pytest.mark.parametrize(
+    "stored", ["Zk9+ab/Q1w==", "Zk9 ab/Q1w==", "Zk9%2Bab%2FQ1w%3D%3D", "Zk9%2bab%2fQ1w%3d%3d"]
+)
+def test_a_given_secret_is_found_in_every_decoded_form(stored: str) -> None:
+    found = scan_text(f"MESSAGE=bad key {stored}&x=1", "sample", extra_secrets=["Zk9+ab/Q1w=="])
+    assert [f.pattern for f in found] == ["given secret"]
+    assert "Zk9" not in str(found[0])
+
+
+def test_findings_in_decoded_forms_keep_their_line() -> None:
+    found = scan_text("fine\nfine %0A 4111%2B1111%2B1111%2B1111\nfine", "f.log")
+    assert [(f.where, f.pattern) for f in found] == [("f.log:2", "card number in digit groups")]
 
 
 def test_every_pattern_is_exercised() -> None:
@@ -166,9 +209,16 @@ def log_dir(tmp_path: Path) -> Iterator[Path]:
 
 
 def _echo(conn: socket.socket, request: bytes) -> None:
-    """A hostile gateway: declines and repeats in its message every field it was sent."""
+    """A hostile gateway: declines and repeats every field it was sent, as sent, with
+    every character percent-encoded (lower case), \\u-escaped, and a card grouped by %20."""
+    from urllib.parse import parse_qsl
+
     body = request.split(b"\r\n\r\n", 1)[1]
+    values = "|".join(value for _, value in parse_qsl(body.decode()))
+    percent = "".join(f"%{byte:02x}" for byte in values.encode())
+    escaped = "".join(f"\\u{ord(char):04x}" for char in values)
     answer = b"RESPONSE=05&MESSAGE=Refus%20" + body + b"&" + body
+    answer += f"&LOWER={percent}&JSON={escaped}&CARD=4111%201111%201111%201111".encode()
     conn.sendall(
         b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
         + f"Content-Length: {len(answer)}\r\n\r\n".encode()

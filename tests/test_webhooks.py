@@ -442,3 +442,139 @@ def test_payload_amounts_are_strings_with_two_decimals():
     charge = Charge(id=7, period=2, amount=Decimal("5"), currency="EUR", state="approved")
     part = charge_part(charge)
     assert part is not None and part["amount"] == "5.00"
+
+
+# ------------------------------------------------------- hostile endpoints (issue 14)
+
+TOKEN = "tok-Q1w+9/zz=0123456789"
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        return int(closed.getsockname()[1])
+
+
+def _token_forms() -> list[str]:
+    from urllib.parse import quote, quote_plus
+
+    return [TOKEN, quote(TOKEN, safe=""), quote_plus(TOKEN, safe=""), TOKEN.replace("+", " ")]
+
+
+def _echo_request(conn: Any, request: bytes) -> None:
+    """An endpoint that answers 500 with the request line and headers it got."""
+    head = request.split(b"\r\n\r\n", 1)[0]
+    conn.sendall(
+        b"HTTP/1.1 500 Oops\r\nConnection: close\r\nContent-Length: "
+        + str(len(head)).encode()
+        + b"\r\n\r\n"
+        + head
+    )
+
+
+@pytest.fixture
+def project_log() -> Iterator[Any]:
+    """Every record of this process at DEBUG (urllib3's request lines included) through
+    the project's own handler, as a worker logs; the remembered secrets forgotten after."""
+    import io
+    import logging
+
+    from billing.logs import configure_logging
+    from billing.redact import forget_secrets
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    stream = io.StringIO()
+    configure_logging(Settings(), level="DEBUG", stream=stream)
+    yield stream
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.captureWarnings(False)
+    forget_secrets(*_token_forms(), SECRET)
+
+
+@pytest.mark.parametrize("endpoint", ["refused", "echo"])
+def test_a_token_in_the_endpoint_url_never_reaches_errors_logs_or_dead_letters(
+    db_url, endpoint, project_log
+):
+    """Before: requests' error text names the path and query, so replacing the full URL
+    left the token in ``last_error``, the log line and the dead letter."""
+    from tests.fixtures.sandbox import LoopbackServer
+
+    _subscription(db_url, "shop-1")
+    _set_status(db_url, "shop-1", SubscriptionStatus.PAST_DUE)
+    with LoopbackServer(_echo_request) as echo:
+        port = _closed_port() if endpoint == "refused" else echo.port
+        url = f"http://127.0.0.1:{port}/hooks/billing?token={TOKEN}&v=2"
+        settings = Settings(
+            database_url=db_url, webhook_timeout=2, webhook_url=url, webhook_secret=SECRET,
+            webhook_backoff=["1 second"],
+        )  # fmt: skip
+        now = utcnow()
+        webhooks.deliver_due(db_url, settings, now=now)
+        webhooks.deliver_due(db_url, settings, now=now + timedelta(seconds=2))
+
+    (sent,) = _deliveries(db_url)
+    with session_scope(db_url) as session:
+        (letter,) = session.scalars(select(DeadLetter))
+        texts = [sent.last_error, sent.url, letter.exc_message, letter.traceback]
+    assert sent.status == "dead" and sent.url == f"http://127.0.0.1:{port}/hooks/billing"
+    if endpoint == "refused":
+        assert sent.last_error == "ConnectionError: connection refused"
+    else:
+        assert sent.last_error.startswith("HTTP 500: POST /hooks/billing?token=[redacted]&")
+    log_text = project_log.getvalue()
+    assert "not delivered to default" in log_text
+    if endpoint == "echo":  # urllib3's request line went through the project's handler
+        assert '"POST /hooks/billing?token=[redacted]&v=2 HTTP/1.1" 500' in log_text
+    for text in [*texts, log_text]:
+        for form in _token_forms():
+            assert form not in text, f"{form!r} leaked in {text[:300]!r}"
+
+
+def _bad_gzip(status: int) -> Any:
+    def respond(conn: Any, request: bytes) -> None:
+        body = b"this is not gzip"
+        conn.sendall(
+            f"HTTP/1.1 {status} X\r\nContent-Encoding: gzip\r\nConnection: close\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+
+    return respond
+
+
+@pytest.mark.parametrize("status", [500, 200, 404])
+def test_an_answer_with_a_bad_content_encoding_is_a_failed_try_with_its_backoff(db_url, status):
+    """Before: urllib3's DecodeError escaped ``except requests.RequestException``; the
+    delivery stayed claimed with no error and was posted again every lease, never dead."""
+    from tests.fixtures.sandbox import LoopbackServer
+
+    _subscription(db_url, "shop-1")
+    _set_status(db_url, "shop-1", SubscriptionStatus.PAST_DUE)
+    with LoopbackServer(_bad_gzip(status)) as hostile:
+        settings = Settings(
+            database_url=db_url, webhook_timeout=2, webhook_url=hostile.url + "/hooks",
+            webhook_secret=SECRET, webhook_backoff=["30 seconds"],
+        )  # fmt: skip
+        at = utcnow()
+        first = webhooks.deliver_due(db_url, settings, now=at)
+        (sent,) = _deliveries(db_url)
+        if status == 200:  # a 2xx is delivered: its body is never read
+            assert (first.delivered, sent.status) == (1, "delivered")
+            return
+        assert (first.posted, first.retrying) == (1, 1)
+        assert (sent.status, sent.attempts, sent.last_status) == ("pending", 1, status)
+        assert sent.claimed_until is None and sent.next_attempt_at == at + timedelta(seconds=30)
+        assert sent.last_error == f"HTTP {status} (answer unreadable: DecodeError)"
+        # Not posted again before its backoff, even once the old lease (2 x timeout) is over.
+        assert webhooks.deliver_due(db_url, settings, now=at + timedelta(seconds=10)).posted == 0
+        last = webhooks.deliver_due(db_url, settings, now=at + timedelta(seconds=31))
+    (sent,) = _deliveries(db_url)
+    assert last.dead == 1 and (sent.status, sent.attempts) == ("dead", 2)
+    with session_scope(db_url) as session:
+        (letter,) = session.scalars(select(DeadLetter))
+        assert "answer unreadable" in letter.exc_message
+    assert len(hostile.requests) == 2

@@ -2,7 +2,9 @@
 
 A dead letter keeps the task's name, arguments and (redacted) traceback. Once the cause is
 fixed, ``requeue`` sends the same task again. That is safe for charges: a charge task
-claims its charge atomically and does nothing when the charge has moved on.
+claims its charge atomically and does nothing when the charge has moved on. A letter whose
+arguments were masked before they were stored (an alias, fields the task does not take)
+is listed with what was masked and is not requeued: the error says what to do instead.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from billing.cli.failed import actor
 from billing.db import session_scope
 from billing.errors import BillingError, InvalidInput
 from billing.models import DeadLetter
+from billing.redact import redact
 from billing.settings import get_settings
 
 letters_app = typer.Typer(
@@ -41,18 +44,28 @@ def _time(value: Any) -> str | None:
 
 
 def _summary(letter: DeadLetter) -> dict[str, Any]:
+    # A letter stored before arguments were masked on the way in is masked for display.
+    shown, _ = deadletters.stored_arguments(
+        letter.task_name, letter.args.get("args", []), letter.args.get("kwargs", {})
+    )
     return {
         "id": letter.id,
         "task_name": letter.task_name,
         "task_id": letter.task_id,
-        "args": letter.args.get("args", []),
-        "kwargs": letter.args.get("kwargs", {}),
+        "args": shown["args"],
+        "kwargs": shown["kwargs"],
         "exc_type": letter.exc_type,
-        "exc_message": letter.exc_message,
+        "masked": deadletters.masked(letter),
+        "exc_message": redact(letter.exc_message),
         "created_at": _time(letter.created_at),
         "requeued_at": _time(letter.requeued_at),
         "requeued_by": letter.requeued_by,
     }
+
+
+def _args_cell(row: dict[str, Any]) -> str:
+    shown = json.dumps(row["args"], ensure_ascii=False)
+    return shown + (" (masked: not requeueable)" if row["masked"] else "")
 
 
 @letters_app.command("list")
@@ -77,7 +90,7 @@ def list_(
             str(row["id"]),
             row["created_at"][:19].replace("T", " "),
             escape(row["task_name"]),
-            escape(json.dumps(row["args"])),
+            escape(_args_cell(row)),
             escape(f"{row['exc_type']}: {row['exc_message']}"[:120]),
             escape(f"{row['requeued_at'][:16]} by {row['requeued_by']}")
             if row["requeued_at"]
@@ -95,14 +108,16 @@ def show(
     """One dead letter with its full traceback."""
     with session_scope(get_settings().database_url) as session:
         found = deadletters.get(session, letter_id(letter))
-        data = {**_summary(found), "traceback": found.traceback}
+        data = {**_summary(found), "traceback": redact(found.traceback)}
     if as_json:
         typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
         return
     fields = Table("field", "value", show_header=False)
     for key, value in data.items():
         if key != "traceback":
-            shown = json.dumps(value) if isinstance(value, list | dict) else value
+            shown = (
+                json.dumps(value, ensure_ascii=False) if isinstance(value, list | dict) else value
+            )
             fields.add_row(key, escape("" if shown is None else str(shown)))
     out.print(fields)
     out.print(data["traceback"], markup=False)
