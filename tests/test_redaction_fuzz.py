@@ -225,13 +225,11 @@ def test_ledger_rows_keep_no_secret(db_url: str, examples: int) -> None:
         with session_scope(db_url) as session:
             sub = add_subscription(session, f"fuzz-{next(counter)}")
             charge = add_charge(session, sub, state=ChargeState.FAILED)
-            entry = ledger.append_outcome(
-                session, charge, outcome, operation="duplicate", actor="fuzz",
-                ledger_outcome=outcome.kind, secrets=(case.secret,),
+            entry_id = ledger.append_outcome(
+                session, charge, sub, outcome, operation="duplicate", actor="fuzz",
+                outcome=outcome.kind, secrets=(case.secret,),
                 reason=f"gateway said {case.secret_sent}",
             )  # fmt: skip
-            session.flush()
-            entry_id = entry.id
         with session_scope(db_url) as session:
             row = session.get_one(LedgerEntry, entry_id)
             texts = [row.message or "", row.raw or "", row.code or ""]
