@@ -20,10 +20,11 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import unquote
 
+from billing import defaults, widths
 from billing.declines import is_soft
 from billing.money import CENT
 from billing.outcomes import Approved, Declined, NotSent, Outcome, Unknown
-from billing.redact import mask_aliases, redact
+from billing.redact import luhn_valid, mask_aliases, redact
 
 #: Characters of a (redacted) body kept in outcomes and so in the ledger: enough to read
 #: what the gateway said, not enough to store an HTML error page.
@@ -31,10 +32,19 @@ RAW_LIMIT = 2000
 #: Characters of a body looked at. Redaction runs over this much before cutting to
 #: ``RAW_LIMIT`` so that no secret is cut in half and escapes the patterns.
 SCAN_LIMIT = 65536
-#: Longest gateway message and code kept.
-MESSAGE_LIMIT = 300
-CODE_LIMIT = 40
-TX_LIMIT = 100
+#: Longest gateway message and code kept: the widths of their columns, cut with a marker.
+MESSAGE_LIMIT = widths.MESSAGE
+CODE_LIMIT = widths.CODE
+#: Longest ``MONTANT`` kept as evidence when it does not read as an amount.
+AMOUNT_TEXT_LIMIT = 40
+
+#: What a Klik & Pay transaction number looks like (``BILLING_TX_PATTERN`` overrides it).
+#: The guide publishes none; the public integrations store ``NUMXKP`` as a short string of
+#: digits (the sandbox's are nine), and the shop-facing examples use digits and dashes.
+#: So: 1 to 40 letters, digits, dots, dashes or underscores, starting with a letter or
+#: digit. Anything else (markup, spaces, a separator, 100 characters) is not a transaction
+#: number but something that came back in its place, and the outcome is unknown.
+TX_PATTERN = defaults.TX_PATTERN
 
 APPROVED_CODE = "00"
 #: Statuses of the hosted-page flow that are not final: money may still move.
@@ -114,20 +124,26 @@ def parse_body(body: str) -> dict[str, str]:
         return {}
 
 
+#: Largest amount an answer may carry (the money columns hold 12 digits, 2 after the point).
+MAX_ANSWERED_AMOUNT = Decimal("9999999999.99")
+
+
 def parse_amount_lenient(text: str | None) -> Decimal | None:
-    """``"30"``, ``"29.90"``, ``"29,90"`` -> a two-place Decimal; anything else -> None."""
-    if not text:
+    """``"30"``, ``"29.90"``, ``"29,90"`` -> a two-place Decimal; anything else (``1E+30``,
+    ``NaN``, ``-5``, ``12.345``) -> None. Never raises."""
+    if not text or len(text) > AMOUNT_TEXT_LIMIT:
         return None
     candidate = text.strip().replace(" ", "")
     if "," in candidate and "." not in candidate:
         candidate = candidate.replace(",", ".")
     try:
         amount = Decimal(candidate)
+        if not amount.is_finite() or not 0 <= amount <= MAX_ANSWERED_AMOUNT:
+            return None
+        cents = amount.quantize(CENT)
     except (InvalidOperation, ValueError):
         return None
-    if not amount.is_finite() or amount < 0 or amount != amount.quantize(CENT):
-        return None
-    return amount.quantize(CENT)
+    return cents if cents == amount else None
 
 
 def _scrub(text: str, secrets: tuple[str, ...]) -> str:
@@ -144,7 +160,21 @@ def _raw(body: str, secrets: tuple[str, ...], alias: str | None) -> str:
 
 
 def _clean(value: str, secrets: tuple[str, ...], limit: int) -> str:
-    return _scrub(value, secrets)[:limit]
+    return widths.fit(_scrub(value, secrets), limit) or ""
+
+
+def tx_problem(tx: str, pattern: re.Pattern[str]) -> str | None:
+    """Why ``tx`` cannot be a transaction number, or None when it has the shape of one.
+
+    A run of 13 to 19 digits passing the Luhn check is refused whatever the pattern says:
+    it is more likely a card number echoed in the TX's place than a transaction number,
+    and storing it would store a card number.
+    """
+    if not pattern.fullmatch(tx):
+        return "its transaction number does not have a transaction number's shape"
+    if tx.isdigit() and 13 <= len(tx) <= 19 and luhn_valid(tx):
+        return "its transaction number looks like a card number"
+    return None
 
 
 #: What a result code looks like: two to twenty letters, digits or underscores. Anything else
@@ -158,29 +188,46 @@ def classify(
     *,
     decline_overrides: Mapping[str, str] | None = None,
     secrets: tuple[str, ...] = (),
+    tx_pattern: str = TX_PATTERN,
 ) -> Outcome:
     """Turn an HTTP answer into exactly one outcome. Never raises.
 
-    - 2xx with ``RESPONSE=00`` and a transaction number (``TX`` or ``NUMXKP``): ``Approved``.
-    - 2xx with another ``RESPONSE``: ``Declined`` (soft or hard from ``billing.declines``),
-      except ``AWAITING`` which is not final and so ``Unknown``.
-    - 429 and 503: ``NotSent``. Both are what a front server or rate limiter answers
-      instead of running the script; the integration notes document no script that
-      answers them after moving money.
-    - Every other status is ``Unknown``: 5xx may come after the script ran, 3xx may be a
-      proxy or a maintenance page in front of a script that ran, and a 4xx such as 400
-      or 404 may also come from a script that recorded the transaction before failing.
-      Nothing published proves otherwise, so a person looks at them.
-    - 2xx without ``RESPONSE``, ``RESPONSE=00`` without a transaction number, conflicting
-      repeats of ``RESPONSE``/``TX``, or a body that cannot be read: ``Unknown``.
+    An answer is classified by its body whatever its HTTP status: a body that carries
+    ``RESPONSE`` or a transaction number is the script's answer, even behind a 503 or a 500
+    (a front server may rewrite the status of an answer that went through).
+
+    - ``RESPONSE=00`` and a transaction number (``TX`` or ``NUMXKP``) of a transaction
+      number's shape (``tx_pattern``): ``Approved``; ``MONTANT`` is kept as answered.
+    - another ``RESPONSE``: ``Declined`` (soft or hard from ``billing.declines``), except
+      ``AWAITING`` which is not final and so ``Unknown``.
+    - a transaction number without ``RESPONSE``, or of the wrong shape, ``RESPONSE=00``
+      without one, conflicting repeats of ``RESPONSE``/``TX``, a code that is no code:
+      ``Unknown``.
+    - no answer in the body: 429 and 503 are ``NotSent``, 2xx and every other status
+      ``Unknown``. That a 429 or 503 without an answer never moved money is a judgment,
+      not a published fact: they are what a rate limiter or a maintenance page answers
+      instead of running a script, and nothing published shows a script answering them
+      after moving money. A 5xx may come after the script ran, a 3xx may be a proxy in
+      front of a script that ran, a 4xx such as 400 or 404 may come from a script that
+      recorded the transaction before failing: a person looks at them.
 
     ``raw`` is the body with secret fields, card-number-like runs, the given ``secrets``
     and the returned alias removed, cut to ``RAW_LIMIT`` characters.
     """
     try:
-        return _classify(http_status, body, decline_overrides, secrets)
+        return _classify(http_status, body, decline_overrides, secrets, _compiled(tx_pattern))
     except Exception:
         return Unknown(reason="answer could not be classified", http_status=None, raw="")
+
+
+_PATTERNS: dict[str, re.Pattern[str]] = {}
+
+
+def _compiled(pattern: str) -> re.Pattern[str]:
+    found = _PATTERNS.get(pattern)
+    if found is None:
+        found = _PATTERNS[pattern] = re.compile(pattern)
+    return found
 
 
 def _classify(
@@ -188,6 +235,7 @@ def _classify(
     body: str,
     decline_overrides: Mapping[str, str] | None,
     secrets: tuple[str, ...],
+    tx_pattern: re.Pattern[str],
 ) -> Outcome:
     status = http_status if isinstance(http_status, int) else None
     pairs = _pairs(body)
@@ -202,21 +250,36 @@ def _classify(
 
     if status is None or not 100 <= status <= 599:
         return Unknown(reason=f"invalid HTTP status {http_status!r}", raw=raw)
-    if status in NOT_SENT_STATUSES:
-        return NotSent(reason=f"HTTP {status}", http_status=status, raw=raw)
-    if not 200 <= status <= 299:
-        return Unknown(reason=f"HTTP {status}", http_status=status, raw=raw)
-
     code = fields.get("RESPONSE", "")
-    message = _clean(fields.get("MESSAGE", "").replace("+", " "), secrets, MESSAGE_LIMIT)
     tx = fields.get("TX") or fields.get("NUMXKP") or ""
-    if not code:
+    if not code and not tx:  # no answer of a script in the body
+        if status in NOT_SENT_STATUSES:
+            return NotSent(reason=f"HTTP {status} without an answer", http_status=status, raw=raw)
+        if not 200 <= status <= 299:
+            return Unknown(reason=f"HTTP {status}", http_status=status, raw=raw)
         return Unknown(reason="answer without RESPONSE", http_status=status, raw=raw)
+
+    message = _clean(fields.get("MESSAGE", "").replace("+", " "), secrets, MESSAGE_LIMIT)
+    where = "" if 200 <= status <= 299 else f" (in an HTTP {status})"
+    if not code:
+        return Unknown(
+            reason=f"a transaction number without RESPONSE{where}", http_status=status, raw=raw
+        )
     if conflicts & {"RESPONSE", "TX", "NUMXKP"}:
         return Unknown(
             reason="answer repeats RESPONSE or TX with different values",
             http_status=status,
             raw=raw,
+        )
+    bad_tx = tx_problem(tx, tx_pattern) if tx else None
+    if bad_tx is not None:
+        # The TX is stored, logged and sent to the shop: what is not one is not trusted.
+        return Unknown(
+            reason=f"answer {_clean(code, secrets, CODE_LIMIT)!r}{where}: {bad_tx}",
+            http_status=status,
+            raw=raw,
+            code=_clean(code, secrets, CODE_LIMIT),
+            message=message,
         )
     safe_code = _clean(code, secrets, CODE_LIMIT)
     if not DECLINE_CODE_SHAPE.fullmatch(code):
@@ -238,9 +301,11 @@ def _classify(
                 code=safe_code,
                 message=message,
             )
+        montant = fields.get("MONTANT")
         return Approved(
-            tx=tx[:TX_LIMIT],
-            amount=parse_amount_lenient(fields.get("MONTANT")),
+            tx=tx,
+            amount=parse_amount_lenient(montant),
+            amount_text=_clean(montant, secrets, AMOUNT_TEXT_LIMIT) if montant else None,
             alias=alias,
             raw=raw,
             http_status=status,
@@ -254,7 +319,7 @@ def _classify(
             raw=raw,
             code=safe_code,
             message=message,
-            tx=tx[:TX_LIMIT] or None,
+            tx=tx or None,
         )
     return Declined(
         code=safe_code,
@@ -262,7 +327,7 @@ def _classify(
         soft=is_soft(code, decline_overrides),
         raw=raw,
         http_status=status,
-        tx=tx[:TX_LIMIT] or None,
+        tx=tx or None,
     )
 
 

@@ -17,6 +17,11 @@ CONNECT_TIMEOUT = 5.0
 #: outcome is UNKNOWN (the card may be charged), so it is generous.
 READ_TIMEOUT = 30.0
 
+#: What a Klik & Pay transaction number looks like: 1 to 40 letters, digits, dots, dashes
+#: or underscores (the guide publishes none; see ``billing.answers``). An approval whose TX
+#: does not match is an unknown outcome: what came back is not trusted as a TX.
+TX_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,39}"
+
 #: The embedded default: a SQLite file in the working folder, so that one command runs.
 DATABASE_URL = "sqlite:///billing.db"
 

@@ -404,6 +404,7 @@ class KlikAndPayClient:
         connect_timeout: float = defaults.CONNECT_TIMEOUT,
         read_timeout: float = defaults.READ_TIMEOUT,
         decline_overrides: Mapping[str, str] | None = None,
+        tx_pattern: str = defaults.TX_PATTERN,
         session: requests.Session | None = None,
     ) -> None:
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
@@ -413,6 +414,7 @@ class KlikAndPayClient:
         self.base_url = base_url.rstrip("/")
         self.timeout = (float(connect_timeout), float(read_timeout))
         self.decline_overrides: dict[str, str] = dict(decline_overrides or {})
+        self.tx_pattern = tx_pattern
         self.session = session if session is not None else _new_session(self.base_url)
 
     def __repr__(self) -> str:
@@ -425,6 +427,7 @@ class KlikAndPayClient:
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
             decline_overrides=settings.decline_codes,
+            tx_pattern=settings.tx_pattern,
         )
 
     def close(self) -> None:
@@ -603,6 +606,7 @@ class KlikAndPayClient:
             text,
             decline_overrides=self.decline_overrides,
             secrets=secrets,
+            tx_pattern=self.tx_pattern,
         )
 
     @staticmethod
@@ -648,6 +652,7 @@ def get_client(settings: Settings | None = None) -> KlikAndPayClient:
         settings.connect_timeout,
         settings.read_timeout,
         tuple(sorted(settings.decline_codes.items())),
+        settings.tx_pattern,
     )
     with _clients_lock:
         client = _clients.get(key)

@@ -120,7 +120,8 @@ def append_outcome(
         raw=result.raw,
         http_status=result.http_status,
         attempt_id=attempt_id,
-        reason=reason,
+        # Why an outcome is unknown or not sent, when the caller has no reason of its own.
+        reason=reason or (getattr(result, "reason", None) if result.message else None),
         secrets=secrets,
         details=details,
     )

@@ -103,8 +103,32 @@ OUTCOME_BEHAVIOURS = (
     "error_500_after_record",
     "garbage",
 )
+#: Behaviours that rewrite an answer after the operation ran (the money moved as asked):
+#: ``answer_status`` the HTTP status, ``answer_message``/``answer_tx`` those fields, and
+#: ``answer_amount`` the MONTANT (``+1.00`` adds to the amount charged, else replaces it).
+ANSWER_REWRITES = ("answer_status", "answer_message", "answer_tx", "answer_amount")
 #: Random fault kinds of ``/_sandbox/faults``, drawn in this order from one number.
-FAULT_KINDS = ("refuse", "soft_decline", "error_500_after_record", "drop_after_record", "garbage")
+FAULT_KINDS = (
+    "refuse",
+    "soft_decline",
+    "error_500_after_record",
+    "drop_after_record",
+    "garbage",
+    # Hostile answers after the operation ran (issue 14): the real answer behind an HTTP
+    # 503, a message wider than any column, a TX that is no transaction number, a MONTANT
+    # that is not the amount charged.
+    "answer_in_503",
+    "long_message",
+    "bad_tx",
+    "amount_lie",
+)
+#: What each hostile fault does to the answer (the behaviour keys of the same effect).
+HOSTILE_FAULTS: dict[str, dict[str, Any]] = {
+    "answer_in_503": {"answer_status": 503},
+    "long_message": {"answer_message": "Transaction acceptee " + "x" * 400},
+    "bad_tx": {"answer_tx": "<b>TX</b>&ID=1"},
+    "amount_lie": {"answer_amount": "+1.00"},
+}
 SOFT_FAULT_CODES = ("05", "51", "91")
 GARBAGE_BODY = "<html><body><h1>Erreur</h1><p>Le service a rencontr\u00e9 un probl\u00e8me"
 MAX_BODY_BYTES = 1_000_000
@@ -196,14 +220,14 @@ def validate_behaviour(behaviour: Mapping[str, Any]) -> dict[str, Any]:
     """Check a behaviour and return a clean copy; ``ValueError`` names what is wrong."""
     if not isinstance(behaviour, Mapping):
         raise ValueError("behaviour must be a JSON object")
-    known = {*OUTCOME_BEHAVIOURS, "slow", "times", "hold", "drip"}
+    known = {*OUTCOME_BEHAVIOURS, *ANSWER_REWRITES, "slow", "times", "hold", "drip"}
     unknown = sorted(set(behaviour) - known)
     if unknown:
         raise ValueError(f"unknown behaviour key(s) {unknown}; known: {sorted(known)}")
     outcomes = [key for key in OUTCOME_BEHAVIOURS if key in behaviour]
     if len(outcomes) > 1:
         raise ValueError(f"only one of {list(OUTCOME_BEHAVIOURS)} per alias, got {outcomes}")
-    if not outcomes and not {"slow", "hold", "drip"} & set(behaviour):
+    if not outcomes and not {"slow", "hold", "drip", *ANSWER_REWRITES} & set(behaviour):
         raise ValueError("behaviour needs one of decline, slow, hold, drip, unavailable, ...")
     clean: dict[str, Any] = {}
     if "decline" in behaviour:
@@ -227,6 +251,17 @@ def validate_behaviour(behaviour: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 600:
             raise ValueError("slow: must be a number of seconds between 0 and 600")
         clean["slow"] = float(value)
+    if "answer_status" in behaviour:
+        value = behaviour["answer_status"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 100 <= value <= 599:
+            raise ValueError("answer_status: must be an HTTP status from 100 to 599")
+        clean["answer_status"] = value
+    for text in ("answer_message", "answer_tx", "answer_amount"):
+        if text in behaviour:
+            value = behaviour[text]
+            if not isinstance(value, str) or len(value) > 2000:
+                raise ValueError(f"{text}: must be a string of at most 2000 characters")
+            clean[text] = value
     if "drip" in behaviour:
         value = behaviour["drip"]
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 60:
@@ -446,6 +481,12 @@ class SandboxState:
         elif after == "garbage":
             call["result"] = "garbage"
             reply = Reply(200, GARBAGE_BODY, content_type="text/html; charset=utf-8")
+        rewrites = {k: v for k, v in behaviour.items() if k in ANSWER_REWRITES}
+        if fault in HOSTILE_FAULTS and call["result"] == "approved":
+            rewrites = {**HOSTILE_FAULTS[fault], **rewrites}
+        if rewrites and reply.body is not None and after is None:
+            reply = _rewritten(reply, rewrites)
+            call["rewritten"] = sorted(rewrites)
         reply.delay = delay
         reply.drip = float(behaviour.get("drip", 0.0))
         if behaviour.get("hold") and call["alias"]:
@@ -672,6 +713,23 @@ class SandboxState:
             alias = secrets.token_hex(10)
             if alias not in self._aliases:
                 return alias
+
+
+def _rewritten(reply: Reply, rewrites: Mapping[str, Any]) -> Reply:
+    """The answer with its status or fields replaced (a lying or hostile gateway)."""
+    fields = dict(parse_qsl(reply.body or "", keep_blank_values=True))
+    if "answer_message" in rewrites:
+        fields["MESSAGE"] = rewrites["answer_message"]
+    if "answer_tx" in rewrites:
+        fields["TX"] = rewrites["answer_tx"]
+    if "answer_amount" in rewrites:
+        said = str(rewrites["answer_amount"])
+        if said.startswith("+") and fields.get("MONTANT"):
+            with contextlib.suppress(InvalidInput):
+                said = format_amount(parse_amount(fields["MONTANT"]) + parse_amount(said[1:]))
+        fields["MONTANT"] = said
+    status = int(rewrites.get("answer_status", reply.status))
+    return Reply(status, urlencode(fields, quote_via=quote), reply.delay, reply.content_type)
 
 
 # --- HTTP -------------------------------------------------------------------------------

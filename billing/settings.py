@@ -6,6 +6,7 @@ A bad value stops the process with a message naming the variable, not a tracebac
 from __future__ import annotations
 
 import functools
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
@@ -33,6 +34,8 @@ class Settings(BaseSettings):
     gateway_url: str = defaults.GATEWAY_URL
     connect_timeout: float = Field(defaults.CONNECT_TIMEOUT, gt=0)
     read_timeout: float = Field(defaults.READ_TIMEOUT, gt=0)
+    #: What a transaction number looks like (a regular expression the whole TX must match).
+    tx_pattern: str = defaults.TX_PATTERN
     #: Overrides of the decline-code table, e.g. ``{"05": "hard"}`` (JSON in the environment).
     decline_codes: dict[str, Literal["soft", "hard"]] = Field(default_factory=dict)
     visibility_timeout: int = Field(defaults.VISIBILITY_TIMEOUT, gt=0)
@@ -67,6 +70,17 @@ class Settings(BaseSettings):
     def _known_database(cls, value: str) -> str:
         if not value.startswith(("sqlite", "postgresql", "postgres")):
             raise ValueError("must be a sqlite:/// or postgresql:// URL")
+        return value
+
+    @field_validator("tx_pattern")
+    @classmethod
+    def _a_pattern(cls, value: str) -> str:
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"is not a regular expression ({exc})") from None
+        if compiled.fullmatch(""):
+            raise ValueError("matches an empty transaction number")
         return value
 
     @field_validator("broker_url")

@@ -9,6 +9,7 @@ of a real approval, and the same over real HTTP with broken framing and bogus ch
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 from datetime import timedelta
@@ -18,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from billing.answers import RAW_LIMIT, classify, parse_body
-from billing.gateway import KlikAndPayClient
+from billing.answers import RAW_LIMIT, TX_PATTERN, classify, parse_body
+from billing.gateway import MAX_ANSWER_BYTES, KlikAndPayClient, _decode
 from billing.models import ChargeState, utcnow
 from billing.outcomes import Approved, Declined, NotSent, Unknown
 from billing.sandbox import GARBAGE_BODY
@@ -40,12 +41,20 @@ bodies = st.one_of(
 )  # fmt: skip
 
 
-def _check_rules(status: int, outcome: object) -> None:
+def _check_rules(status: int, outcome: object, body: str) -> None:
+    """The classifier's rules, stated from the outside: an answer in the body decides
+    whatever the status; without one, 429/503 are not sent and other statuses unknown."""
     assert isinstance(outcome, OUTCOMES)
-    if status in NOT_SENT_STATUSES:
+    fields = parse_body(body)
+    answered = bool(fields.get("RESPONSE") or fields.get("TX") or fields.get("NUMXKP"))
+    if answered:
+        assert not isinstance(outcome, NotSent), "an answer was taken for a call never sent"
+    elif status in NOT_SENT_STATUSES:
         assert isinstance(outcome, NotSent)
-    elif not 200 <= status <= 299:
+    else:
         assert isinstance(outcome, Unknown)
+    if isinstance(outcome, Approved):
+        assert fields.get("RESPONSE") == "00" and re.fullmatch(TX_PATTERN, outcome.tx)
     # Only a call that provably never reached the script may be sent again.
     assert outcome.retry_safe is isinstance(outcome, NotSent)
     assert len(outcome.raw) <= RAW_LIMIT
@@ -53,12 +62,13 @@ def _check_rules(status: int, outcome: object) -> None:
 
 @given(statuses, bodies)
 def test_any_status_and_any_body_end_in_one_outcome(status: int, body: str) -> None:
-    _check_rules(status, classify(status, body))
+    _check_rules(status, classify(status, body), body)
 
 
 @given(st.integers(200, 299), bodies)
 def test_garbage_is_unknown_never_approved_never_retried(status: int, body: str) -> None:
-    assume("RESPONSE" not in parse_body(body))
+    fields = parse_body(body)
+    assume(not {"RESPONSE", "TX", "NUMXKP"} & set(fields))
     outcome = classify(status, body)
     assert isinstance(outcome, Unknown)
     assert not outcome.retry_safe
@@ -92,7 +102,7 @@ def test_any_cut_of_an_approval_ends_in_one_outcome(body: str, data: st.DataObje
     cut = data.draw(st.integers(0, len(body)))
     status = data.draw(st.sampled_from([200, 201, 206, 500, 502, 503]))
     outcome = classify(status, body[:cut])
-    _check_rules(status, outcome)
+    _check_rules(status, outcome, body[:cut])
     if 200 <= status <= 299:
         assert not isinstance(outcome, NotSent)
         if isinstance(outcome, Approved):
@@ -156,7 +166,8 @@ def test_the_client_ends_any_http_answer_in_one_outcome() -> None:
             if status in (204, 304) or framing == "short":
                 assert isinstance(outcome, Unknown), outcome
             else:
-                _check_rules(status, outcome)
+                type_ = f"text/plain; charset={charset}"
+                _check_rules(status, outcome, _decode(body[:MAX_ANSWER_BYTES], type_))
             assert "test-key-eur" not in outcome.raw
 
         check()

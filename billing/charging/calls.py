@@ -533,10 +533,9 @@ class Calls:
         connection; the attempt is still recorded, as unknown, with the redacted evidence."""
         now = utcnow()
         why = f"the answer ({result.kind}) could not be recorded ({type(error).__name__})"
-        evidence = Unknown(
-            reason=why, http_status=result.http_status, raw=result.raw,
-            code=result.code, message=result.message, tx=getattr(result, "tx", None),
-        )  # fmt: skip
+        # As little as will say what happened: the (redacted) body, nothing parsed from it
+        # (one of those values may be what the database refused).
+        evidence = Unknown(reason=why, http_status=result.http_status, raw=result.raw)
         with session_scope(self.ctx.url) as session:
             session.execute(
                 update(Attempt)
@@ -580,12 +579,12 @@ class Calls:
 
 
 def _said(result: Outcome) -> dict[str, Any]:
-    """What the gateway said, as the charge keeps it (cut to its columns)."""
+    """What the gateway said, as the charge keeps it (cut to its columns). For an unknown
+    outcome that is why it is unknown; the gateway's own words are in the ledger row."""
+    said = result.reason if isinstance(result, Unknown) else result.message
     return {
         "last_code": widths.fit(result.code or None, widths.CODE),
-        "last_message": widths.fit(
-            result.message or getattr(result, "reason", "") or None, widths.MESSAGE
-        ),
+        "last_message": widths.fit(said or getattr(result, "reason", "") or None, widths.MESSAGE),
     }
 
 

@@ -406,6 +406,11 @@ class Settlement:
                     to, money = approved_move(kind, claim.amount, now)
                     answer |= money | {"reason": None}
                     outcome, moved_amount = APPROVED_OUTCOME[kind], claim.amount
+                    if _answered_otherwise(result, claim.amount):
+                        # The gateway says it moved another amount: a person reconciles it.
+                        answer["review"] = lifecycle.either_value(
+                            Charge.review.is_(None), Review.AMOUNT_MISMATCH, Charge.review
+                        )
                 case Declined():
                     outcome = LedgerOutcome.DECLINED
                     if claim.automatic:
@@ -541,6 +546,13 @@ class Settlement:
                 pass
         if moved.state == ChargeState.FAILED:
             charge_event(session, EventType.CHARGE_FAILED, moved, sub, failure=moved.reason)
+
+
+def _answered_otherwise(result: Approved, asked: Decimal) -> bool:
+    """Whether an approval's ``MONTANT`` says another amount than asked (or no amount)."""
+    if result.amount is not None:
+        return result.amount != asked
+    return bool(result.amount_text)
 
 
 def _refuse_repeat(session: Session, charge: ChargeRow, amount: Decimal) -> None:
