@@ -15,6 +15,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -116,7 +117,7 @@ def _environment() -> jinja2.Environment:
     env.filters.update(
         when=_when,
         age=_age,
-        money=format_amount,
+        money=lambda value: format_amount(Decimal(value or 0)),
         percent=_percent,
         delay=lambda v: format_delay(v) if isinstance(v, timedelta) else str(v),
         tojson_pretty=lambda value: json.dumps(value, indent=2, ensure_ascii=False, default=str),
