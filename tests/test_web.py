@@ -8,175 +8,33 @@ in a row lock an account and an address out; a POST without the session's CSRF t
 another session's, or from another origin changes nothing; each role is refused (403,
 nothing written) what it may not do; every answer carries the CSP and refuses framing.
 
-The fixtures here (``console``, ``web``) are used by the other ``test_web_*`` files.
+The fixtures (``console``, ``Web``) are in ``tests/fixtures/web.py``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
-from starlette.testclient import TestClient
+from sqlalchemy import select
 
-from billing import accounts, deadletters, dispatch
+from billing import accounts, deadletters
 from billing.db import session_scope
-from billing.models import Charge, ChargeState, LedgerEntry, Subscription
-from billing.web.app import create_app
-from billing.web.config import ConsoleSettings
+from billing.models import Charge, ChargeState, Subscription
 from billing.web.security import HEADERS, NEEDS, Action
-from billing.web.service import Backend
-from tests.fixtures.engine import Harness
 from tests.fixtures.sandbox import EUR_MERCHANT, SandboxControl
+from tests.fixtures.web import (
+    PASSWORDS,
+    USER_OF,
+    Console,
+    Web,
+    failed_charge,
+)
 from tests.test_ops import add_charge, add_subscription
-
-PASSWORDS = {"vera": "viewer-pass-123", "otto": "operator-pass-123", "ada": "admin-pass-1234"}
-ROLE_OF = {"vera": "viewer", "otto": "operator", "ada": "admin"}
-USER_OF = {role: name for name, role in ROLE_OF.items()}
-SECRET_KEY = "console-test-key-0123456789abcdef"
-
-
-class Clock:
-    """The console's clock, moved by the test (idle expiry, lockouts)."""
-
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, delta: timedelta) -> None:
-        self.now += delta
-
-
-@dataclass
-class Console:
-    """The app, its database and engine, and a way to get a signed-in browser."""
-
-    url: str
-    harness: Harness
-    clock: Clock
-    backend: Backend
-    app: Any
-    sent_tasks: list[tuple[str, list[Any], dict[str, Any]]] = field(default_factory=list)
-
-    def client(self, *, https: bool = False) -> TestClient:
-        base = "https://console.test" if https else "http://console.test"
-        return TestClient(self.app, base_url=base, follow_redirects=False)
-
-    def signed_in(self, name: str, *, https: bool = False) -> Web:
-        web = Web(self.client(https=https), self)
-        response = web.sign_in(name, PASSWORDS[name])
-        assert response.status_code == 303, response.text
-        return web
-
-    def as_role(self, role: str) -> Web:
-        return self.signed_in(USER_OF[role])
-
-    def ledger_count(self) -> int:
-        with session_scope(self.url) as session:
-            return int(session.scalar(select(func.count()).select_from(LedgerEntry)) or 0)
-
-    def ledger(self) -> list[LedgerEntry]:
-        with session_scope(self.url) as session:
-            return list(session.scalars(select(LedgerEntry).order_by(LedgerEntry.id)))
-
-    def charge(self, charge_id: int) -> Charge:
-        with session_scope(self.url) as session:
-            return session.get_one(Charge, charge_id)
-
-
-def csrf_of(html: str) -> str:
-    found = re.search(r'name="csrf_token" value="([0-9a-f]+)"', html)
-    assert found, "no CSRF token in the page"
-    return found.group(1)
-
-
-@dataclass
-class Web:
-    """One browser: its cookies, and its session's CSRF token once signed in."""
-
-    http: TestClient
-    console: Console
-    csrf: str = ""
-
-    def sign_in(self, name: str, password: str, **headers: str) -> Any:
-        page = self.http.get("/login")
-        token = re.search(r'name="login_token" value="([^"]+)"', page.text)
-        assert token is not None
-        response = self.http.post(
-            "/login",
-            data={"login_token": token.group(1), "username": name, "password": password},
-            headers=headers,
-        )
-        if response.status_code == 303:
-            self.csrf = csrf_of(self.http.get("/").text)
-        return response
-
-    def get(self, path: str, **kwargs: Any) -> Any:
-        return self.http.get(path, **kwargs)
-
-    def post(self, path: str, data: dict[str, Any] | None = None, **kwargs: Any) -> Any:
-        """A POST as the console's own page sends it: same origin, with the CSRF token."""
-        body = {"csrf_token": self.csrf, **(data or {})}
-        headers = {"origin": str(self.http.base_url).rstrip("/"), **kwargs.pop("headers", {})}
-        return self.http.post(path, data=body, headers=headers, **kwargs)
-
-    def flash(self, response: Any) -> str:
-        """The message the page after an action shows."""
-        assert response.status_code == 303, (response.status_code, response.text[:500])
-        page = self.http.get(response.headers["location"])
-        found = re.search(r'<p class="flash flash-(\w+)"[^>]*>(.*?)</p>', page.text, re.S)
-        return f"{found.group(1)}: {found.group(2)}" if found else ""
-
-
-@pytest.fixture
-def console(db_url: str, make_harness: Any) -> Iterator[Console]:
-    harness = make_harness(db_url)
-    clock = Clock()
-
-    def send_retried(number: int) -> str:
-        # The engine's own dispatch, handing the charge to the harness's recording
-        # dispatcher instead of Celery: what the CLI does after a retry, minus the broker.
-        harness.engine.dispatch_due()
-        return dispatch.dispatched_state(number, db_url)
-
-    sent_tasks: list[tuple[str, list[Any], dict[str, Any]]] = []
-
-    def send_task(name: str, args: list[Any], kwargs: dict[str, Any]) -> str:
-        sent_tasks.append((name, args, kwargs))
-        return f"task-{len(sent_tasks)}"
-
-    backend = Backend(
-        settings=harness.engine.settings,
-        plans=lambda: harness.plans,
-        engine=lambda: harness.engine,
-        send_retried=send_retried,
-        send_task=send_task,
-        clock=clock,
-    )
-    app = create_app(
-        harness.engine.settings, ConsoleSettings(secret_key=SECRET_KEY), backend=backend
-    )
-    with session_scope(db_url) as session:
-        for name, password in PASSWORDS.items():
-            accounts.add_user(session, name, role=ROLE_OF[name], password=password)
-    yield Console(db_url, harness, clock, backend, app, sent_tasks)
-
-
-def failed_charge(url: str, ref: str = "shop-1", **fields: Any) -> int:
-    fields.setdefault("state", ChargeState.FAILED)
-    fields.setdefault("reason", "hard_decline")
-    fields.setdefault("last_code", "05")
-    fields.setdefault("updated_at", datetime.now(UTC) - timedelta(hours=2))
-    with session_scope(url) as session:
-        sub = add_subscription(session, ref, status=fields.pop("status", "suspended"))
-        return add_charge(session, sub, **fields).id
-
 
 # --- sessions -------------------------------------------------------------------------------
 

@@ -473,7 +473,8 @@ def routes(c: Console) -> list[Route | Mount]:
                 f"Your role ({visit.user.role}) may not {action.value}: that needs "
                 f"{NEEDS[action].value}. Nothing was changed."
             )
-        reason = _text(form, "reason")
+        # "reason" is the queue filter (why charges failed); "why" is the person's reason.
+        reason = _text(form, "why")
         confirm = _text(form, "confirm_not_charged") == "yes"
         if _text(form, "step") != "apply":
             query = service.QueueQuery.from_params(form)
