@@ -809,6 +809,9 @@ def routes(c: Console) -> list[Route | Mount]:
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok")
 
+    async def no_icon(request: Request) -> Response:
+        return Response(status_code=204)
+
     charge_actions = {
         "retry": (Action.RETRY, _retry),
         "resolve": (Action.RESOLVE, _resolve),
@@ -852,6 +855,7 @@ def routes(c: Console) -> list[Route | Mount]:
         _get("/users", users),
         _post("/users/{what}", users_change),
         _get("/healthz", healthz),
+        _get("/favicon.ico", no_icon),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
 

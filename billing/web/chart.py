@@ -35,6 +35,8 @@ class Bar:
 class Tick:
     position: float
     label: str
+    #: SVG text-anchor: the last day's label ends at its bar, so it is never cut off.
+    anchor: str = "middle"
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,11 @@ def day_chart(days: Sequence[DayCounts]) -> Chart:
             )
     y_ticks = [Tick(round(baseline - plot_h * k / 4, 2), str(top * k // 4)) for k in range(5)]
     x_ticks = [
-        Tick(round(LEFT + i * slot + slot / 2, 2), d.day.strftime("%d %b"))
+        Tick(
+            round(LEFT + i * slot + slot * (0.9 if i == len(days) - 1 else 0.5), 2),
+            d.day.strftime("%d %b"),
+            "end" if i == len(days) - 1 else "middle",
+        )
         for i, d in enumerate(days)
         if i % 7 == (len(days) - 1) % 7
     ]
