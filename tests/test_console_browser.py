@@ -161,6 +161,11 @@ def test_the_person_on_call_in_a_browser(
     for expected in (EUR_MERCHANT, "9.99 EUR", "203.0.113.7"):
         assert expected in box.inner_text()
     page.screenshot(path=str(shots / "charge.png"), full_page=True)
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone
+    page.screenshot(path=str(shots / "charge-phone.png"), full_page=True)
+    wide = page.evaluate("document.documentElement.scrollWidth")
+    assert wide <= 390, f"the charge page is {wide}px wide on a 390px phone"
+    page.set_viewport_size({"width": 1280, "height": 900})
 
     # Retry without ticking the box: refused, nothing changes.
     page.get_by_role("button", name="Retry").click()

@@ -9,6 +9,7 @@ from which address (the sign-in rate limit counts per address).
 
 from __future__ import annotations
 
+import signal
 from typing import Annotated
 
 import typer
@@ -77,6 +78,15 @@ def serve(
         lifespan="off",
     )
     server = uvicorn.Server(config)
+
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again with the
+    # handlers it found: these make that a clean exit (0) instead of death by signal, and
+    # stop the server if the signal comes before uvicorn took the signals over.
+    def stop(_signum: int, _frame: object) -> None:
+        server.should_exit = True
+
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, stop)
     try:
         server.run()
     except OSError as exc:

@@ -439,7 +439,7 @@ def routes(c: Console) -> list[Route | Mount]:
                 "pages": pages,
                 "query": query,
                 "filters": choices,
-                "columns": service.QUEUE_COLUMNS,
+                "columns": service.PAGE_COLUMNS,
             },
             visit=visit,
         )

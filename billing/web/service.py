@@ -201,6 +201,8 @@ class QueueColumn:
     value: Callable[[ops.FailedCharge], Any]
     shown: Callable[[ops.FailedCharge], str] | None = None
     numeric: bool = False
+    #: False: in the CSV only (the page shows it within another column).
+    on_page: bool = True
 
     def text(self, row: ops.FailedCharge) -> str:
         if self.shown is not None:
@@ -221,7 +223,7 @@ QUEUE_COLUMNS: tuple[QueueColumn, ...] = (
         shown=lambda r: f"{format_amount(r.amount)} {r.currency}",
         numeric=True,
     ),
-    QueueColumn("currency", "Currency", lambda r: r.currency),
+    QueueColumn("currency", "Currency", lambda r: r.currency, on_page=False),
     QueueColumn("state", "State", lambda r: r.state),
     QueueColumn("reason", "Reason", lambda r: r.reason),
     QueueColumn("attempts", "Attempts", lambda r: r.attempts, numeric=True),
@@ -236,6 +238,7 @@ QUEUE_COLUMNS: tuple[QueueColumn, ...] = (
     ),
 )
 COLUMN_BY_KEY = {c.key: c for c in QUEUE_COLUMNS}
+PAGE_COLUMNS = tuple(c for c in QUEUE_COLUMNS if c.on_page)
 #: The queue's order unless the person chooses another: longest waiting first.
 DEFAULT_SORT = "age"
 
