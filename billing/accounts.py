@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import hashlib
 import re
 import secrets
@@ -66,8 +67,13 @@ MAX_PASSWORD = 1024
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _HASHER = PasswordHasher()
-#: Verified against when the account does not exist, so that costs as much as a real one.
-_DUMMY_HASH = _HASHER.hash(secrets.token_urlsafe(16))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the account does not exist, so that costs as much as a real
+    one (made at the first sign-in, not at import: every ``billing`` command imports this)."""
+    return _HASHER.hash(secrets.token_urlsafe(16))
 
 
 class Operator(Base):
@@ -158,6 +164,11 @@ def _checked_password(password: str) -> str:
     return password
 
 
+def hash_password(password: str) -> str:
+    """The argon2id hash stored for ``password`` (checked for length first)."""
+    return _HASHER.hash(_checked_password(password))
+
+
 def get_user(session: Session, name: str) -> Operator:
     found = session.scalars(select(Operator).where(Operator.name == checked_name(name))).first()
     if found is None:
@@ -176,7 +187,7 @@ def add_user(session: Session, name: str, *, role: str, password: str) -> Operat
     secret = _checked_password(password)
     if session.scalars(select(Operator.id).where(Operator.name == clean)).first() is not None:
         raise StateError(f'console user "{clean}" exists already (billing users passwd changes it)')
-    user = Operator(name=clean, role=chosen, password_hash=_HASHER.hash(secret))
+    user = Operator(name=clean, role=chosen, password_hash=hash_password(secret))
     session.add(user)
     session.flush()
     return user
@@ -195,7 +206,7 @@ def set_password(
     """Change an account's password and end every one of its sessions."""
     now = now or utcnow()
     user = get_user(session, name)
-    user.password_hash = _HASHER.hash(_checked_password(password))
+    user.password_hash = hash_password(password)
     user.password_changed_at = now
     end_sessions_of(session, user, "password_changed", now)
     return user
@@ -304,7 +315,7 @@ def sign_in(
     user = None
     with contextlib.suppress(InvalidInput, NotFound):
         user = get_user(session, name)
-    stored = user.password_hash if user is not None else _DUMMY_HASH
+    stored = user.password_hash if user is not None else _dummy_hash()
     try:
         good: bool = _HASHER.verify(stored, password[:MAX_PASSWORD])
     except (VerifyMismatchError, VerificationError, InvalidHashError):

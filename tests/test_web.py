@@ -474,3 +474,40 @@ def test_every_answer_has_the_policy_without_inline_script_and_refuses_framing(
         assert " style=" not in html and "<style" not in html, path
         assert re.search(r"\son[a-z]+=", html) is None, path  # no inline handlers
     assert HEADERS["x-frame-options"] == "DENY"
+
+
+# --- more of what an attacker tries -----------------------------------------------------------
+
+
+def test_a_cookie_set_before_sign_in_is_not_adopted(console: Console) -> None:
+    """Session fixation: a token planted in the victim's browser never becomes a session."""
+    planted = console.app.console.keys.cookie_value("planted-token")
+    web = Web(console.client(), console)
+    web.http.cookies.set("kpb_session", planted, domain="console.test")
+    assert web.sign_in("otto", PASSWORDS["otto"]).status_code == 303
+    assert web.http.cookies["kpb_session"] != planted
+    attacker = console.client()
+    attacker.cookies.set("kpb_session", planted)
+    assert attacker.get("/").status_code == 303
+
+
+def test_a_huge_form_is_refused_before_it_is_read(console: Console) -> None:
+    charge_id = failed_charge(console.url)
+    web = console.signed_in("ada")
+    before = console.ledger_count()
+    answer = web.post(f"/charges/{charge_id}/discard", {"reason": "x" * 400_000})
+    assert answer.status_code == 403 and "too large" in answer.text
+    _unchanged(console, charge_id, before)
+
+
+def test_odd_paths_ids_and_methods_get_plain_refusals(console: Console) -> None:
+    web = console.signed_in("ada")
+    assert web.get("/charges/99999999999999").status_code == 404
+    assert web.get("/static/../app.py").status_code == 404
+    assert web.get("/static/%2e%2e/app.py").status_code == 404
+    assert web.get("/events/../../etc/passwd").status_code in (400, 404)
+    assert web.get("/failed", params={"page": "-1"}).status_code == 400
+    assert web.http.delete("/charges/1/discard").status_code == 405
+    assert web.http.put("/failed/bulk").status_code == 405
+    for answer in (web.get("/charges/99999999999999"), web.get("/failed?page=x")):
+        assert "Traceback" not in answer.text and "sqlalchemy" not in answer.text.lower()

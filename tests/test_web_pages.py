@@ -24,7 +24,9 @@ from billing import reports
 from billing.db import session_scope
 from billing.gateway import KlikAndPayClient
 from billing.models import ChargeState, LedgerEntry
+from billing.plans import parse_plans
 from billing.settings import Settings
+from tests.fixtures.engine import ENGINE_PLANS
 from tests.fixtures.sandbox import EUR_MERCHANT, LoopbackServer, SandboxControl, http_answer
 from tests.fixtures.web import Console, failed_charge
 
@@ -105,7 +107,16 @@ def test_hostile_gateway_strings_and_references_are_shown_escaped(console: Conso
 
 def test_no_secret_and_no_full_alias_in_any_page(console: Console, monkeypatch: Any) -> None:
     secret = "whsec-console-test-0123456789"
-    monkeypatch.setenv("CRM_SECRET", secret)
+    crm_secret = "crm-secret-console-0123456789"
+    monkeypatch.setenv("CRM_SECRET", crm_secret)
+    values = console.backend.settings.model_dump()
+    values.update(webhook_url="http://127.0.0.1:9/hooks", webhook_secret=secret)
+    console.backend.settings = Settings(**values)
+    text = ENGINE_PLANS.read_text() + (
+        '\n[webhooks.crm]\nurl = "http://127.0.0.1:9/crm"\nsecret_env = "CRM_SECRET"\n'
+    )
+    plans = parse_plans(text, source="plans-with-webhooks.toml")
+    console.backend.plans = lambda: plans
     key = "test-key-eur"  # the harness's private key for EUR (tests.fixtures.engine)
     approved = _sandbox_charge(console, "shop-ok")
     unknown = _sandbox_charge(console, "shop-lost", drop_after_record=True)
@@ -125,7 +136,7 @@ def test_no_secret_and_no_full_alias_in_any_page(console: Console, monkeypatch: 
         assert answer.status_code == 200, path
         bodies.append(answer.text)
     text = "\n".join(bodies)
-    for value in (key, secret, *aliases):
+    for value in (key, secret, crm_secret, *aliases):
         for encoded in (
             value,
             base64.b64encode(value.encode()).decode(),
@@ -134,6 +145,7 @@ def test_no_secret_and_no_full_alias_in_any_page(console: Console, monkeypatch: 
         ):
             assert encoded not in text, value[:6]
     assert "KLIKANDPAY_KEY_EUR" in text  # the variable's name is shown, never its value
+    assert "CRM_SECRET" in text and "http://127.0.0.1:9/hooks" in text
 
 
 def test_the_back_office_box_of_an_unknown_charge(console: Console) -> None:
