@@ -351,8 +351,8 @@ def test_subscription_pages_search_and_actions(console: Console) -> None:
     assert twice.startswith("error") and "only active or past_due" in twice
     assert web.flash(web.post(f"{sub_path}/resume", {"reason": "back"})).startswith("ok")
     outcomes = [(e.outcome, e.actor, e.reason) for e in console.ledger() if e.operation == "person"]
-    assert ("paused", "console:ada", "holiday") in outcomes
-    assert ("resumed", "console:ada", "back") in outcomes
+    assert ("subscription_paused", "console:ada", "holiday") in outcomes
+    assert ("subscription_resumed", "console:ada", "back") in outcomes
 
 
 def test_dead_letters_list_show_and_requeue_once(console: Console) -> None:

@@ -234,13 +234,18 @@ class Console:
         """A POST of ``action``: signed in, same origin, right token, right role."""
         visit = await self.visit(request)
         form = await self.checked_form(request, visit)
-        if not may(visit.user, action):
-            log.warning("console: %s (%s) was refused %s", visit.user.name, visit.user.role, action)
-            raise Refused(
-                f"Your role ({visit.user.role}) may not {action.value.replace('_', ' ')}: "
-                f"that needs {NEEDS[action].value}. Nothing was changed."
-            )
+        self.require(visit, action)
         return visit, form
+
+    def require(self, visit: Visit, action: Action) -> None:
+        """``Refused`` unless the signed-in person's role may do ``action``."""
+        if may(visit.user, action):
+            return
+        log.warning("console: %s (%s) was refused %s", visit.user.name, visit.user.role, action)
+        raise Refused(
+            f"Your role ({visit.user.role}) may not {action.value.replace('_', ' ')}: "
+            f"that needs {NEEDS[action].value}. Nothing was changed."
+        )
 
     # ------------------------------------------------------------------ errors
 
@@ -461,18 +466,13 @@ def routes(c: Console) -> list[Route | Mount]:
         )
 
     async def bulk(request: Request) -> Response:
-        action_name = ""
         visit = await c.visit(request)
         form = await c.checked_form(request, visit)
         action_name = _text(form, "action")
         action = {"retry": Action.RETRY, "discard": Action.DISCARD}.get(action_name)
         if action is None:
             raise InvalidInput(f'action: "{action_name}" is not retry or discard')
-        if not may(visit.user, action):
-            raise Refused(
-                f"Your role ({visit.user.role}) may not {action.value}: that needs "
-                f"{NEEDS[action].value}. Nothing was changed."
-            )
+        c.require(visit, action)
         # "reason" is the queue filter (why charges failed); "why" is the person's reason.
         reason = _text(form, "why")
         confirm = _text(form, "confirm_not_charged") == "yes"
@@ -767,8 +767,7 @@ def routes(c: Console) -> list[Route | Mount]:
 
     async def users(request: Request) -> Response:
         visit = await c.visit(request)
-        if not may(visit.user, Action.MANAGE_USERS):
-            raise Refused(f"Your role ({visit.user.role}) may not manage accounts.")
+        c.require(visit, Action.MANAGE_USERS)
 
         def read() -> list[dict[str, Any]]:
             with b.session() as session:

@@ -725,7 +725,7 @@ def pause(backend: Backend, user: SignedIn, sub_id: int, *, reason: str | None) 
     with backend.session() as session:
         ref = subscriptions.get_subscription(session, str(sub_id)).external_ref
         sub = subscriptions.pause(session, ref, by=actor(user))
-        _subscription_ledger(session, sub, backend.plans(), "paused", actor(user), why)
+        _subscription_ledger(session, sub, backend.plans(), "subscription_paused", actor(user), why)
         return Done(f"subscription {sub.external_ref} paused")
 
 
@@ -735,7 +735,7 @@ def resume(backend: Backend, user: SignedIn, sub_id: int, *, reason: str | None)
     with backend.session() as session:
         ref = subscriptions.get_subscription(session, str(sub_id)).external_ref
         sub = subscriptions.resume(session, ref, plans, by=actor(user))
-        _subscription_ledger(session, sub, plans, "resumed", actor(user), why)
+        _subscription_ledger(session, sub, plans, "subscription_resumed", actor(user), why)
         return Done(
             f"subscription {sub.external_ref} resumed; next charge (period {sub.next_period}) "
             f"at {sub.next_charge_at:%Y-%m-%d %H:%M}Z"
