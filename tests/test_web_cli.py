@@ -90,3 +90,13 @@ def _listeners(pid: int) -> list[str]:
             raw = fields[1].split(":")[0]
             found.append(".".join(str(int(raw[i : i + 2], 16)) for i in (6, 4, 2, 0)))
     return found
+
+
+def test_a_database_without_the_console_tables_is_named_at_start(tmp_path: Path) -> None:
+    env = {**_env(tmp_path), "BILLING_DATABASE_URL": f"sqlite:///{tmp_path / 'empty.db'}"}
+    done = subprocess.run(
+        [BILLING, "web", "--port", str(_free_port())], capture_output=True, text=True,
+        timeout=60, env=env,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "billing db upgrade" in done.stderr and "Traceback" not in done.stderr

@@ -14,8 +14,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from sqlalchemy import select
 
+from billing.accounts import Operator
 from billing.cli.metrics import is_loopback
+from billing.db import session_scope
 from billing.errors import InvalidInput
 from billing.settings import get_settings
 from billing.web.config import DEFAULT_HOST, DEFAULT_PORT, load_console_settings
@@ -64,7 +67,11 @@ def serve(
     from billing.web.app import create_app
 
     settings = get_settings()
-    app = create_app(settings, load_console_settings())
+    console_settings = load_console_settings()
+    # Fail now, in one line ("run billing db upgrade"), rather than at the first sign-in.
+    with session_scope(settings.database_url) as session:
+        session.execute(select(Operator.id).limit(1))
+    app = create_app(settings, console_settings)
     config = uvicorn.Config(
         app,
         host=host,
