@@ -422,3 +422,38 @@ def test_overview_shows_queue_money_and_the_chart(console: Console) -> None:
     with session_scope(console.url) as session:
         assert session.scalars(select(LedgerEntry.id)).first() is not None
     _ = timedelta  # (imported for symmetry with the other web tests)
+
+
+def test_a_hostile_webhook_answer_is_shown_escaped(console: Console) -> None:
+    """The shop's endpoint answers an error page with a script: the event page and the dead
+    letter show it as text."""
+    from billing import webhooks
+
+    _sandbox_charge(console, "shop-ok")
+    body = "<script>alert('hook')</script><iframe src=//evil>"
+    with LoopbackServer(http_answer(500, body, reason="Oops")) as shop:
+        values = console.backend.settings.model_dump()
+        values.update(
+            webhook_url=f"{shop.url}/hooks", webhook_secret="hook-secret-0123456789",
+            webhook_backoff=[],
+        )  # fmt: skip
+        settings = Settings(**values)
+        webhooks.deliver_due(console.url, settings, plans=console.harness.plans)
+    web = console.as_role("operator")
+    with session_scope(console.url) as session:
+        from billing.models import EventDelivery
+
+        errors = [d.last_error or "" for d in session.scalars(select(EventDelivery))]
+    assert any("<script>alert('hook')" in e for e in errors)  # stored as it came
+    listing = web.get("/events", params={"status": "dead"}).text
+    number = re.search(r'href="/events/(\d+)"', listing)
+    assert number is not None
+    letter = re.search(r'href="/deadletters/(\d+)"', web.get("/deadletters").text)
+    assert letter is not None
+    for page in (
+        web.get(f"/events/{number.group(1)}").text,
+        web.get(f"/deadletters/{letter.group(1)}").text,
+    ):
+        _no_markup_from_outside(page)
+        assert "<iframe" not in page
+        assert "&lt;script&gt;alert(&#39;hook&#39;)&lt;/script&gt;" in page
