@@ -30,7 +30,7 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from sqlalchemy import ForeignKey, Integer, String, select, update
+from sqlalchemy import ForeignKey, Integer, String, case, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 
@@ -54,6 +54,10 @@ SIGN_IN_LIMIT = 5
 #: How long a locked key is refused, whatever the password: long enough to make guessing
 #: hopeless (5 tries per 15 minutes), short enough for a person who mistyped to wait it out.
 LOCKOUT = timedelta(minutes=15)
+#: Failures further apart than this are not "in a row": the count starts again.
+FAILURE_WINDOW = timedelta(hours=1)
+#: Failure counts untouched this long are deleted (each guessed name leaves a row).
+FORGET_AFTER = timedelta(days=1)
 #: A session not used for this long is ended (the console's idle expiry).
 IDLE_TIMEOUT = timedelta(minutes=30)
 #: A session ends this long after sign-in however busy it is: a stolen cookie dies too.
@@ -246,6 +250,7 @@ class SignIn:
     #: Why it was refused, in words for the person: never which of name or password was wrong.
     message: str = ""
     token: str | None = None
+    #: The account signed in, or (refused) the existing account that was tried, for the log.
     user: str | None = None
     locked_until: datetime | None = None
 
@@ -270,20 +275,32 @@ def _locked(session: Session, keys: list[str], now: datetime) -> datetime | None
 
 
 def _upsert_failure(session: Session, key: str, now: datetime) -> None:
-    """One more failure for ``key``, atomically (two sign-ins at once both count)."""
+    """One more failure for ``key``, atomically (two sign-ins at once both count). A run of
+    failures older than ``FAILURE_WINDOW`` is forgotten: the count starts again at 1."""
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     statement = insert(SignInFailure).values(key=key, failures=1, last_failed_at=now)
+    stale = SignInFailure.last_failed_at < now - FAILURE_WINDOW
     session.execute(
         statement.on_conflict_do_update(
             index_elements=[SignInFailure.key],
-            set_={"failures": SignInFailure.failures + 1, "last_failed_at": now},
+            set_={
+                "failures": case((stale, 1), else_=SignInFailure.failures + 1),
+                "last_failed_at": now,
+            },
         )
     )
     session.execute(
         update(SignInFailure)
         .where(SignInFailure.key == key, SignInFailure.failures >= SIGN_IN_LIMIT)
         .values(locked_until=now + LOCKOUT)
+    )
+    # Names an attacker guessed would otherwise stay forever, one row each.
+    session.execute(
+        delete(SignInFailure).where(
+            SignInFailure.last_failed_at < now - FORGET_AFTER,
+            or_(SignInFailure.locked_until.is_(None), SignInFailure.locked_until < now),
+        )
     )
 
 
@@ -324,9 +341,10 @@ def sign_in(
         for key in keys:
             _upsert_failure(session, key, now)
         until = _locked(session, keys, now)
+        known = user.name if user is not None else None  # for the log: never a typed name
         if until is not None:
-            return SignIn(False, _locked_message(until, now), locked_until=until)
-        return SignIn(False, "Wrong user name or password, or the account is disabled.")
+            return SignIn(False, _locked_message(until, now), user=known, locked_until=until)
+        return SignIn(False, "Wrong user name or password, or the account is disabled.", user=known)
     if _HASHER.check_needs_rehash(user.password_hash):
         user.password_hash = _HASHER.hash(password)
     session.execute(

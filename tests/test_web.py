@@ -509,3 +509,35 @@ def test_odd_paths_ids_and_methods_get_plain_refusals(console: Console) -> None:
     assert web.http.put("/failed/bulk").status_code == 405
     for answer in (web.get("/charges/99999999999999"), web.get("/failed?page=x")):
         assert "Traceback" not in answer.text and "sqlalchemy" not in answer.text.lower()
+
+
+def test_failures_far_apart_are_not_in_a_row(console: Console) -> None:
+    web = Web(console.client(), console)
+    for _ in range(accounts.SIGN_IN_LIMIT + 2):
+        assert web.sign_in("otto", "wrong-password").status_code == 401
+        console.clock.advance(accounts.FAILURE_WINDOW + timedelta(seconds=1))
+    assert web.sign_in("otto", PASSWORDS["otto"]).status_code == 303
+
+
+def test_a_password_typed_as_the_name_never_reaches_the_log(
+    console: Console, caplog: pytest.LogCaptureFixture
+) -> None:
+    web = Web(console.client(), console)
+    with caplog.at_level("INFO"):
+        web.sign_in("operator-pass-123", "otto")  # fields swapped: the name is a password
+        web.sign_in("otto", "operator-pass-12")  # an account: its name is logged, not the try
+    text = caplog.text
+    assert "operator-pass-12" not in text
+    assert "failed sign-in, account=-, from" in text
+    assert "failed sign-in, account=otto, from" in text
+
+
+def test_old_failure_counts_are_forgotten(console: Console) -> None:
+    web = Web(console.client(), console)
+    for name in ("guess-a", "guess-b"):
+        web.sign_in(name, "wrong-password")
+    console.clock.advance(accounts.FORGET_AFTER + timedelta(minutes=1))
+    web.sign_in("guess-c", "wrong-password")
+    with session_scope(console.url) as session:
+        keys = set(session.scalars(select(accounts.SignInFailure.key)))
+    assert keys == {"user:guess-c", "addr:testclient"}

@@ -371,7 +371,12 @@ def routes(c: Console) -> list[Route | Mount]:
 
         result = await run_in_threadpool(attempt)
         if not result.ok:
-            log.warning("console: failed sign-in for %r from %s", name[:64], address)
+            # The name typed is logged only when it is an account: people type passwords there.
+            log.warning(
+                "console: failed sign-in, account=%s, from %s%s",
+                result.user or "-", address,
+                " (locked out)" if result.locked_until else "",
+            )  # fmt: skip
             status = 429 if result.locked_until else 401
             return _login_form(request, message=result.message, status=status, name=name[:64])
         assert result.token is not None
