@@ -13,6 +13,7 @@ The failed-charge queue is described by two tables, ``QUEUE_FILTERS`` and
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -435,10 +436,9 @@ def charge_page(session: Session, charge_id: int, settings: Settings) -> ChargeP
     waiting = charge.state in ATTENTION_STATES
     settling = charge.reason in settlement.UNKNOWN_REASONS
     cancel_kind: Kind | None = None
-    if charge.operation is None and charge.state == ChargeState.AUTHORIZED:
-        cancel_kind = "release"
-    elif charge.operation is None and charge.state == ChargeState.APPROVED:
-        cancel_kind = "refund"
+    if charge.operation is None:  # none under way: the settlement says what a cancel is
+        with contextlib.suppress(StateError):
+            cancel_kind = settlement.kind_of_cancel(charge)
     cancel_left = format_amount(_left(charge, cancel_kind)) if cancel_kind is not None else None
     can_capture = charge.state == ChargeState.AUTHORIZED and charge.operation is None
     return ChargePage(
