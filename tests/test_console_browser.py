@@ -30,6 +30,8 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +39,12 @@ import pytest
 import uvicorn
 from sqlalchemy import select
 
+from billing import ledger
 from billing.db import session_scope
 from billing.models import ChargeState, LedgerEntry
 from tests.fixtures.sandbox import EUR_MERCHANT, SandboxControl
 from tests.fixtures.web import PASSWORDS, Console, failed_charge
+from tests.test_ops import add_charge, add_subscription
 
 pytestmark = pytest.mark.browser
 
@@ -132,10 +136,37 @@ def _unknown_charge(console: Console) -> int:
     return charge.id
 
 
+def _approved(console: Console, ref: str) -> None:
+    h = console.harness
+    alias = SandboxControl(h.engine.settings.gateway_url).seed_aliases(EUR_MERCHANT, 1)[0]
+    h.subscribe(ref, alias, plan="monthly")
+    h.engine.sweep_plan("monthly")
+    h.run_sent()
+
+
+def _history(console: Console) -> None:
+    """Ledger rows of the last four weeks, so the overview's chart has something to draw."""
+    now = datetime.now(UTC)
+    with session_scope(console.url) as session:
+        sub = add_subscription(session, "shop-history")
+        charge = add_charge(session, sub, state=ChargeState.APPROVED)
+        for day in range(1, 29):
+            rows = [("approved", "29.90")] * (2 + day * 7 % 5) + [("declined", "0.00")] * (day % 3)
+            for outcome, amount in rows:
+                entry = ledger.append(
+                    session, outcome=outcome, operation="duplicate", actor="test", charge=charge,
+                    amount=Decimal(amount),
+                )  # fmt: skip
+                entry.at = now - timedelta(days=day)
+
+
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_the_person_on_call_in_a_browser(
     console: Console, served: str, page: Any, shots: Path, tmp_path: Path
 ) -> None:
+    _history(console)
+    for i in range(3):
+        _approved(console, f"shop-10{i}")
     unknown = _unknown_charge(console)
     declined = [failed_charge(console.url, f"shop-20{i}") for i in range(3)]
     spent = failed_charge(console.url, "shop-300", reason="ladder_exhausted")
