@@ -447,6 +447,12 @@ def test_an_admin_manages_accounts_from_the_console(console: Console) -> None:
     assert web.flash(web.post("/users/role", {"name": "nina", "role": "operator"})).startswith("ok")
     assert web.flash(web.post("/users/disable", {"name": "ada"})).startswith("error")  # oneself
     assert Web(console.client(), console).sign_in("nina", "nina-pass-123").status_code == 303
+    assert web.flash(web.post("/users/disable", {"name": "nina"})).startswith("ok")
+    assert Web(console.client(), console).sign_in("nina", "nina-pass-123").status_code == 401
+    assert web.flash(web.post("/users/enable", {"name": "nina"})).startswith("ok")
+    short = web.flash(web.post("/users/add", {"name": "tom", "role": "viewer", "password": "x"}))
+    assert short.startswith("error") and "at least 10 characters" in short
+    assert web.post("/users/rename", {"name": "nina"}).status_code == 303  # no such change
     page = web.get("/users").text
     assert "nina-pass-123" not in page and "argon2" not in page
 

@@ -377,6 +377,11 @@ def test_events_list_show_and_redeliver(console: Console) -> None:
     assert number is not None
     shown = web.get(f"/events/{number.group(1)}").text
     assert "charge.approved" in shown and "&#34;amount&#34;: &#34;9.99&#34;" in shown
+    event_id = re.search(r"<code>([0-9a-f-]{36})</code>", shown)
+    assert event_id is not None
+    assert web.get(f"/events/{event_id.group(1)}").status_code == 200  # by its event ID too
+    assert web.get("/events/not-an-id").status_code == 400
+    assert web.get("/favicon.ico").status_code == 204
     pending = web.flash(web.post(f"/events/{number.group(1)}/redeliver"))
     assert pending.startswith("error") and "pending" in pending  # not yet delivered
     assert web.get("/events", params={"status": "bogus"}).status_code == 400
