@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint format bench bench-smoke chaos clean
+.PHONY: demo console test test-slow lint format bench bench-smoke chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml
 # The README's first command: sandbox, worker and beat as real processes, in under a minute.
 demo: $(STAMP)
 	$(VENV)/bin/billing demo
+
+# The demo, then its sandbox, worker and beat keep running with the web console beside them;
+# it prints the console's URL and a demo account. Ctrl-C stops everything.
+console: $(STAMP)
+	$(VENV)/bin/billing demo --serve
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

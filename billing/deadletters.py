@@ -16,7 +16,7 @@ the wrong card. The person is told what to do instead.
 from __future__ import annotations
 
 import traceback as tb
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from billing.db import checked_id, session_scope
-from billing.errors import NotFound, StateError
+from billing.errors import BillingError, NotFound, StateError
 from billing.intake import FIELDS as SUBSCRIPTION_FIELDS
 from billing.models import DeadLetter, utcnow
 from billing.redact import PAN_MARK, mask_alias, mask_aliases, redact
@@ -239,3 +239,30 @@ def mark_requeued(session: Session, letter_id: int, *, by: str) -> DeadLetter:
     letter.requeued_at = utcnow()
     letter.requeued_by = by
     return letter
+
+
+def requeue(
+    url: str,
+    letter_id: int,
+    *,
+    by: str,
+    send: Callable[[str, list[Any], dict[str, Any]], str],
+) -> tuple[str, str]:
+    """Mark a letter requeued, then send its task again with ``send(name, args, kwargs)``.
+
+    The mark commits first, so two people requeueing at once send it once; if the task
+    cannot be sent the mark is taken back and the letter stays listed for a later requeue.
+    Returns (task name, new task ID).
+    """
+    with session_scope(url) as session:
+        found = mark_requeued(session, letter_id, by=by)
+        name, args = found.task_name, found.args
+    try:
+        task_id = send(name, args.get("args", []), args.get("kwargs", {}))
+    except Exception as exc:
+        with session_scope(url) as session:
+            found = get(session, letter_id)
+            found.requeued_at = None
+            found.requeued_by = None
+        raise BillingError(f"dead letter {letter_id} was not requeued: {exc}") from None
+    return name, task_id

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -87,10 +88,12 @@ class Processes:
         self.procs.append(proc)
         return proc
 
-    def run(self, *args: str, show: bool = False) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, show: bool = False, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
             [sys.executable, "-m", "billing.cli", *args], env=self.env, text=True,
-            capture_output=not show,
+            capture_output=not show, input=stdin,
         )  # fmt: skip
         if done.returncode != 0:
             raise SystemExit(f"demo: `billing {' '.join(args)}` failed:\n{done.stderr or ''}")
@@ -126,8 +129,15 @@ def _wait(what: str, predicate: object, timeout: float) -> None:
     raise SystemExit(f"demo: {what} did not happen within {timeout:g} s (logs in the work folder)")
 
 
-def run_demo(workdir: Path, *, timeout: float = 45.0) -> int:
-    """Run the demo in ``workdir`` (emptied first); return the exit status."""
+def run_demo(
+    workdir: Path, *, timeout: float = 45.0, serve: bool = False, console_port: int = 8080
+) -> int:
+    """Run the demo in ``workdir`` (emptied first); return the exit status.
+
+    With ``serve`` the sandbox, worker and beat keep running after the demo, with the web
+    console beside them on ``console_port`` (any free port if it is taken) and a demo
+    account, until Ctrl-C or SIGTERM stops everything.
+    """
     started = time.monotonic()
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
@@ -179,8 +189,70 @@ def run_demo(workdir: Path, *, timeout: float = 45.0) -> int:
         procs.run("failed", "list", show=True)
         console.rule("events for the shop (BILLING_WEBHOOK_URL unset: recorded, not sent)")
         procs.run("events", "list", show=True)
+        if serve:
+            console.rule(f"demo done in {time.monotonic() - started:.0f} s")
+            return _serve(procs, sandbox_url, console_port)
     console.rule(f"done in {time.monotonic() - started:.0f} s; logs in {workdir}")
     return 0
+
+
+#: The console account ``billing demo --serve`` creates (its password is new each run).
+DEMO_USER = "demo"
+
+
+def _port_or_free(port: int) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return _free_port()
+    return port
+
+
+def _serve(procs: Processes, sandbox_url: str, console_port: int) -> int:
+    """Keep everything running with the console beside it until Ctrl-C or SIGTERM."""
+    password = secrets.token_urlsafe(12)
+    procs.run(
+        "users", "add", DEMO_USER, "--role", "admin", "--password-stdin", stdin=password + "\n"
+    )
+    port = _port_or_free(console_port)
+    procs.env["BILLING_CONSOLE_SECRET_KEY"] = secrets.token_urlsafe(32)
+    web = procs.start("web", "web", f"--port={port}")
+    url = f"http://127.0.0.1:{port}"
+    _wait("the console starting", lambda: _answers_health(url), 20)
+    console.print(
+        f"\n[bold]console[/bold]  {url}/login\n"
+        f"user     {DEMO_USER}\npassword {password}\n"
+        f"back office (the sandbox's call log stands in for Klik & Pay's): "
+        f"{sandbox_url}/_sandbox/calls\n\n"
+        "sandbox, worker, beat and console keep running; Ctrl-C stops them all.",
+        highlight=False,
+    )
+    stop = {"now": False}
+
+    def _stop(_signum: int, _frame: object) -> None:
+        stop["now"] = True
+
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stop["now"]:
+            if web.poll() is not None:
+                console.print(f"the console stopped (exit {web.returncode}); see web.log")
+                return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    console.print("stopping the sandbox, worker, beat and console…")
+    return 0
+
+
+def _answers_health(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/healthz", timeout=0.5).ok
+    except requests.RequestException:
+        return False
 
 
 def _answers(url: str) -> bool:

@@ -15,6 +15,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from billing.db import read_scope
 from billing.errors import ConfigError
@@ -97,28 +98,34 @@ class FailedQueueCollector(Collector):
 
     def _query(self) -> tuple[dict[str, int], datetime | None]:
         with read_scope(self.url) as session:
-            rows = session.execute(
-                select(Charge.reason, func.count())
-                .where(Charge.state.in_(ATTENTION_STATES), Charge.review.is_(None))
-                .group_by(Charge.reason)
-            )
-            depth: dict[str, int] = {}
-            for reason, count in rows:
-                key = reason or "none"
-                depth[key] = depth.get(key, 0) + count
-            # A flagged charge counts under its flag, whatever its state.
-            flagged = session.execute(
-                select(Charge.review, func.count())
-                .where(Charge.review.is_not(None))
-                .group_by(Charge.review)
-            )
-            for review, count in flagged:
-                key = review or "none"
-                depth[key] = depth.get(key, 0) + count
-            oldest = session.scalar(
-                select(func.min(Charge.updated_at)).where(Charge.state == ChargeState.UNKNOWN)
-            )
-        return depth, oldest
+            return failed_queue_state(session)
+
+
+def failed_queue_state(session: Session) -> tuple[dict[str, int], datetime | None]:
+    """The failed-charge queue's depth by reason (``none`` for no reason; a flagged charge
+    counts under its review flag, whatever its state) and when its oldest unknown charge
+    last changed: what the gauges and the web console's overview show."""
+    rows = session.execute(
+        select(Charge.reason, func.count())
+        .where(Charge.state.in_(ATTENTION_STATES), Charge.review.is_(None))
+        .group_by(Charge.reason)
+    )
+    depth: dict[str, int] = {}
+    for reason, count in rows:
+        key = reason or "none"
+        depth[key] = depth.get(key, 0) + count
+    flagged = session.execute(
+        select(Charge.review, func.count())
+        .where(Charge.review.is_not(None))
+        .group_by(Charge.review)
+    )
+    for review, count in flagged:
+        key = review or "none"
+        depth[key] = depth.get(key, 0) + count
+    oldest = session.scalar(
+        select(func.min(Charge.updated_at)).where(Charge.state == ChargeState.UNKNOWN)
+    )
+    return depth, oldest
 
 
 class _InProcess(Collector):

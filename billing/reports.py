@@ -13,7 +13,8 @@ import csv
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as time_of_day
 from decimal import Decimal
 from typing import Any, Literal, TextIO
 
@@ -390,4 +391,116 @@ __all__ = [
     "export",
     "ledger_rows",
     "report",
+]
+
+
+# --- the console's overview (``billing web``) -------------------------------------------
+# Read-only questions the overview page asks: how much moved today and this month, per
+# currency, and what the last days looked like. Appended here, beside ``report``, so the
+# console and the CLI read the ledger the same way.
+
+#: Ledger outcomes of a call that failed: declined by the gateway, or its answer was lost.
+FAILED_OUTCOMES = ("declined", "unknown")
+#: Outcomes of a charge call (``duplicate.pl``) the gateway answered: the decline rate's base.
+ANSWERED_CHARGE_OUTCOMES = ("approved", "authorized", "declined")
+
+
+@dataclass(frozen=True)
+class DayCounts:
+    """Ledger rows of one UTC day: what the overview's chart draws."""
+
+    day: date
+    #: Rows that collected money (approved, validated, resolved as approved).
+    collected: int = 0
+    #: Calls declined or whose answer was lost.
+    failed: int = 0
+    #: Charge calls the gateway answered, and how many of them it declined.
+    charge_calls: int = 0
+    charge_declines: int = 0
+
+
+def _utc_day(session: Session) -> ColumnElement[Any]:
+    """``YYYY-MM-DD`` of a ledger row's UTC day, in either database's SQL."""
+    if session.get_bind().dialect.name == "postgresql":
+        return func.to_char(func.timezone("UTC", LedgerEntry.at), "YYYY-MM-DD")
+    return func.strftime("%Y-%m-%d", LedgerEntry.at)  # SQLite stores UTC already
+
+
+def daily_counts(session: Session, *, days: int, now: datetime) -> list[DayCounts]:
+    """One ``DayCounts`` per UTC day for the ``days`` days ending with ``now``'s, oldest
+    first; a day without rows is there with zeros."""
+    if days < 1:
+        raise InvalidInput(f"days must be at least 1, not {days}")
+    last = now.astimezone(UTC).date()
+    first = last - timedelta(days=days - 1)
+    since = datetime.combine(first, time_of_day.min, tzinfo=UTC)
+    day = _utc_day(session).label("day")
+    rows = session.execute(
+        select(day, LedgerEntry.outcome, LedgerEntry.operation, func.count())
+        .where(
+            LedgerEntry.at >= since,
+            LedgerEntry.outcome.in_((*COLLECTED, *FAILED_OUTCOMES, "authorized")),
+        )
+        .group_by(day, LedgerEntry.outcome, LedgerEntry.operation)
+    )
+    counts: dict[date, dict[str, int]] = {}
+    for text, outcome, operation, count in rows:
+        bucket = counts.setdefault(date.fromisoformat(text), {})
+        if outcome in COLLECTED:
+            bucket["collected"] = bucket.get("collected", 0) + count
+        if outcome in FAILED_OUTCOMES:
+            bucket["failed"] = bucket.get("failed", 0) + count
+        if operation == "duplicate" and outcome in ANSWERED_CHARGE_OUTCOMES:
+            bucket["charge_calls"] = bucket.get("charge_calls", 0) + count
+            if outcome == "declined":
+                bucket["charge_declines"] = bucket.get("charge_declines", 0) + count
+    return [
+        DayCounts(day=d, **counts.get(d, {}))
+        for d in (first + timedelta(days=i) for i in range(days))
+    ]
+
+
+def decline_rate(days: Iterable[DayCounts]) -> Decimal | None:
+    """Declined charge calls over answered ones (0.25 for one in four); None when none."""
+    calls = declines = 0
+    for d in days:
+        calls += d.charge_calls
+        declines += d.charge_declines
+    if not calls:
+        return None
+    return (Decimal(declines) / Decimal(calls)).quantize(Decimal("0.0001"))
+
+
+@dataclass(frozen=True)
+class CurrencyTotals:
+    """Money of one currency between two instants, over every plan (see ``ReportLine``)."""
+
+    currency: str
+    collected: Decimal = _ZERO
+    authorized: Decimal = _ZERO
+    refunded: Decimal = _ZERO
+
+
+def totals_by_currency(
+    session: Session, *, since: datetime, until: datetime
+) -> list[CurrencyTotals]:
+    """``report``'s collected, authorized and refunded summed per currency, by currency."""
+    sums: dict[str, CurrencyTotals] = {}
+    for line in report(session, since=since, until=until):
+        was = sums.get(line.currency, CurrencyTotals(line.currency))
+        sums[line.currency] = CurrencyTotals(
+            line.currency,
+            was.collected + line.collected,
+            was.authorized + line.authorized,
+            was.refunded + line.refunded,
+        )
+    return [sums[c] for c in sorted(sums)]
+
+
+__all__ += [
+    "CurrencyTotals",
+    "DayCounts",
+    "daily_counts",
+    "decline_rate",
+    "totals_by_currency",
 ]

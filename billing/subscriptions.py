@@ -112,6 +112,11 @@ def _moved(session: Session, moved: SubMove | Lost, sub: SubRow, action: str) ->
     return moved.after
 
 
+def _why(reason: str | None, otherwise: str) -> str:
+    """The reason a person typed, or what the change itself says."""
+    return reason.strip() if reason and reason.strip() else otherwise
+
+
 def _row(session: Session, sub: SubRow, outcome: LedgerOutcome, by: str, reason: str) -> None:
     ledger.append(
         session, outcome=outcome, operation=Operation.PERSON, actor=by, subscription=sub,
@@ -119,7 +124,14 @@ def _row(session: Session, sub: SubRow, outcome: LedgerOutcome, by: str, reason:
     )  # fmt: skip
 
 
-def pause(session: Session, ref: str, *, now: datetime | None = None, by: str) -> SubRow:
+def pause(
+    session: Session,
+    ref: str,
+    *,
+    now: datetime | None = None,
+    by: str,
+    reason: str | None = None,
+) -> SubRow:
     """Stop charging an active or past-due subscription until it is resumed."""
     now = now or datetime.now(UTC)
     sub = _locked(session, ref)
@@ -129,7 +141,7 @@ def pause(session: Session, ref: str, *, now: datetime | None = None, by: str) -
         values={"paused_at": now},
     )  # fmt: skip
     after = _moved(session, moved, sub, "paused")
-    _row(session, after, LedgerOutcome.SUBSCRIPTION_PAUSED, by, "paused")
+    _row(session, after, LedgerOutcome.SUBSCRIPTION_PAUSED, by, _why(reason, "paused"))
     log.info("subscription %s paused by %s", sub.external_ref, by)
     return after
 
@@ -141,6 +153,7 @@ def resume(
     *,
     now: datetime | None = None,
     by: str,
+    reason: str | None = None,
 ) -> SubRow:
     """Make a paused subscription active again from the first period due after ``now``.
 
@@ -165,7 +178,7 @@ def resume(
     # Never step back to a period the engine already took on.
     next_period = max(first, sub.next_period)
     since = f"from {sub.paused_at.isoformat()} " if sub.paused_at else ""
-    reason = f"paused {since}to {now.isoformat()}"
+    paused = f"paused {since}to {now.isoformat()}"
     skipped = range(sub.next_period, next_period)
     if skipped:
         lifecycle.move_many(
@@ -189,7 +202,7 @@ def resume(
         ledger.append(
             session, outcome=LedgerOutcome.SKIPPED, operation=Operation.ENGINE, actor=by,
             subscription=sub, period=period, currency=plan.currency, merchant_id=merchant_id,
-            reason=reason,
+            reason=paused,
         )  # fmt: skip
     moved = lifecycle.move_subscription(
         session, sub.id, "resume", to=SubscriptionStatus.ACTIVE, now=now,
@@ -200,7 +213,7 @@ def resume(
         },
     )  # fmt: skip
     after = _moved(session, moved, sub, "resumed")
-    _row(session, after, LedgerOutcome.SUBSCRIPTION_RESUMED, by, reason)
+    _row(session, after, LedgerOutcome.SUBSCRIPTION_RESUMED, by, _why(reason, paused))
     log.info(
         "subscription %s resumed by %s at period %d (%d skipped)",
         sub.external_ref, by, next_period, len(skipped),
@@ -224,7 +237,7 @@ def cancel(
     sub = _locked(session, ref)
     if sub.status == SubscriptionStatus.CANCELLED:
         raise StateError(f"subscription {sub.external_ref} is already cancelled")
-    why = reason.strip() if reason and reason.strip() else "cancelled by a person"
+    why = _why(reason, "cancelled by a person")
     moved = lifecycle.move_subscription(
         session, sub.id, "cancel", to=SubscriptionStatus.CANCELLED, now=now
     )

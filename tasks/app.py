@@ -17,6 +17,7 @@ from __future__ import annotations
 from celery import Celery
 from celery.signals import setup_logging
 
+from billing.broker import celery_config
 from billing.logs import celery_setup_logging
 from billing.plans import get_plans
 from billing.settings import Settings, get_settings
@@ -26,23 +27,8 @@ from schedules.beat import build_beat_schedule
 def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     app = Celery("klikandpay_billing", include=["tasks.charges", "tasks.events"])
-    app.conf.update(
-        broker_url=settings.broker_url,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
-        broker_connection_retry_on_startup=True,
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        task_ignore_result=True,
-        timezone="UTC",
-        enable_utc=True,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_default_queue=settings.queue,
-        worker_hijack_root_logger=False,
-        beat_schedule=build_beat_schedule(get_plans(settings), settings),
-    )
+    app.conf.update(celery_config(settings))
+    app.conf.beat_schedule = build_beat_schedule(get_plans(settings), settings)
     return app
 
 

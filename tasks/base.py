@@ -15,10 +15,11 @@ from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 from celery.signals import worker_process_init, worker_process_shutdown
 
-from billing import deadletters
+from billing import broker, deadletters
 from billing.db import dispose_all
 from billing.engine import Engine
 from billing.settings import get_settings
+from tasks.app import app
 
 log = logging.getLogger("billing.tasks")
 
@@ -45,20 +46,12 @@ def _metrics_of_dead_process(pid: int | None = None, **_: Any) -> None:
 
 def send_charges(charge_ids: Sequence[int]) -> None:
     """Send one charge message per ID over a single pooled producer connection."""
-    from tasks.charges import charge
-
-    with charge.app.producer_or_acquire() as producer:
-        for charge_id in charge_ids:
-            charge.apply_async((charge_id,), producer=producer)
+    broker.send_many(app, broker.CHARGE_TASK, charge_ids)
 
 
 def send_captures(charge_ids: Sequence[int]) -> None:
     """Send one validation message per authorized charge whose capture time has come."""
-    from tasks.charges import capture
-
-    with capture.app.producer_or_acquire() as producer:
-        for charge_id in charge_ids:
-            capture.apply_async((charge_id,), producer=producer)
+    broker.send_many(app, broker.CAPTURE_TASK, charge_ids)
 
 
 def get_engine() -> Engine:

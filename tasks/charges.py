@@ -8,6 +8,7 @@ from typing import Any
 
 from kombu.exceptions import OperationalError
 
+from billing import broker
 from billing.intake import add_subscription_from_dict
 from billing.settings import get_settings
 from schedules.beat import ENGINE_SWEEP, SWEEP_PLAN
@@ -27,7 +28,7 @@ def engine_sweep(self: BillingTask) -> dict[str, Any]:
     return asdict(self.engine.engine_sweep())
 
 
-@app.task(base=BillingTask, bind=True, name="billing.charge", max_retries=None)
+@app.task(base=BillingTask, bind=True, name=broker.CHARGE_TASK, max_retries=None)
 def charge(self: BillingTask, charge_id: int) -> str:
     result = self.engine.charge(charge_id, retries=self.request.retries)
     if result.status != "retry":
@@ -42,7 +43,7 @@ def charge(self: BillingTask, charge_id: int) -> str:
         return "retry_deferred"
 
 
-@app.task(base=BillingTask, bind=True, name="billing.capture", max_retries=None)
+@app.task(base=BillingTask, bind=True, name=broker.CAPTURE_TASK, max_retries=None)
 def capture(self: BillingTask, charge_id: int) -> str:
     """Validate a deferred charge once its plan's ``capture_after`` has passed."""
     result = self.engine.settlement.capture(

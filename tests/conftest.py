@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.sandbox",
     "tests.fixtures.processes",
     "tests.fixtures.engine",
+    "tests.fixtures.web",
 ]

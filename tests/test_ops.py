@@ -77,6 +77,7 @@ def add_charge(
     attempts: int = 1,
     updated_at: datetime = NOW - timedelta(hours=1),
     last_code: str | None = None,
+    review: str | None = None,
 ) -> Charge:
     p = PLANS.plan(sub.plan)
     period = sub.next_period if period is None else period
@@ -95,6 +96,7 @@ def add_charge(
         attempts=attempts,
         declines=declines,
         reason=reason,
+        review=review,
         last_code=last_code,
         last_message="Refusée" if last_code else None,
         created_at=updated_at,

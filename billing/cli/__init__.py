@@ -40,6 +40,8 @@ def _register() -> None:
         sandbox,
         settlement,
         subscriptions,
+        users,
+        web,
     )
 
     for module in (
@@ -55,6 +57,8 @@ def _register() -> None:
         ledger,
         metrics,
         demo,
+        users,
+        web,
     ):
         module.register(app)
 

@@ -17,10 +17,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from billing import deadletters
+from billing import broker, deadletters
 from billing.cli.failed import actor
 from billing.db import session_scope
-from billing.errors import BillingError, InvalidInput
+from billing.errors import InvalidInput
 from billing.models import DeadLetter
 from billing.redact import redact
 from billing.settings import get_settings
@@ -132,28 +132,13 @@ def requeue(
 ) -> None:
     """Send the task again, with the same arguments, after its cause was fixed."""
     number = letter_id(letter)
-    who = actor(by)
-    url = get_settings().database_url
-    with session_scope(url) as session:
-        found = deadletters.mark_requeued(session, number, by=who)
-        name, args = found.task_name, found.args
-    try:
-        task_id = _send(name, args.get("args", []), args.get("kwargs", {}))
-    except Exception as exc:
-        # Not sent: take the mark back so the letter stays in the list for a later requeue.
-        with session_scope(url) as session:
-            found = deadletters.get(session, number)
-            found.requeued_at = None
-            found.requeued_by = None
-        raise BillingError(f"dead letter {number} was not requeued: {exc}") from None
+    name, task_id = deadletters.requeue(
+        get_settings().database_url,
+        number,
+        by=actor(by),
+        send=lambda name, args, kwargs: broker.send_task(get_settings(), name, args, kwargs),
+    )
     out.print(f"dead letter {number}: {name} sent again as task {task_id}", markup=False)
-
-
-def _send(name: str, args: list[Any], kwargs: dict[str, Any]) -> str:
-    from tasks.app import app as celery_app
-
-    result = celery_app.send_task(name, args=args, kwargs=kwargs)
-    return str(result.id)
 
 
 def register(app: typer.Typer) -> None:

@@ -18,14 +18,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from billing import ops
+from billing import broker, ops
 from billing.db import session_scope
 from billing.durations import format_delay, parse_delay
-from billing.errors import BillingError, InvalidInput
-from billing.models import Charge, ChargeState, SubscriptionStatus
+from billing.errors import InvalidInput
 from billing.money import format_amount
 from billing.plans import PlanSet, get_plans, load_plans
 from billing.settings import get_settings
+from billing.vocabulary import ChargeState
 
 failed_app = typer.Typer(
     help="The failed-charge queue: charges waiting for a person.", no_args_is_help=True
@@ -184,48 +184,8 @@ def retry(
 
 
 def _dispatch(number: int) -> str:
-    """Hand due charges to the workers now; say what became of charge ``number``.
-
-    Failing to reach the broker is not an error: the retry is recorded, and the engine
-    sweep sends every due pending charge at its next run.
-    """
-    from kombu.exceptions import OperationalError
-
-    settings = get_settings()
-    later = "the engine sweep will send it within a minute"
-    try:
-        from billing.engine import Engine
-        from tasks.app import app as celery_app
-        from tasks.base import send_charges
-
-        with celery_app.connection_for_write() as connection:
-            connection.ensure_connection(
-                max_retries=1, interval_start=0, interval_step=0, interval_max=0, timeout=5
-            )
-        Engine(settings, dispatcher=send_charges).dispatch_due()
-    except (OperationalError, OSError) as exc:
-        if _state(number)[0] == ChargeState.QUEUED:
-            wait = format_delay(timedelta(seconds=int(settings.requeue_after_seconds)))
-            return (
-                f"the broker failed while sending ({exc}); the engine sweep re-sends it in {wait}"
-            )
-        return f"not sent now: the broker is unreachable ({exc}); {later}"
-    except BillingError as exc:
-        return f"not sent now: {exc}; {later}"
-    state, sub_status = _state(number)
-    if state in (ChargeState.QUEUED, ChargeState.IN_FLIGHT):
-        return "sent to the workers"
-    if state == ChargeState.PENDING and sub_status == SubscriptionStatus.PAUSED:
-        return "not sent: its subscription is paused; it is sent once the subscription resumes"
-    if state == ChargeState.PENDING:
-        return f"not sent now: the workers are busy; {later}"
-    return f"charge is now {state}"
-
-
-def _state(number: int) -> tuple[str, str]:
-    with session_scope(get_settings().database_url) as session:
-        charge = session.get_one(Charge, number)
-        return charge.state, charge.subscription.status
+    """Hand the retried charge to the workers now (see ``billing.broker``)."""
+    return broker.send_retried(number, get_settings())
 
 
 @failed_app.command()

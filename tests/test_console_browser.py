@@ -1,0 +1,331 @@
+"""The console in a real browser: Playwright for Python driving Debian's Chromium.
+
+The fast test serves the console with uvicorn on loopback over the ``console`` fixture
+(real PostgreSQL, the engine calling the sandbox over HTTP, no worker process) and does
+what the person on call does: sign in, find the unknown charge from the queue, read the
+back-office box, try Retry without the confirmation (refused) and with it (queued, the
+ledger names them), bulk-discard a filtered selection, export the CSV, sign out. It saves
+screenshots of the overview, the queue and a charge page to ``SCREENSHOTS_DIR`` (the
+README's are made with ``SCREENSHOTS_DIR=docs/screenshots``).
+
+The slow test runs ``billing demo --serve`` (real sandbox, worker, beat and console
+processes) and handles every failed charge the demo makes from the browser alone.
+
+Where ``/usr/bin/chromium`` is absent these tests skip, saying so; with
+``BILLING_REQUIRE_BROWSER=1`` (set by ``.ci/run``) they fail instead, so CI never passes
+on a skipped browser.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from sqlalchemy import select
+
+from billing import ledger
+from billing.db import session_scope
+from billing.models import ChargeState, LedgerEntry
+from tests.fixtures.sandbox import EUR_MERCHANT, SandboxControl
+from tests.fixtures.web import PASSWORDS, Console, failed_charge
+from tests.test_ops import add_charge, add_subscription
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+REQUIRE = os.environ.get("BILLING_REQUIRE_BROWSER") == "1"
+BILLING = str(Path(sys.executable).with_name("billing"))
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not os.access(CHROMIUM, os.X_OK):
+        message = f"{CHROMIUM} is absent: install Debian's chromium (apt-get install -y chromium)"
+        if REQUIRE:
+            pytest.fail(f"browser tests required (BILLING_REQUIRE_BROWSER=1) but {message}")
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    opened = context.new_page()
+    opened.set_default_timeout(15_000)
+    yield opened
+    context.close()
+
+
+@pytest.fixture
+def shots(tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("SCREENSHOTS_DIR") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def served(console: Console) -> Iterator[str]:
+    """The console app on a real loopback port (uvicorn in a thread)."""
+    port = _free_port()
+    config = uvicorn.Config(
+        console.app, host="127.0.0.1", port=port, log_config=None, access_log=False,
+        lifespan="off",
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _sign_in(page: Any, base: str, name: str, password: str) -> None:
+    page.goto(f"{base}/failed")
+    assert "/login" in page.url
+    page.get_by_label("Username").fill(name)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(re.compile(r"/failed$"))
+
+
+def _unknown_charge(console: Console) -> int:
+    h = console.harness
+    control = SandboxControl(h.engine.settings.gateway_url)
+    alias = control.seed_aliases(EUR_MERCHANT, 1)[0]
+    control.set_behaviour(alias, drop_after_record=True)
+    sub_id = h.subscribe("shop-lost", alias, plan="strict")
+    h.engine.sweep_plan("strict")
+    h.run_sent()
+    charge = h.charge(sub_id)
+    assert charge.state == ChargeState.UNKNOWN
+    return charge.id
+
+
+def _approved(console: Console, ref: str) -> None:
+    h = console.harness
+    alias = SandboxControl(h.engine.settings.gateway_url).seed_aliases(EUR_MERCHANT, 1)[0]
+    h.subscribe(ref, alias, plan="monthly")
+    h.engine.sweep_plan("monthly")
+    h.run_sent()
+
+
+def _history(console: Console) -> None:
+    """Ledger rows of the last four weeks, so the overview's chart has something to draw."""
+    now = datetime.now(UTC)
+    with session_scope(console.url) as session:
+        sub = add_subscription(session, "shop-history")
+        charge = add_charge(session, sub, state=ChargeState.APPROVED)
+        for day in range(1, 29):
+            rows = [("approved", "29.90")] * (2 + day * 7 % 5) + [("declined", "0.00")] * (day % 3)
+            for outcome, amount in rows:
+                ledger.append(
+                    session, outcome=outcome, operation="duplicate", actor="test", charge=charge,
+                    amount=Decimal(amount), at=now - timedelta(days=day),
+                )  # fmt: skip
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_the_person_on_call_in_a_browser(
+    console: Console, served: str, page: Any, shots: Path, tmp_path: Path
+) -> None:
+    _history(console)
+    for i in range(3):
+        _approved(console, f"shop-10{i}")
+    unknown = _unknown_charge(console)
+    declined = [failed_charge(console.url, f"shop-20{i}") for i in range(3)]
+    spent = failed_charge(console.url, "shop-300", reason="ladder_exhausted")
+
+    _sign_in(page, served, "otto", PASSWORDS["otto"])
+    page.goto(f"{served}/")
+    page.screenshot(path=str(shots / "overview.png"), full_page=True)
+
+    # The queue, filtered to unknown outcomes; the charge is one click away.
+    page.goto(f"{served}/failed")
+    page.get_by_label("State").select_option("unknown")
+    page.get_by_role("button", name="Filter").click()
+    page.wait_for_url(re.compile(r"state=unknown"))
+    page.goto(f"{served}/failed")
+    page.screenshot(path=str(shots / "failed-queue.png"), full_page=True)
+    page.get_by_label("State").select_option("unknown")
+    page.get_by_role("button", name="Filter").click()
+    page.get_by_role("link", name=str(unknown), exact=True).click()
+    page.wait_for_url(re.compile(rf"/charges/{unknown}$"))
+
+    box = page.locator("section.backoffice")
+    assert "Look this up in the Klik & Pay back office" in box.inner_text()
+    for expected in (EUR_MERCHANT, "9.99 EUR", "203.0.113.7"):
+        assert expected in box.inner_text()
+    page.screenshot(path=str(shots / "charge.png"), full_page=True)
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone
+    page.screenshot(path=str(shots / "charge-phone.png"), full_page=True)
+    wide = page.evaluate("document.documentElement.scrollWidth")
+    assert wide <= 390, f"the charge page is {wide}px wide on a 390px phone"
+    page.set_viewport_size({"width": 1280, "height": 900})
+
+    # Retry without ticking the box: refused, nothing changes.
+    page.get_by_role("button", name="Retry").click()
+    assert "tick the box" in page.locator(".flash").inner_text()
+    assert console.charge(unknown).state == ChargeState.UNKNOWN
+    # Ticked: queued, and the ledger names the person.
+    page.get_by_label("The Klik & Pay back office shows no charge for this attempt").check()
+    page.get_by_label("Reason (optional, written to the ledger)").fill("back office: no charge")
+    page.get_by_role("button", name="Retry").click()
+    assert "sent to the workers" in page.locator(".flash").inner_text()
+    assert console.charge(unknown).state == ChargeState.QUEUED
+    with session_scope(console.url) as session:
+        row = session.scalars(
+            select(LedgerEntry).where(LedgerEntry.outcome == "retry_requested")
+        ).one()
+        assert row.actor == "console:otto" and "back office: no charge" in (row.reason or "")
+
+    # Bulk discard of the hard declines only.
+    page.goto(f"{served}/failed?reason=hard_decline")
+    assert "3 charge(s) waiting match the filter" in page.content()
+    page.get_by_label("discard", exact=True).check()
+    page.get_by_label("Reason (written to the ledger of each charge)").fill("customers left")
+    page.get_by_role("button", name="Review selection").click()
+    page.get_by_role("button", name="Discard 3 charge(s)").click()
+    assert "Discard: 3 of 3 done" in page.locator("h1").inner_text()
+    assert [console.charge(i).state for i in declined] == [ChargeState.DISCARDED] * 3
+    assert console.charge(spent).state == ChargeState.FAILED
+
+    # CSV export of what is left.
+    page.goto(f"{served}/failed")
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Export CSV").click()
+    saved = tmp_path / "failed.csv"
+    download.value.save_as(saved)
+    rows = list(csv.DictReader(io.StringIO(saved.read_text())))
+    assert [int(r["charge_id"]) for r in rows] == [spent]
+
+    # Sign out ends the session: the queue is behind the sign-in page again.
+    page.get_by_role("button", name="Sign out").click()
+    page.wait_for_url(re.compile(r"/login$"))
+    page.goto(f"{served}/failed")
+    assert "/login" in page.url
+
+
+# --- the whole demo, from the browser alone ------------------------------------------------
+
+
+@pytest.mark.slow
+def test_make_console_lets_a_person_handle_every_failed_charge_of_the_demo(
+    page: Any, tmp_path: Path
+) -> None:
+    process = subprocess.Popen(
+        [BILLING, "demo", "--serve", "--workdir", str(tmp_path / "demo"),
+         "--console-port", str(_free_port())],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+    )  # fmt: skip
+    try:
+        out = _read_until(process, "Ctrl-C stops them all", timeout=120)
+        url = re.search(r"console\s+(http://\S+)/login", out)
+        user = re.search(r"user\s+(\S+)", out)
+        password = re.search(r"password\s+(\S+)", out)
+        calls = re.search(r"(http://\S+/_sandbox/calls)", out)
+        assert url and user and password and calls, out[-2000:]
+        base = url.group(1)
+        _sign_in(page, base, user.group(1), password.group(1))
+        handled = 0
+        while True:
+            page.goto(f"{base}/failed")
+            links = page.locator("table.queue tbody a[href^='/charges/']")
+            if links.count() == 0:
+                break
+            links.first.click()
+            state = page.locator("h1 .badge").inner_text()
+            if state == "unknown":
+                # The back office (the sandbox's call log) shows whether it was charged.
+                tx = _charged_tx(calls.group(1), page.locator("section.backoffice").inner_text())
+                if tx:
+                    page.get_by_label("approved", exact=True).check()
+                    page.get_by_label(re.compile("^TX")).fill(tx)
+                    page.get_by_label("Reason (written to the ledger)").nth(0).fill("seen paid")
+                    page.get_by_role("button", name="Resolve").click()
+                else:
+                    page.get_by_label(re.compile("shows no charge")).check()
+                    page.get_by_role("button", name="Retry").click()
+            else:
+                page.locator("form[action$='/discard'] input[name=reason]").fill("card refused")
+                page.get_by_role("button", name="Discard").click()
+            assert "ok" in (page.locator(".flash").get_attribute("class") or "")
+            handled += 1
+            assert handled < 10
+        assert handled == 2  # the hard decline and the lost answer
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0
+
+
+def _read_until(process: subprocess.Popen[bytes], needle: str, *, timeout: float) -> str:
+    assert process.stdout is not None
+    fd = process.stdout.fileno()  # read the pipe itself: a buffered readline would hide lines
+    seen = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while needle.encode() not in seen:
+            left = deadline - time.monotonic()
+            assert left > 0 and process.poll() is None, seen[-3000:].decode(errors="replace")
+            if selector.select(min(left, 1.0)):
+                seen += os.read(fd, 65536)
+    return seen.decode(errors="replace")
+
+
+def _charged_tx(calls_url: str, box: str) -> str | None:
+    """The TX the sandbox recorded for the alias and amount of the back-office box."""
+    import requests
+
+    amount = re.search(r"Amount\s+(\d+\.\d\d)", box)
+    masked = re.search(r"Card alias\s+(\S+)…(\S+)", box)
+    assert amount and masked, box
+    for call in requests.get(calls_url, timeout=5).json()["calls"]:
+        alias = call.get("alias") or ""
+        if (
+            call.get("recorded")
+            and alias.startswith(masked.group(1))
+            and alias.endswith(masked.group(2))
+            and call.get("amount") == amount.group(1)
+        ):
+            return str(call.get("tx"))
+    return None
