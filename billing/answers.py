@@ -170,6 +170,8 @@ def tx_problem(tx: str, pattern: re.Pattern[str]) -> str | None:
     it is more likely a card number echoed in the TX's place than a transaction number,
     and storing it would store a card number.
     """
+    if len(tx) > widths.TX:  # whatever the pattern allows: it could not be stored whole
+        return f"its transaction number is longer than {widths.TX} characters"
     if not pattern.fullmatch(tx):
         return "its transaction number does not have a transaction number's shape"
     if tx.isdigit() and 13 <= len(tx) <= 19 and luhn_valid(tx):

@@ -50,18 +50,27 @@ class CallDeadline:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def fire(self) -> None:
-        """The deadline passed: shut every socket of the call, so its reads end now."""
+        """The deadline passed: shut every socket of the call, so its reads end now.
+
+        Under the lock: :meth:`finish` waits for it, so a socket is never shut once its call
+        has finished (and the connection may serve another call from the pool).
+        """
         with self.lock:
             if self.finished:
                 return
             self.fired = True
-            connections = list(self.connections)
-        for connection in connections:
-            sock = getattr(connection, "sock", None)
-            if sock is None:
-                continue
-            with contextlib.suppress(OSError):  # already closed: nothing left to wait on
-                sock.shutdown(socket.SHUT_RDWR)
+            for connection in self.connections:
+                sock = getattr(connection, "sock", None)
+                if sock is None:
+                    continue
+                with contextlib.suppress(OSError):  # already closed: nothing to wait on
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        """The call is over: the deadline can no longer touch its connections. Call it
+        before the connection goes back to the pool (before the response is closed)."""
+        with self.lock:
+            self.finished = True
 
 
 _local = threading.local()
@@ -118,7 +127,12 @@ os.register_at_fork(after_in_child=_watchdog._reset)
 
 @contextmanager
 def deadline(seconds: float) -> Iterator[CallDeadline]:
-    """Run the HTTP call made in this block for at most ``seconds`` in all."""
+    """Run the HTTP call made in this block for at most ``seconds`` in all.
+
+    Read the whole answer inside the block and call ``finish()`` (or leave the block)
+    before closing the response, so the connection is out of the deadline's reach when it
+    returns to the pool.
+    """
     call = CallDeadline(at=time.monotonic() + seconds, seconds=seconds)
     previous = current()
     _local.call = call
@@ -126,8 +140,7 @@ def deadline(seconds: float) -> Iterator[CallDeadline]:
     try:
         yield call
     finally:
-        with call.lock:
-            call.finished = True
+        call.finish()
         _local.call = previous
 
 

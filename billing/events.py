@@ -32,7 +32,7 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from billing.charging.rows import ChargeLike, SubscriptionLike
+from billing.charging.rows import ChargeLike, SubscriptionLike, locked_subscriptions
 from billing.models import (
     Event,
     EventDelivery,
@@ -50,9 +50,6 @@ EVENT_TYPES: tuple[str, ...] = tuple(t.value for t in EventType)
 
 #: The endpoint of ``BILLING_WEBHOOK_URL``: gets every event (a reserved name in the plans file).
 DEFAULT_ENDPOINT = "default"
-
-#: Session.info key: subscriptions whose row this transaction already holds locked.
-_LOCKED = "billing.events.locked_subscriptions"
 
 
 def type_matches(patterns: Sequence[str], type_: str) -> bool:
@@ -111,27 +108,11 @@ def _lock_subscription(session: Session, sub_id: int) -> None:
     touching one subscription could commit in the opposite order to their IDs, and a
     delivery worker could post the later event first. SQLite has one writer at a time.
     """
-    locked = _locked(session)
-    if sub_id in locked:
+    if sub_id in locked_subscriptions(session):
         return
     if session.get_bind().dialect.name == "postgresql":
         session.execute(select(Subscription.id).where(Subscription.id == sub_id).with_for_update())
-    locked.add(sub_id)
-
-
-def _locked(session: Session) -> set[int]:
-    """The subscriptions locked by this session's current transaction."""
-    transaction = session.get_transaction()
-    held = session.info.get(_LOCKED)
-    if held is None or held[0] is not transaction:
-        held = session.info[_LOCKED] = (transaction, set())
-    locked: set[int] = held[1]
-    return locked
-
-
-def held_subscription(session: Session, sub_id: int) -> None:
-    """Tell :func:`emit` that this transaction already locked the subscription's row."""
-    _locked(session).add(sub_id)
+    locked_subscriptions(session).add(sub_id)
 
 
 def emit(

@@ -572,35 +572,42 @@ class KlikAndPayClient:
         return self.timeout[0] + self.timeout[1]
 
     def _send(self, script: str, form: dict[str, str], secrets: tuple[str, ...]) -> Outcome:
+        response: requests.Response | None = None
         with deadline(self.total_deadline) as call:
-            outcome = self._post(script, form, secrets)
+            try:
+                response = self.session.post(
+                    f"{self.base_url}/{script}",
+                    data=form,
+                    timeout=self.timeout,
+                    allow_redirects=False,
+                    verify=self.session.verify,  # True, or the CA bundle from the environment
+                    stream=True,
+                )
+                outcome = self._answer(response, secrets)
+            except requests.RequestException as exc:
+                outcome = transport_outcome(exc)
+            except Exception as exc:  # anything else from the stack: we cannot say what was sent
+                outcome = Unknown(
+                    reason=f"unexpected {type(exc).__name__} while calling the gateway"
+                )
+            # Out of the deadline's reach before the connection goes back to the pool.
+            call.finish()
+        if response is not None:
+            response.close()
         if call.fired:
             return _cut(call, outcome)
         return outcome
 
-    def _post(self, script: str, form: dict[str, str], secrets: tuple[str, ...]) -> Outcome:
+    def _answer(self, response: requests.Response, secrets: tuple[str, ...]) -> Outcome:
+        """The outcome of an answer that has begun: read whole, then classified."""
         try:
-            response = self.session.post(
-                f"{self.base_url}/{script}",
-                data=form,
-                timeout=self.timeout,
-                allow_redirects=False,
-                verify=self.session.verify,  # True, or the CA bundle from the environment
-                stream=True,
+            data = self._read(response)
+        except Exception as exc:  # the request was sent and an answer had begun
+            return Unknown(
+                reason=f"answer interrupted ({type(exc).__name__})",
+                http_status=response.status_code,
             )
-        except requests.RequestException as exc:
-            return transport_outcome(exc)
-        except Exception as exc:  # anything else from the stack: we cannot say what was sent
-            return Unknown(reason=f"unexpected {type(exc).__name__} while calling the gateway")
-        with response:
-            try:
-                data = self._read(response)
-            except Exception as exc:  # the request was sent and an answer had begun
-                return Unknown(
-                    reason=f"answer interrupted ({type(exc).__name__})",
-                    http_status=response.status_code,
-                )
-            text = _decode(data, response.headers.get("Content-Type", ""))
+        text = _decode(data, response.headers.get("Content-Type", ""))
         return classify(
             response.status_code,
             text,
@@ -622,11 +629,13 @@ class KlikAndPayClient:
 
 
 def _cut(call: CallDeadline, outcome: Outcome) -> Outcome:
-    """The outcome of a call the deadline ended: unknown once the request may have gone."""
+    """The outcome of a call the deadline ended: unknown once the request may have gone.
+
+    Even an answer that reads as approved or declined: cut by the deadline, an answer
+    without a ``Content-Length`` can look whole (a shortened TX), so none is trusted.
+    """
     if not call.may_have_sent:
         return NotSent(reason=f"could not connect within the {call.seconds:g} s deadline")
-    if outcome.kind == "approved" or outcome.kind == "declined":
-        return outcome  # the whole answer had arrived just before the deadline
     return Unknown(
         reason=f"no complete answer within the {call.seconds:g} s deadline (connect + read "
         "timeout): the request was sent, the card may have been charged",

@@ -163,6 +163,7 @@ class Charge(Base):
         UniqueConstraint("subscription_id", "period"),
         Index("ix_charges_dispatch", "state", "next_attempt_at"),
         Index("ix_charges_review", "review"),
+        Index("ix_charges_tx", "tx"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -191,7 +192,8 @@ class Charge(Base):
     last_message: Mapped[str | None] = mapped_column(String(widths.MESSAGE))
     #: Why the charge waits for a person (``billing.vocabulary.FailureReason``).
     reason: Mapped[str | None] = mapped_column(String(widths.REASON))
-    #: Why a person must look at it whatever its state (``billing.vocabulary.Review``).
+    #: Why a person must look at it whatever its state: ``billing.vocabulary.Review``
+    #: values, comma-separated (``billing.charging.lifecycle`` reads and adds them).
     review: Mapped[str | None] = mapped_column(String(widths.REVIEW))
     authorized_amount: Mapped[Decimal | None]
     collected_amount: Mapped[Decimal | None]

@@ -25,6 +25,7 @@ never by authorizing the card anew.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -48,6 +49,7 @@ from billing.redact import mask_alias
 from billing.reports import entry_dict
 from billing.vocabulary import (
     ATTENTION_STATES,
+    LATE_FLAGS,
     QUEUE_REASONS,
     SETTLEMENT_FAILED,
     SETTLEMENT_UNKNOWN,
@@ -235,7 +237,7 @@ def list_failed(
     if plan is not None:
         query = query.where(Charge.plan == plan)
     if reason is not None:
-        query = query.where(or_(Charge.reason == reason, Charge.review == reason))
+        query = query.where(or_(Charge.reason == reason, Charge.review.like(f"%{reason}%")))
     if state is not None:
         query = query.where(Charge.state == state)
     if older_than is not None:
@@ -295,10 +297,14 @@ def retry(
     *,
     by: str,
     confirm_not_charged: bool = False,
+    attempt: int | None = None,
     reason: str | None = None,
     now: datetime | None = None,
 ) -> Handled:
     """Put a queued charge back in line to be sent now, bypassing the velocity guard.
+
+    ``attempt`` is the attempt the person checked in the back office: if the charge has
+    made another attempt since, the retry is refused (that one was not checked).
 
     A failed validation or release is run again (the charge goes back to ``authorized``,
     the engine sweep sends the call), never a new ``duplicate.pl``. The caller dispatches
@@ -313,6 +319,11 @@ def retry(
         raise StateError(
             f"charge {charge_id} has an unknown outcome: check the Klik & Pay back office, "
             "then pass --confirm-not-charged"
+        )
+    if attempt is not None and attempt != charge.attempts:
+        raise StateError(
+            f"charge {charge_id} is at attempt {charge.attempts}, not the attempt {attempt} "
+            "that was checked: check the latest attempt in the back office first"
         )
     sub = load_subscription(session, charge.subscription_id, lock=True)
     why = f"retry requested (was {charge.state}: {charge.reason or 'no reason recorded'})"
@@ -342,6 +353,7 @@ def retry(
         moved = _move_from(
             session, charge, "retry", ChargeState.PENDING, now,
             {"next_attempt_at": now, "manual": True, "reason": None, "declines": 0},
+            where=[lifecycle.not_late_flagged()],
         )  # fmt: skip
         details["call"] = Call.CHARGE.value
         back = lifecycle.move_subscription(
@@ -398,6 +410,13 @@ def resolve(
         )
     if not approved and tx:
         raise InvalidInput(f"charge {charge_id}: --tx goes with --approved, not --declined")
+    if not approved:
+        _refuse_late_approval(charge, "resolved as declined")
+    if charge.reason in SETTLEMENT_FAILED:
+        raise StateError(
+            f"charge {charge_id}: its {_kind(charge)} call failed while the card's "
+            f"authorization is held; `billing failed retry {charge_id}` runs that call again"
+        )
     plan = plans.plan(charge.plan)
     sub = load_subscription(session, charge.subscription_id, lock=True)
     details = {"previous_state": charge.state, "previous_reason": charge.reason}
@@ -412,17 +431,19 @@ def resolve(
             actor=by, subscription=sub, charge=moved, reason=why, details=details,
             attempt_id=attempt_id,
         )  # fmt: skip
-        charge_event(
-            session, EventType.CHARGE_RESOLVED, moved, sub, reason=why, by=by,
-            resolution="declined",
-        )  # fmt: skip
+        after: lifecycle.SubMove | Lost = Lost(None, "resolved_declined")
         if sub.status != SubscriptionStatus.CANCELLED:
             after = lifecycle.move_subscription(
                 session, sub.id, "resolved_declined", to=dunning.status_after_failure(plan),
                 now=now,
             )  # fmt: skip
-            sub = _told(session, after, sub)
-        return Handled(moved, sub)
+        # The shop's charge event names the subscription as it is after the whole change.
+        final = after.after if isinstance(after, lifecycle.SubMove) else sub
+        charge_event(
+            session, EventType.CHARGE_RESOLVED, moved, final, reason=why, by=by,
+            resolution="declined",
+        )  # fmt: skip
+        return Handled(moved, _told(session, after, sub))
     if charge.deferred:
         to, outcome = ChargeState.AUTHORIZED, LedgerOutcome.RESOLVED_AUTHORIZED
         values: dict[str, Any] = {
@@ -438,14 +459,14 @@ def resolve(
         charge=moved, amount=charge.amount, tx=tx, reason=why, details=details,
         attempt_id=attempt_id,
     )  # fmt: skip
-    charge_event(
-        session, EventType.CHARGE_RESOLVED, moved, sub, amount=charge.amount, reason=why,
-        by=by, resolution=outcome.removeprefix("resolved_"),
-    )  # fmt: skip
     revive = sub.status == SubscriptionStatus.SUSPENDED and not _other_waiting(session, charge)
     advanced = lifecycle.advance_subscription(
         session, sub.id, plan, charge.period, now, revive=revive
     )
+    charge_event(
+        session, EventType.CHARGE_RESOLVED, moved, advanced.after, amount=charge.amount,
+        reason=why, by=by, resolution=outcome.removeprefix("resolved_"),
+    )  # fmt: skip
     return Handled(moved, _told(session, advanced, sub))
 
 
@@ -506,11 +527,11 @@ def review(
     moved = lifecycle.clear_review(session, charge_id, charge.review, now=now)
     if isinstance(moved, Lost):
         raise StateError(f"charge {charge_id} changed meanwhile: look at it again")
-    sub = load_subscription(session, charge.subscription_id)
+    sub = load_subscription(session, charge.subscription_id, lock=True)
     ledger.append(
         session, outcome=LedgerOutcome.REVIEWED, operation=Operation.PERSON, actor=by,
         subscription=sub, charge=moved, reason=reason.strip(),
-        details={"review": charge.review},
+        details={"review": [str(flag) for flag in lifecycle.flags_of(charge.review)]},
     )  # fmt: skip
     return Handled(moved, sub)
 
@@ -530,11 +551,19 @@ def _move_from(
     to: ChargeState,
     now: datetime,
     values: dict[str, Any],
+    *,
+    where: Sequence[ColumnElement[bool]] = (),
 ) -> ChargeRow:
-    """Move the charge a person decided about, on condition it is still as they saw it."""
+    """Move the charge a person decided about, on condition it is still as they saw it
+    (state, reason, attempt and review flags)."""
     moved = lifecycle.move(
         session, charge.id, event, to=to, now=now, attempt=charge.attempts,
-        where=[Charge.state == charge.state, _same(Charge.reason, charge.reason)],
+        where=[
+            Charge.state == charge.state,
+            _same(Charge.reason, charge.reason),
+            _same(Charge.review, charge.review),
+            *where,
+        ],
         values=values,
     )  # fmt: skip
     if isinstance(moved, Lost):
@@ -580,8 +609,10 @@ def _refuse_settlement_unknown(charge: ChargeRow, action: str) -> None:
 
 
 def _refuse_late_approval(charge: ChargeRow, action: str) -> None:
-    """An earlier attempt was approved late: the card was charged for this period."""
-    if charge.reason == FailureReason.LATE_APPROVAL:
+    """An earlier attempt was approved late: the card was charged for this period, so the
+    charge is never sent again, given up or taken as declined; it is resolved approved."""
+    late = set(lifecycle.flags_of(charge.review)) & set(LATE_FLAGS)
+    if charge.reason == FailureReason.LATE_APPROVAL or late:
         raise StateError(
             f"charge {charge.id} cannot be {action}: an earlier attempt was approved late, so "
             "the card was charged; find its TX in the ledger (`billing failed show "

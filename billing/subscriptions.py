@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from billing import dates, ledger
 from billing.charging import lifecycle
 from billing.charging.lifecycle import Lost, SubMove
-from billing.charging.rows import SubRow, load_subscription
+from billing.charging.rows import ChargeRow, SubRow, load_subscription
 from billing.db import MAX_ID
 from billing.errors import InvalidInput, NotFound, StateError
 from billing.events import charge_event, subscription_event
@@ -103,9 +103,20 @@ def _locked(session: Session, ref: str) -> SubRow:
     return load_subscription(session, found.id, lock=True)
 
 
-def _moved(session: Session, moved: SubMove | Lost, sub: SubRow, action: str) -> SubRow:
+def _moved(
+    session: Session,
+    moved: SubMove | Lost,
+    sub: SubRow,
+    action: str,
+    *,
+    charges_first: Sequence[tuple[EventType, ChargeRow, str]] = (),
+) -> SubRow:
+    """The subscription after its move, with the shop's events: its charges' first (with
+    the subscription as it is after the change), then its own."""
     if isinstance(moved, Lost):
         raise StateError(f"subscription {sub.external_ref} changed meanwhile; it was not {action}")
+    for type_of_charge, charge, why in charges_first:
+        charge_event(session, type_of_charge, charge, moved.after, reason=why)
     type_ = STATUS_EVENTS.get(SubscriptionStatus(moved.after.status))
     if moved.changed and type_ is not None:
         subscription_event(session, type_, moved.after, previous=moved.before)
@@ -180,8 +191,9 @@ def resume(
     since = f"from {sub.paused_at.isoformat()} " if sub.paused_at else ""
     paused = f"paused {since}to {now.isoformat()}"
     skipped = range(sub.next_period, next_period)
+    written_off: list[ChargeRow] = []
     if skipped:
-        lifecycle.move_many(
+        written_off = lifecycle.move_many(
             session, "skip", to=ChargeState.SKIPPED, now=now,
             where=[Charge.subscription_id == sub.id, Charge.period.in_(list(skipped))],
             values={"next_attempt_at": None, "reason": "paused"},
@@ -212,7 +224,13 @@ def resume(
             "paused_at": None,
         },
     )  # fmt: skip
-    after = _moved(session, moved, sub, "resumed")
+    after = _moved(
+        session,
+        moved,
+        sub,
+        "resumed",
+        charges_first=[(EventType.CHARGE_SKIPPED, charge, paused) for charge in written_off],
+    )
     _row(session, after, LedgerOutcome.SUBSCRIPTION_RESUMED, by, _why(reason, paused))
     log.info(
         "subscription %s resumed by %s at period %d (%d skipped)",

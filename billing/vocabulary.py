@@ -113,13 +113,20 @@ class Review(enum.StrEnum):
     """Why a person must look at a charge whatever its state (``charges.review``).
 
     The gateway said something the books do not: money moved that no row of ours
-    collected, or not the amount asked. The charge stays in the failed-charge queue until
-    a person has reconciled it (``billing failed review``).
+    collected, or not the amount asked. A charge can carry several flags (comma-separated):
+    a new one never hides an older one. It stays in the failed-charge queue until a person
+    has reconciled it (``billing failed review``), which clears the flags they saw.
     """
 
     LATE_APPROVAL = "late_approval"  # an attempt no longer current was approved
     POSSIBLE_DOUBLE_CHARGE = "possible_double_charge"  # ... and another attempt was too
     AMOUNT_MISMATCH = "amount_mismatch"  # approved, but not for the amount asked
+    TX_REUSED = "tx_reused"  # approved with a transaction number another charge holds
+
+
+#: Flags saying the card was charged for the period by an attempt the books do not hold:
+#: such a charge is never sent again, discarded or resolved as declined.
+LATE_FLAGS = (Review.LATE_APPROVAL, Review.POSSIBLE_DOUBLE_CHARGE)
 
 
 class LedgerOutcome(enum.StrEnum):
@@ -207,6 +214,7 @@ class EventType(enum.StrEnum):
     CHARGE_UNKNOWN = "charge.unknown"
     CHARGE_RESOLVED = "charge.resolved"
     CHARGE_DISCARDED = "charge.discarded"
+    CHARGE_SKIPPED = "charge.skipped"
     CHARGE_CANCELLED = "charge.cancelled"
     CHARGE_REFUNDED = "charge.refunded"
     SUBSCRIPTION_PAST_DUE = "subscription.past_due"

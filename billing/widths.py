@@ -21,8 +21,8 @@ CODE = 32
 MESSAGE = 255
 #: Why a charge waits for a person, or why it was discarded.
 REASON = 64
-#: What a charge's review flag says.
-REVIEW = 32
+#: A charge's review flags (``billing.vocabulary.Review`` values, comma-separated).
+REVIEW = 128
 #: A ledger row's outcome (``resolved_validate_declined`` is the longest today).
 OUTCOME = 40
 #: Charge state, subscription status, attempt outcome, settlement operation.
@@ -41,9 +41,17 @@ MERCHANT_ID = 32
 LEDGER_TEXT = 4000
 
 
+#: What stands in for a NUL character, which PostgreSQL's text types cannot hold.
+NUL_MARK = "\ufffd"
+
+
 def fit(value: str | None, width: int) -> str | None:
-    """``value`` if it fits ``width`` characters, else cut with ``CUT_MARKER`` at the end."""
-    if value is None or len(value) <= width:
+    """``value`` as it can be stored: NUL characters replaced, and cut with ``CUT_MARKER``
+    at the end when it is longer than ``width`` characters."""
+    if value is None:
+        return None
+    value = value.replace("\x00", NUL_MARK)
+    if len(value) <= width:
         return value
     return value[: max(width - len(CUT_MARKER), 0)] + CUT_MARKER
 

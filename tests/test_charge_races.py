@@ -21,7 +21,7 @@ from sqlalchemy import event, select
 
 from billing import ops, reports, subscriptions
 from billing.db import get_engine, session_scope
-from billing.errors import BillingError, ConfigError
+from billing.errors import BillingError, ConfigError, StateError
 from billing.gateway import KlikAndPayClient
 from billing.models import Attempt, ChargeState, LedgerEntry, utcnow
 
@@ -407,3 +407,51 @@ def test_9_a_late_refund_answer_is_not_shown_as_approved(db_url, gateway, make_h
     charge = h.charge(sub_id)
     assert charge.refunded_amount in (None, Decimal("0.00"))  # the books moved nothing
     assert charge.review == "late_approval"  # but a person is told the money moved
+
+
+# --- the person's check names its attempt ----------------------------------------------
+
+
+def test_a_retry_is_refused_when_the_charge_made_another_attempt_since_the_check(
+    db_url, gateway, make_harness
+):
+    h = make_harness(db_url, read_timeout=20)
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    charge_id, first = _unknown_with_a_held_call(h, gateway, alias)
+    gateway.release(alias)
+    first.join()  # attempt 1's approval came back after all: the charge is approved
+    with session_scope(db_url) as session, pytest.raises(StateError):
+        ops.retry(session, charge_id, by="alice", confirm_not_charged=True, attempt=1)
+
+    charge_two, second = _unknown_with_a_second_attempt(h, gateway, db_url)
+    with session_scope(db_url) as session, pytest.raises(StateError, match="attempt 2"):
+        ops.retry(session, charge_two, by="alice", confirm_not_charged=True, attempt=1)
+    gateway.release(second.alias)
+    second.worker.join()
+
+
+class _Second:
+    def __init__(self, alias: str, worker: Background) -> None:
+        self.alias, self.worker = alias, worker
+
+
+def _unknown_with_a_second_attempt(h: Any, gateway: Any, url: str) -> tuple[int, _Second]:
+    """A charge whose attempt 1 was given up on and retried, and whose attempt 2 is
+    unknown too (its answer held)."""
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    gateway.set_behaviour(alias, decline="05", times=1)
+    h.subscribe("shop-2", alias)
+    h.engine.sweep_plan("monthly")
+    (charge_id,) = h.take_sent()
+    claim = h.engine.claim(charge_id)
+    assert h.engine.mark_stuck(utcnow() + LATER) == 1
+    with session_scope(url) as session:
+        ops.retry(session, charge_id, by="alice", confirm_not_charged=True, attempt=1)
+    h.engine.dispatch_due()
+    h.take_sent()
+    gateway.set_behaviour(alias, hold=True, times=1)
+    worker = Background(lambda: h.engine.charge(charge_id), "attempt-2")
+    gateway.wait_held(alias)
+    assert h.engine.mark_stuck(utcnow() + LATER * 2) == 1
+    del claim  # attempt 1's answer never comes
+    return charge_id, _Second(alias, worker)

@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
-from sqlalchemy import and_, exists, insert, or_, select, update
+from sqlalchemy import and_, case, exists, insert, or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -49,6 +49,7 @@ from billing.vocabulary import (
     CHARGEABLE,
     COLLECTED,
     STATUS_EVENTS,
+    SUBSCRIPTION_CANCELLED,
     Call,
     ChargeState,
     EventType,
@@ -67,8 +68,8 @@ CURRENT = or_(
     Charge.state == ChargeState.IN_FLIGHT,
     and_(Charge.state == ChargeState.UNKNOWN, Charge.reason == FailureReason.STUCK_IN_FLIGHT),
 )
-#: No earlier attempt was approved late: another try may be scheduled.
-NOT_LATE_APPROVED = or_(Charge.review.is_(None), Charge.review != Review.LATE_APPROVAL)
+#: Why a retry scheduled while its subscription was being cancelled is discarded.
+CANCELLED_WHILE_SENT = "subscription cancelled while the charge was being sent"
 
 Status = Literal["done", "not_claimed", "held", "retry", "late"]
 
@@ -345,13 +346,14 @@ class Calls:
         session: Session,
         claim: Claim,
         charge: ChargeRow,
+        sub: SubRow,
         result: Outcome,
         outcome: LedgerOutcome,
         **extra: Any,
     ) -> None:
         """The ledger row of this attempt's answer (the private key scrubbed from it)."""
         ledger.append_outcome(
-            session, charge, claim.subscription, result, operation=Operation.DUPLICATE,
+            session, charge, sub, result, operation=Operation.DUPLICATE,
             actor=self.ctx.actor, outcome=outcome, attempt_id=claim.attempt_id,
             secrets=(claim.private_key,), **extra,
         )  # fmt: skip
@@ -368,7 +370,7 @@ class Calls:
         attempt was approved late: the charge fails instead, for a person."""
         where = [CURRENT]
         if to in (ChargeState.PENDING, ChargeState.QUEUED):
-            where.append(NOT_LATE_APPROVED)
+            where.append(lifecycle.not_late_flagged())
         moved = lifecycle.move(
             session, claim.charge.id, "answer", to=to, now=now, attempt=claim.number,
             where=where, values=values,
@@ -376,7 +378,7 @@ class Calls:
         if isinstance(moved, Lost) and to in (ChargeState.PENDING, ChargeState.QUEUED):
             moved = lifecycle.move(
                 session, claim.charge.id, "answer", to=ChargeState.FAILED, now=now,
-                attempt=claim.number, where=[CURRENT, Charge.review == Review.LATE_APPROVAL],
+                attempt=claim.number, where=[CURRENT, lifecycle.late_flagged()],
                 values={
                     **values, "reason": FailureReason.LATE_APPROVAL, "next_attempt_at": None,
                     "last_message": "an earlier attempt was approved late: see its ledger row",
@@ -390,17 +392,16 @@ class Calls:
         charge, plan = claim.charge, claim.plan
         asked = charge.amount
         mismatch = result.amount != asked if result.amount is not None else bool(result.amount_text)
-        review: Any = lifecycle.either_value(
-            Charge.review == Review.LATE_APPROVAL,
-            Review.POSSIBLE_DOUBLE_CHARGE,
-            Review.AMOUNT_MISMATCH if mismatch else Charge.review,
-        )
-        values: dict[str, Any] = {
-            "tx": widths.fit(result.tx, widths.TX),
-            "reason": None,
-            "review": review,
-            **_said(result),
-        }
+        tx = widths.fit(result.tx, widths.TX)
+        # The flags the database sets from the row: a late approval of an earlier attempt
+        # becomes a possible double charge; another amount, or a TX another charge holds,
+        # adds its own flag. None of them hides another.
+        review: Any = lifecycle.upgraded_late_approval()
+        if mismatch:
+            review = lifecycle.add_flag(Review.AMOUNT_MISMATCH, review)
+        held_elsewhere = exists().where(Charge.tx == tx, Charge.id != charge.id)
+        review = case((held_elsewhere, lifecycle.add_flag(Review.TX_REUSED, review)), else_=review)
+        values: dict[str, Any] = {"tx": tx, "reason": None, "review": review, **_said(result)}
         if charge.deferred:
             to, outcome, event = (
                 ChargeState.AUTHORIZED,
@@ -418,10 +419,13 @@ class Calls:
         moved = self._answer(session, claim, to, values, now)
         if isinstance(moved, Lost):
             return moved
-        details = _answered(result, asked) if mismatch else None
-        self._ledger(session, claim, moved, result, outcome, amount=asked, details=details)
+        # The subscription is locked (by the advance) before any row refers to it.
         advanced = lifecycle.advance_subscription(
             session, charge.subscription_id, plan, charge.period, now
+        )
+        details = _answered(result, asked) if mismatch else None
+        self._ledger(
+            session, claim, moved, advanced.after, result, outcome, amount=asked, details=details
         )
         charge_event(session, event, moved, advanced.after, amount=asked)
         _subscription_changed(session, advanced)
@@ -444,6 +448,7 @@ class Calls:
         moved = self._answer(session, claim, to, values, now)
         if isinstance(moved, Lost):
             return moved
+        sub = load_subscription(session, charge.subscription_id, lock=True)
         if moved.state == ChargeState.FAILED:
             failure = FailureReason(moved.reason) if moved.reason else failure
         retry_at = (
@@ -452,11 +457,12 @@ class Calls:
             else None
         )
         self._ledger(
-            session, claim, moved, result, LedgerOutcome.DECLINED, reason=failure,
+            session, claim, moved, sub, result, LedgerOutcome.DECLINED, reason=failure,
             details={"soft": result.soft, "next_attempt_at": retry_at},
         )  # fmt: skip
+        discarded = self._unless_cancelled(session, moved, sub, now)
         changed: lifecycle.SubMove | Lost = Lost(None, "declined")
-        if moved.state == ChargeState.PENDING:
+        if moved.state == ChargeState.PENDING and discarded is None:
             changed = lifecycle.move_subscription(
                 session, charge.subscription_id, "declined", to=SubscriptionStatus.PAST_DUE,
                 now=now,
@@ -467,15 +473,40 @@ class Calls:
                 to=dunning.status_after_failure(plan), now=now,
             )  # fmt: skip
         # The shop sees the subscription as it is after the whole change.
-        sub = changed.after if isinstance(changed, lifecycle.SubMove) else claim.subscription
+        sub = changed.after if isinstance(changed, lifecycle.SubMove) else sub
+        told = discarded or moved
         charge_event(
-            session, EventType.CHARGE_DECLINED, moved, sub, reason=failure, call=Call.CHARGE,
+            session, EventType.CHARGE_DECLINED, told, sub, reason=failure, call=Call.CHARGE,
             soft=result.soft, next_attempt_at=retry_at.replace("+00:00", "Z") if retry_at else None,
         )  # fmt: skip
         if moved.state == ChargeState.FAILED:
             charge_event(session, EventType.CHARGE_FAILED, moved, sub, failure=failure)
+        if discarded is not None:
+            charge_event(
+                session, EventType.CHARGE_DISCARDED, discarded, sub, reason=CANCELLED_WHILE_SENT
+            )
         _subscription_changed(session, changed)
-        return Recorded(moved, LedgerOutcome.DECLINED, failure)
+        return Recorded(discarded or moved, LedgerOutcome.DECLINED, failure)
+
+    def _unless_cancelled(
+        self, session: Session, moved: ChargeRow, sub: SubRow, now: datetime
+    ) -> ChargeRow | None:
+        """A retry scheduled for a subscription cancelled while its call was out: nothing
+        would ever send it, so it is discarded now (with its ledger row)."""
+        if moved.state != ChargeState.PENDING or sub.status != SubscriptionStatus.CANCELLED:
+            return None
+        discarded = lifecycle.move(
+            session, moved.id, "discard", to=ChargeState.DISCARDED, now=now,
+            where=[Charge.state == ChargeState.PENDING],
+            values={"next_attempt_at": None, "reason": SUBSCRIPTION_CANCELLED},
+        )  # fmt: skip
+        if isinstance(discarded, Lost):
+            return None
+        ledger.append(
+            session, outcome=LedgerOutcome.DISCARDED, operation=Operation.ENGINE,
+            actor=self.ctx.actor, subscription=sub, charge=discarded, reason=CANCELLED_WHILE_SENT,
+        )  # fmt: skip
+        return discarded
 
     def _not_sent(
         self, session: Session, claim: Claim, result: NotSent, now: datetime, *, again: bool
@@ -490,11 +521,10 @@ class Calls:
             moved = self._answer(session, claim, ChargeState.FAILED, values, now)
         if isinstance(moved, Lost):
             return moved
-        self._ledger(session, claim, moved, result, LedgerOutcome.NOT_SENT)
+        sub = load_subscription(session, moved.subscription_id, lock=True)
+        self._ledger(session, claim, moved, sub, result, LedgerOutcome.NOT_SENT)
         if moved.state == ChargeState.FAILED:
-            charge_event(
-                session, EventType.CHARGE_FAILED, moved, claim.subscription, failure=moved.reason
-            )
+            charge_event(session, EventType.CHARGE_FAILED, moved, sub, failure=moved.reason)
         return Recorded(moved, LedgerOutcome.NOT_SENT)
 
     def _unknown(
@@ -504,18 +534,34 @@ class Calls:
         moved = self._answer(session, claim, ChargeState.UNKNOWN, values, now)
         if isinstance(moved, Lost):
             return moved
-        self._ledger(session, claim, moved, result, LedgerOutcome.UNKNOWN)
-        charge_event(session, EventType.CHARGE_UNKNOWN, moved, claim.subscription, call=Call.CHARGE)
+        sub = load_subscription(session, moved.subscription_id, lock=True)
+        self._ledger(session, claim, moved, sub, result, LedgerOutcome.UNKNOWN)
+        charge_event(session, EventType.CHARGE_UNKNOWN, moved, sub, call=Call.CHARGE)
         return Recorded(moved, LedgerOutcome.UNKNOWN)
 
     # ------------------------------------------------------------------ late answers
 
-    def _late(self, session: Session, claim: Claim, result: Outcome, now: datetime) -> None:
-        """The answer of an attempt that is no longer current: evidence, and a person is
-        told when it says money moved."""
+    def _late(
+        self,
+        session: Session,
+        claim: Claim,
+        result: Outcome,
+        now: datetime,
+        *,
+        approval: Approved | None = None,
+    ) -> None:
+        """The answer of an attempt that is no longer current: evidence (``result``), and a
+        person is told when it says money moved (``approval``, by default ``result`` if it
+        is one). The charge's row is moved (or flagged) first and the subscription locked
+        next, before the evidence row refers to it (the lock order)."""
+        approval = approval or (result if isinstance(result, Approved) else None)
+        stopped = None
+        if approval is not None:
+            stopped = late_approval(session, claim.charge.id, approval, claim.number, now)
+        sub = load_subscription(session, claim.charge.subscription_id, lock=True)
         answered = getattr(result, "amount", None)
         self._ledger(
-            session, claim, claim.charge, result, LedgerOutcome.LATE_ANSWER,
+            session, claim, stopped or claim.charge, sub, result, LedgerOutcome.LATE_ANSWER,
             reason=f"late answer of attempt {claim.number}: the charge had moved on",
             details={
                 "call": Call.CHARGE.value,
@@ -525,12 +571,15 @@ class Calls:
                 "answered_amount": str(answered) if answered is not None else None,
             },
         )  # fmt: skip
-        if isinstance(result, Approved):
-            late_approval(session, claim.charge.id, claim.subscription, result, claim.number, now)
+        if stopped is not None:
+            charge_event(
+                session, EventType.CHARGE_FAILED, stopped, sub, failure=FailureReason.LATE_APPROVAL
+            )
 
     def record_unknown(self, claim: Claim, result: Outcome, error: Exception) -> ChargeResult:
         """The last resort: recording the answer failed for a reason other than a lost
-        connection; the attempt is still recorded, as unknown, with the redacted evidence."""
+        connection; the attempt is still recorded, as unknown, with the redacted evidence.
+        If the charge had moved on meanwhile, this is a late answer like any other."""
         now = utcnow()
         why = f"the answer ({result.kind}) could not be recorded ({type(error).__name__})"
         # As little as will say what happened: the (redacted) body, nothing parsed from it
@@ -548,12 +597,14 @@ class Calls:
                 values={"reason": FailureReason.UNKNOWN_OUTCOME, "next_attempt_at": None,
                         "last_message": widths.fit(why, widths.MESSAGE)},
             )  # fmt: skip
-            target = moved if isinstance(moved, ChargeRow) else claim.charge
-            self._ledger(session, claim, target, evidence, LedgerOutcome.UNKNOWN, reason=why)
-            if isinstance(moved, ChargeRow):
-                charge_event(
-                    session, EventType.CHARGE_UNKNOWN, moved, claim.subscription, call=Call.CHARGE
+            if isinstance(moved, Lost):
+                self._late(
+                    session, claim, result if isinstance(result, Approved) else evidence, now
                 )
+                return ChargeResult(claim.charge.id, "late", result.kind)
+            sub = load_subscription(session, claim.charge.subscription_id, lock=True)
+            self._ledger(session, claim, moved, sub, evidence, LedgerOutcome.UNKNOWN, reason=why)
+            charge_event(session, EventType.CHARGE_UNKNOWN, moved, sub, call=Call.CHARGE)
         metrics.count_charge(claim.charge.plan, "unknown")
         return ChargeResult(claim.charge.id, "done", "unknown")
 
@@ -606,19 +657,15 @@ def _subscription_changed(session: Session, moved: lifecycle.SubMove | Lost) -> 
 
 
 def late_approval(
-    session: Session,
-    charge_id: int,
-    sub: SubRow,
-    result: Approved,
-    number: int,
-    now: datetime,
-) -> None:
+    session: Session, charge_id: int, result: Approved, number: int, now: datetime
+) -> ChargeRow | None:
     """An attempt no longer current was approved: the card was charged for this period.
 
-    A retry still waiting stops (the charge goes to the failed queue, ``late_approval``);
-    otherwise the charge is flagged for a person, as a possible double charge when the
-    period was approved again meanwhile. Nothing is flagged when the books already hold
-    this transaction (a person resolved the charge with it).
+    A retry still waiting stops (the charge goes to the failed queue, ``late_approval``;
+    returned, for its event); otherwise the charge is flagged for a person: a possible
+    double charge when the period was approved again meanwhile, a late approval else.
+    Nothing is flagged when the books already hold this transaction (a person resolved the
+    charge with it).
     """
     message = widths.fit(
         f"attempt {number} was approved after it was given up on (TX {result.tx}): the card "
@@ -632,10 +679,7 @@ def late_approval(
                 "last_message": message},
     )  # fmt: skip
     if isinstance(stopped, ChargeRow):
-        charge_event(
-            session, EventType.CHARGE_FAILED, stopped, sub, failure=FailureReason.LATE_APPROVAL
-        )
-        return
+        return stopped
     booked = session.scalar(
         select(
             exists().where(
@@ -645,19 +689,18 @@ def late_approval(
             )
         )
     )
-    if booked:
-        return
-    lifecycle.flag(
-        session,
-        charge_id,
-        lifecycle.either_value(
-            Charge.state.in_([ChargeState.APPROVED, ChargeState.AUTHORIZED])
-            | (Charge.review == Review.POSSIBLE_DOUBLE_CHARGE),
-            Review.POSSIBLE_DOUBLE_CHARGE,
-            Review.LATE_APPROVAL,
-        ),
-        now=now,
-    )
+    if not booked:
+        paid = Charge.state.in_([ChargeState.APPROVED, ChargeState.AUTHORIZED])
+        lifecycle.flag(
+            session,
+            charge_id,
+            case(
+                (paid, lifecycle.add_flag(Review.POSSIBLE_DOUBLE_CHARGE)),
+                else_=lifecycle.add_flag(Review.LATE_APPROVAL),
+            ),
+            now=now,
+        )
+    return None
 
 
 __all__ = ["Calls", "ChargeResult", "Claim", "late_approval"]

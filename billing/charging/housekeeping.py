@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from billing import ledger
 from billing.charging import lifecycle
 from billing.charging.context import Context
-from billing.charging.rows import ChargeRow, load_subscription
+from billing.charging.rows import ChargeRow, SubRow, load_subscription
 from billing.db import session_scope
 from billing.events import charge_event
 from billing.models import Attempt, Charge
@@ -58,6 +58,8 @@ class Housekeeping:
         limit = self.limit_seconds()
         cutoff = now - timedelta(seconds=limit)
         with session_scope(self.ctx.url) as session:
+            # Every charge row first, then the subscriptions in ID order, then the rows
+            # that refer to them: the lock order, so two sweeps never wait in a circle.
             charges = lifecycle.move_many(
                 session, "stuck", to=ChargeState.UNKNOWN, now=now,
                 where=[Charge.state == ChargeState.IN_FLIGHT, Charge.claimed_at < cutoff],
@@ -66,14 +68,6 @@ class Housekeeping:
                     "last_message": "the worker stopped during the gateway call",
                 },
             )  # fmt: skip
-            for charge in charges:
-                since = charge.claimed_at or now
-                self._unknown(
-                    session, charge, Call.CHARGE, Operation.ENGINE,
-                    f"in flight since {since:%Y-%m-%d %H:%M:%S}Z, longer than any call can "
-                    f"last ({limit:g} s): the worker died mid-call; the card may have been "
-                    "charged",
-                )  # fmt: skip
             operations = lifecycle.move_many(
                 session, "settle_stuck", to=ChargeState.UNKNOWN, now=now,
                 where=[Charge.operation.is_not(None), Charge.operation_since < cutoff],
@@ -84,10 +78,22 @@ class Housekeeping:
                     "last_message": "the worker stopped during a settlement call",
                 },
             )  # fmt: skip
+            subs = {
+                sub_id: load_subscription(session, sub_id, lock=True)
+                for sub_id in sorted({c.subscription_id for c in (*charges, *operations)})
+            }
+            for charge in charges:
+                since = charge.claimed_at or now
+                self._unknown(
+                    session, charge, subs[charge.subscription_id], Call.CHARGE,
+                    f"in flight since {since:%Y-%m-%d %H:%M:%S}Z, longer than any call can "
+                    f"last ({limit:g} s): the worker died mid-call; the card may have been "
+                    "charged",
+                )  # fmt: skip
             for charge in operations:
                 call = FailureReason(charge.reason).call if charge.reason else Call.CHARGE
                 self._unknown(
-                    session, charge, call, Operation.ENGINE,
+                    session, charge, subs[charge.subscription_id], call,
                     f"the worker stopped during a {call} call; the money may have moved",
                 )  # fmt: skip
         total = len(charges) + len(operations)
@@ -96,11 +102,11 @@ class Housekeeping:
         return total
 
     def _unknown(
-        self, session: Session, charge: ChargeRow, call: Call, operation: Operation, why: str
+        self, session: Session, charge: ChargeRow, sub: SubRow, call: Call, why: str
     ) -> None:
-        sub = load_subscription(session, charge.subscription_id)
         ledger.append(
-            session, outcome=LedgerOutcome.UNKNOWN, operation=operation, actor=self.ctx.actor,
+            session, outcome=LedgerOutcome.UNKNOWN, operation=Operation.ENGINE,
+            actor=self.ctx.actor,
             subscription=sub, charge=charge, reason=why,
             attempt_id=attempt_id_of(session, charge),
         )  # fmt: skip

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, select, update
+from sqlalchemy import ColumnElement, case, func, not_, or_, select, update
 from sqlalchemy.orm import Session
 
 from billing import dates
@@ -44,7 +44,7 @@ from billing.charging.rows import (
 )
 from billing.models import Charge, Subscription
 from billing.plans import Plan
-from billing.vocabulary import CHARGEABLE, ChargeState, SubscriptionStatus
+from billing.vocabulary import CHARGEABLE, LATE_FLAGS, ChargeState, Review, SubscriptionStatus
 
 S = ChargeState
 
@@ -208,9 +208,52 @@ def move_many(
     return sorted((ChargeRow.of(row) for row in rows), key=lambda charge: charge.id)
 
 
+# --- review flags ---------------------------------------------------------------------
+# ``charges.review`` holds a set of ``Review`` values, comma-separated. No flag name is a
+# part of another, so a flag is found with LIKE; adding one never removes another.
+
+
+def has_flag(review: Review) -> ColumnElement[bool]:
+    """The charge carries ``review``."""
+    return Charge.review.like(f"%{review.value}%")
+
+
+def late_flagged() -> ColumnElement[bool]:
+    """An attempt the books do not hold charged the card for this period."""
+    return or_(*(has_flag(r) for r in LATE_FLAGS))
+
+
+#: No earlier attempt was approved late: another try may be scheduled.
+def not_late_flagged() -> ColumnElement[bool]:
+    return or_(Charge.review.is_(None), not_(late_flagged()))
+
+
+def add_flag(review: Review, base: Any = None) -> Any:
+    """``base`` (the row's flags by default) with ``review`` added, as SQL on the row."""
+    base = Charge.review if base is None else base
+    return case(
+        (base.is_(None), review.value),
+        (base.like(f"%{review.value}%"), base),
+        else_=base + "," + review.value,
+    )
+
+
+def upgraded_late_approval() -> Any:
+    """The row's flags with a late approval turned into a possible double charge: the
+    period was then approved again."""
+    return func.replace(
+        Charge.review, Review.LATE_APPROVAL.value, Review.POSSIBLE_DOUBLE_CHARGE.value
+    )
+
+
+def flags_of(review: str | None) -> tuple[Review, ...]:
+    """The flags a ``charges.review`` value holds."""
+    return tuple(Review(part) for part in (review or "").split(",") if part)
+
+
 def flag(session: Session, charge_id: int, review: Any, *, now: datetime) -> ChargeRow | Lost:
-    """Set the charge's review flag (a value or an SQL expression of the row), whatever its
-    state: a person must look at it. The state does not change."""
+    """Set the charge's review flags (an SQL expression of the row, see :func:`add_flag`),
+    whatever its state: a person must look at it. The state does not change."""
     row = session.execute(
         update(Charge)
         .where(Charge.id == charge_id)
@@ -223,7 +266,8 @@ def flag(session: Session, charge_id: int, review: Any, *, now: datetime) -> Cha
 def clear_review(
     session: Session, charge_id: int, review: str, *, now: datetime
 ) -> ChargeRow | Lost:
-    """A person reconciled the charge: the flag ``review`` (as they saw it) goes."""
+    """A person reconciled the charge: the flags ``review`` (as they saw them) go; a flag
+    added meanwhile makes this lose, so the person sees it first."""
     row = session.execute(
         update(Charge)
         .where(Charge.id == charge_id, Charge.review == review)
@@ -392,14 +436,20 @@ __all__ = [
     "Lost",
     "SubMove",
     "Transition",
+    "add_flag",
     "advance_subscription",
     "clear_review",
     "either",
     "either_value",
     "flag",
+    "flags_of",
+    "has_flag",
+    "late_flagged",
     "lock_open_charges",
     "move",
     "move_many",
     "move_subscription",
+    "not_late_flagged",
     "pass_period",
+    "upgraded_late_approval",
 ]

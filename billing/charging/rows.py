@@ -160,9 +160,31 @@ def load_charge(session: Session, charge_id: int, *, lock: bool = False) -> Char
 
 
 def load_subscription(session: Session, sub_id: int, *, lock: bool = False) -> SubRow:
-    """The subscription, read in ``session``'s transaction (locked with ``lock``)."""
+    """The subscription, read in ``session``'s transaction (locked with ``lock``).
+
+    Lock a subscription *before* the first row that refers to it is written (a ledger row,
+    an event): PostgreSQL checks such a foreign key with a share lock on the subscription,
+    and two transactions holding that share lock would each wait for the other to let go
+    before either could lock the row for update.
+    """
     query = _locked(select(*SUB_COLUMNS).where(Subscription.id == sub_id), lock)
     row = session.execute(query).one_or_none()
     if row is None:
         raise NotFound(f"subscription {sub_id} does not exist")
+    if lock:
+        locked_subscriptions(session).add(sub_id)
     return SubRow.of(row)
+
+
+#: Session.info key: the subscriptions the session's current transaction holds locked.
+_LOCKED = "billing.locked_subscriptions"
+
+
+def locked_subscriptions(session: Session) -> set[int]:
+    """The subscriptions locked for update by this session's current transaction."""
+    transaction = session.get_transaction()
+    held = session.info.get(_LOCKED)
+    if held is None or held[0] is not transaction:
+        held = session.info[_LOCKED] = (transaction, set())
+    locked: set[int] = held[1]
+    return locked

@@ -408,9 +408,7 @@ class Settlement:
                     outcome, moved_amount = APPROVED_OUTCOME[kind], claim.amount
                     if _answered_otherwise(result, claim.amount):
                         # The gateway says it moved another amount: a person reconciles it.
-                        answer["review"] = lifecycle.either_value(
-                            Charge.review.is_(None), Review.AMOUNT_MISMATCH, Charge.review
-                        )
+                        answer["review"] = lifecycle.add_flag(Review.AMOUNT_MISMATCH)
                 case Declined():
                     outcome = LedgerOutcome.DECLINED
                     if claim.automatic:
@@ -437,8 +435,10 @@ class Settlement:
             if isinstance(moved, Lost):
                 self._late(session, claim, result, now)
                 return SettlementResult(claim.charge.id, kind, "late", claim.amount)
+            # Locked before any row refers to it (see ``load_subscription``).
+            sub = load_subscription(session, moved.subscription_id, lock=True)
             ledger.append_outcome(
-                session, moved, claim.subscription, result, operation=OPERATION_OF[kind],
+                session, moved, sub, result, operation=OPERATION_OF[kind],
                 actor=claim.actor, outcome=outcome, amount=moved_amount,
                 attempt_id=claim.attempt_id, reason=claim.reason,
                 secrets=(claim.private_key,),
@@ -447,7 +447,7 @@ class Settlement:
                     "before": amounts(claim.charge), "after": amounts(moved),
                 },
             )  # fmt: skip
-            self._events(session, claim, result, moved)
+            self._events(session, claim, result, moved, sub)
         log.info(
             "%s charge=%s amount=%s outcome=%s code=%s", kind, claim.charge.id, claim.amount,
             result.kind, result.code,
@@ -492,9 +492,28 @@ class Settlement:
     def _late(
         self, session: Session, claim: SettlementClaim, result: Outcome, now: datetime
     ) -> None:
-        """An answer of a settlement call that a person settled meanwhile: evidence."""
+        """An answer of a settlement call that a person settled meanwhile: evidence. When it
+        says money moved and the books do not hold it, the charge is flagged (its row first,
+        then the subscription locked, then the evidence: the lock order)."""
+        if isinstance(result, Approved):
+            booked = session.scalar(
+                select(
+                    exists().where(
+                        LedgerEntry.attempt_id == claim.attempt_id,
+                        LedgerEntry.outcome.in_(
+                            [o.value for o in (*COLLECTED, *AUTHORIZED, *REFUNDED)]
+                            + [LedgerOutcome.RESOLVED_CANCELLED.value]
+                        ),
+                    )
+                )
+            )
+            if not booked:  # the money moved and the books do not say so: a person looks
+                lifecycle.flag(
+                    session, claim.charge.id, lifecycle.add_flag(Review.LATE_APPROVAL), now=now
+                )
+        sub = load_subscription(session, claim.charge.subscription_id, lock=True)
         ledger.append_outcome(
-            session, claim.charge, claim.subscription, result, operation=OPERATION_OF[claim.kind],
+            session, claim.charge, sub, result, operation=OPERATION_OF[claim.kind],
             actor=claim.actor, outcome=LedgerOutcome.LATE_ANSWER, attempt_id=claim.attempt_id,
             secrets=(claim.private_key,),
             reason=f"late answer of attempt {claim.number}: the charge had moved on",
@@ -503,26 +522,16 @@ class Settlement:
                 "amount": str(claim.amount),
             },
         )  # fmt: skip
-        if not isinstance(result, Approved):
-            return
-        booked = session.scalar(
-            select(
-                exists().where(
-                    LedgerEntry.attempt_id == claim.attempt_id,
-                    LedgerEntry.outcome.in_(
-                        [o.value for o in (*COLLECTED, *AUTHORIZED, *REFUNDED)]
-                        + [LedgerOutcome.RESOLVED_CANCELLED.value]
-                    ),
-                )
-            )
-        )
-        if not booked:  # the money moved and the books do not say so: a person looks
-            lifecycle.flag(session, claim.charge.id, Review.LATE_APPROVAL, now=now)
 
     def _events(
-        self, session: Session, claim: SettlementClaim, result: Outcome, moved: ChargeRow
+        self,
+        session: Session,
+        claim: SettlementClaim,
+        result: Outcome,
+        moved: ChargeRow,
+        sub: SubRow,
     ) -> None:
-        kind, sub = claim.kind, claim.subscription
+        kind = claim.kind
         match result:
             case Approved():
                 extra: dict[str, Any] = {}
@@ -607,7 +616,7 @@ def resolve_unknown(
     )  # fmt: skip
     if isinstance(moved, Lost):
         raise StateError(f"charge {charge_id} changed meanwhile: look at it again")
-    sub = load_subscription(session, charge.subscription_id)
+    sub = load_subscription(session, charge.subscription_id, lock=True)
     ledger.append(
         session, outcome=outcome, operation="person", actor=by, subscription=sub, charge=moved,
         amount=moved_amount, tx=charge.tx, reason=reason, attempt_id=attempt.id,

@@ -163,6 +163,14 @@ def retry(
             "card was not charged.",
         ),
     ] = False,
+    attempt: Annotated[
+        int | None,
+        typer.Option(
+            "--attempt",
+            help="The attempt you checked in the back office (see billing failed show): the "
+            "retry is refused if the charge made another attempt since.",
+        ),
+    ] = None,
     reason: Annotated[str | None, typer.Option("--reason", help="Why (in the ledger).")] = None,
     by: By = None,
 ) -> None:
@@ -170,8 +178,9 @@ def retry(
     number = charge_id(charge)
     with session_scope(get_settings().database_url) as session:
         done = ops.retry(
-            session, number, by=actor(by), confirm_not_charged=confirm_not_charged, reason=reason
-        )
+            session, number, by=actor(by), confirm_not_charged=confirm_not_charged,
+            attempt=attempt, reason=reason,
+        )  # fmt: skip
     if done.charge.state == ChargeState.AUTHORIZED:
         out.print(
             f"charge {number}: its failed call is tried again by the next engine sweep "

@@ -300,6 +300,12 @@ def _text(form: FormData, name: str) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _attempt(form: FormData) -> int | None:
+    """The attempt number the page showed (a hidden field), when it is one."""
+    value = _text(form, "attempt")
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 9 else None
+
+
 def _ids(form: FormData) -> list[int]:
     out = []
     for value in form.getlist("charge"):
@@ -549,6 +555,7 @@ def routes(c: Console) -> list[Route | Mount]:
             user,
             number,
             confirm_not_charged=_text(form, "confirm_not_charged") == "yes",
+            attempt=_attempt(form),
             reason=_text(form, "reason"),
         )
 

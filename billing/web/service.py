@@ -497,6 +497,7 @@ def retry(
     charge_id: int,
     *,
     confirm_not_charged: bool,
+    attempt: int | None = None,
     reason: str | None,
 ) -> Done:
     why = _reason(reason, required=False, what="retry")
@@ -507,6 +508,7 @@ def retry(
                 charge_id,
                 by=actor(user),
                 confirm_not_charged=confirm_not_charged,
+                attempt=attempt,
                 reason=why,
             )
     except StateError as exc:
