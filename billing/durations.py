@@ -20,6 +20,7 @@ at all. Counts are ASCII digits: a regex ``\\d`` also matches "３" and "١", wh
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from datetime import timedelta
@@ -64,6 +65,18 @@ def quote(text: str) -> str:
     if len(text) > MAX_QUOTED:
         text = text[: MAX_QUOTED - 1] + "…"
     return json.dumps(text, ensure_ascii=False)
+
+
+def shown(value: object) -> str:
+    """Any value as a message shows it: text quoted, anything else by ``repr``, both cut to
+    ``MAX_QUOTED``. An integer of thousands of digits (JSON and TOML allow them) is described
+    by its length: ``repr`` of one past 4300 digits raises ``ValueError``."""
+    if isinstance(value, str):
+        return quote(value)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**MAX_QUOTED:
+        return f"a whole number of {math.floor(math.log10(abs(value))) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= MAX_QUOTED else text[: MAX_QUOTED - 1] + "…"
 
 
 def read_count(digits: str) -> int | None:

@@ -164,7 +164,7 @@ def test_bad_rows_are_all_reported_and_nothing_is_written(db_url: str, plans: Pl
         'line 6: next_charge_at "2030-01-15T09:00:00" is a time without offset '
         "(write it like 2025-03-01T09:00:00+01:00 or with a Z)",
         'line 7: external_ref "shop-1" appears again (first on line 2)',
-        "line 8: amount: '12.345' has more than two decimal places",
+        'line 8: amount: "12.345" has more than two decimal places',
         'line 9: email "not-an-email" is not an e-mail address',
         'line 10: next_charge_at "next tuesday" is not an ISO 8601 time',
     ]
