@@ -60,11 +60,13 @@ def quote(text: str) -> str:
     """``29.999`` -> ``"29.999"``: how every message shows a value the user wrote.
 
     A value longer than ``MAX_QUOTED`` is cut, so that one pasted megabyte does not become a
-    megabyte of error message.
+    megabyte of error message; a lone surrogate (from a JSON escape, or a command-line byte
+    that is not UTF-8) is written as its escape, so the message can be printed and stored.
     """
     if len(text) > MAX_QUOTED:
         text = text[: MAX_QUOTED - 1] + "…"
-    return json.dumps(text, ensure_ascii=False)
+    quoted = json.dumps(text, ensure_ascii=False)
+    return quoted.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def shown(value: object) -> str:

@@ -15,6 +15,8 @@ from billing.durations import (
     parse_cron,
     parse_delay,
     parse_interval,
+    quote,
+    shown,
 )
 
 
@@ -263,3 +265,13 @@ def test_a_cron_number_of_thousands_of_digits_is_a_named_problem() -> None:
         parse_cron("9" * 5000 + " 3 * * *")
     assert "sys." not in str(info.value)
     assert len(str(info.value)) < 300
+
+
+def test_a_quoted_value_is_short_printable_text() -> None:
+    assert quote("29.999") == '"29.999"'
+    assert quote("x" * 1000) == '"' + "x" * 79 + '…"'
+    # A lone surrogate cannot be encoded, printed or stored; its escape can.
+    assert quote("a\udcff") == '"a\\udcff"'
+    assert quote("a\udcff").encode("utf-8")
+    assert shown(10**5000) == "a whole number of 5001 digits"
+    assert shown(17) == "17" and shown([1] * 1000).endswith("…")
