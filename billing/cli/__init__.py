@@ -2,7 +2,8 @@
 module in this package, so a newcomer finds ``billing plans check`` in ``cli/plans.py``.
 
 Errors the user can fix (``BillingError``) end in one red line on stderr and the error's
-exit status (2 for bad input), never a traceback.
+exit status (2 for bad input), never a traceback. Values are read by ``billing.cli.params``,
+one strict reader per kind of value, before a command touches anything.
 """
 
 from __future__ import annotations
@@ -70,6 +71,14 @@ def _database_problem(exc: DBAPIError) -> str:
     return f"database error: {first}"
 
 
+def _say(problem: str) -> None:
+    """The one error line. A lone surrogate (a command-line byte that is not UTF-8, echoed in
+    a path) is written as its escape: a stream that refuses it would leave rich's buffer
+    holding the line, and every later print would fail on it."""
+    printable = problem.encode("utf-8", "backslashreplace").decode("utf-8")
+    err_console.print(f"[red]error:[/red] {escape(printable)}", soft_wrap=True)
+
+
 def main() -> None:
     """Console-script entry point."""
     from billing.logs import configure_logging
@@ -80,12 +89,12 @@ def main() -> None:
         # With standalone_mode=False click returns a typer.Exit code instead of raising it.
         code = app(standalone_mode=False)
     except BillingError as exc:
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        _say(str(exc))
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except DBAPIError as exc:
-        err_console.print(f"[red]error:[/red] {escape(_database_problem(exc))}", soft_wrap=True)
+        _say(_database_problem(exc))
         sys.exit(1)
     except typer.Abort:
         err_console.print("aborted")
@@ -97,7 +106,7 @@ def main() -> None:
         message = getattr(exc, "format_message", None)
         exit_code = getattr(exc, "exit_code", None)
         if callable(message) and isinstance(exit_code, int):
-            err_console.print(f"[red]error:[/red] {escape(message())}", soft_wrap=True)
+            _say(message())
             sys.exit(exit_code)
         raise
     if isinstance(code, int) and code:

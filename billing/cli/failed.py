@@ -19,8 +19,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from billing import ops
+from billing.cli import params
 from billing.db import session_scope
-from billing.durations import format_delay, parse_delay
+from billing.durations import format_delay
 from billing.errors import BillingError, InvalidInput
 from billing.models import Charge, ChargeState, SubscriptionStatus
 from billing.money import format_amount
@@ -33,26 +34,22 @@ failed_app = typer.Typer(
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-ChargeId = Annotated[str, typer.Argument(help="Charge id (see billing failed list).")]
-By = Annotated[
-    str | None, typer.Option("--by", help="Who does this (default: the operating-system user).")
+ChargeId = Annotated[
+    int, params.argument("charge id", params.RECORD_ID, help="Charge id (see billing failed list).")
 ]
+By = Annotated[
+    str | None,
+    params.option("--by", params.ACTOR, help="Who does this (default: the operating-system user)."),
+]
+Reason = Annotated[str | None, params.option("--reason", params.TEXT, help="Why (in the ledger).")]
 PlansFile = Annotated[
     Path | None, typer.Option("--plans", help="Plans file (default: BILLING_PLANS_FILE).")
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="JSON instead of a table.")]
 
 
-def charge_id(text: str) -> int:
-    """A charge id from the command line, refused in one line when it is not one."""
-    if not text.strip().isdigit():
-        raise InvalidInput(f'charge id "{text}" must be a whole number such as 42')
-    return int(text)
-
-
 def actor(by: str | None) -> str:
-    if by is not None and not by.strip():
-        raise InvalidInput("--by must name who does this")
+    """``--by`` (read by ``params.ACTOR``, so never blank), else the operating-system user."""
     return by.strip() if by else getpass.getuser()
 
 
@@ -70,24 +67,25 @@ def _age(age: timedelta) -> str:
 
 @failed_app.command("list")
 def list_(
-    plan: Annotated[str | None, typer.Option("--plan", help="Only this plan.")] = None,
+    plan: Annotated[
+        str | None, params.option("--plan", params.TEXT, help="Only this plan.")
+    ] = None,
     reason: Annotated[
         str | None,
-        typer.Option("--reason", help=f"Only this reason ({', '.join(ops.REASONS)})."),
+        params.option(
+            "--reason", params.TEXT, help=f"Only this reason ({', '.join(ops.REASONS)})."
+        ),
     ] = None,
     older_than: Annotated[
-        str | None,
-        typer.Option("--older-than", help='Only charges waiting longer than this ("2 days").'),
+        timedelta | None,
+        params.option(
+            "--older-than", params.DELAY, help='Only charges waiting longer than this ("2 days").'
+        ),
     ] = None,
     as_json: AsJson = False,
 ) -> None:
     """The charges waiting for a person, oldest first."""
-    delay = None
-    if older_than is not None:
-        try:
-            delay = parse_delay(older_than)
-        except ValueError as exc:
-            raise InvalidInput(f"--older-than: {exc}") from None
+    delay = older_than
     with session_scope(get_settings().database_url) as session:
         rows = ops.list_failed(session, plan=plan, reason=reason, older_than=delay)
     if as_json:
@@ -119,7 +117,7 @@ def list_(
 def show(charge: ChargeId, as_json: AsJson = False) -> None:
     """One charge: its subscription (alias masked), every gateway call, every ledger row."""
     with session_scope(get_settings().database_url) as session:
-        data = ops.charge_story(session, charge_id(charge)).as_dict()
+        data = ops.charge_story(session, charge).as_dict()
     if as_json:
         typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
         return
@@ -160,17 +158,16 @@ def retry(
             "card was not charged.",
         ),
     ] = False,
-    reason: Annotated[str | None, typer.Option("--reason", help="Why (in the ledger).")] = None,
+    reason: Reason = None,
     by: By = None,
 ) -> None:
     """Send a charge again now (the velocity guard does not apply to it)."""
-    number = charge_id(charge)
     with session_scope(get_settings().database_url) as session:
         ops.retry(
-            session, number, by=actor(by), confirm_not_charged=confirm_not_charged, reason=reason
+            session, charge, by=actor(by), confirm_not_charged=confirm_not_charged, reason=reason
         )
-    out.print(f"charge {number} put back in line", markup=False)
-    out.print(_dispatch(number), markup=False)
+    out.print(f"charge {charge} put back in line", markup=False)
+    out.print(_dispatch(charge), markup=False)
 
 
 def _dispatch(number: int) -> str:
@@ -228,23 +225,23 @@ def resolve(
         bool, typer.Option("--declined", help="The back office shows it declined.")
     ] = False,
     tx: Annotated[
-        str | None, typer.Option("--tx", help="Klik & Pay transaction number of the payment.")
+        str | None,
+        params.option("--tx", params.TX, help="Klik & Pay transaction number of the payment."),
     ] = None,
-    reason: Annotated[str | None, typer.Option("--reason", help="Why (in the ledger).")] = None,
+    reason: Reason = None,
     by: By = None,
     plans_file: PlansFile = None,
 ) -> None:
     """Record what the Klik & Pay back office shows for a charge: approved or declined."""
-    number = charge_id(charge)
     if approved == declined:
-        raise InvalidInput(f"charge {number}: give either --approved --tx TX or --declined")
+        raise InvalidInput(f"charge {charge}: give either --approved --tx TX or --declined")
     plans = _plans(plans_file)
     with session_scope(get_settings().database_url) as session:
         done = ops.resolve(
-            session, number, approved=approved, tx=tx, by=actor(by), reason=reason, plans=plans
+            session, charge, approved=approved, tx=tx, by=actor(by), reason=reason, plans=plans
         )
         sub = done.subscription
-        line = f"charge {number} is {done.state}; subscription {sub.external_ref} is {sub.status}"
+        line = f"charge {charge} is {done.state}; subscription {sub.external_ref} is {sub.status}"
         if approved:
             line += f", next charge (period {sub.next_period}) at {sub.next_charge_at.isoformat()}"
     out.print(line, markup=False)
@@ -254,21 +251,21 @@ def resolve(
 def discard(
     charge: ChargeId,
     reason: Annotated[
-        str | None, typer.Option("--reason", help="Why this period is given up (required).")
+        str | None,
+        params.option("--reason", params.TEXT, help="Why this period is given up (required)."),
     ] = None,
     by: By = None,
     plans_file: PlansFile = None,
 ) -> None:
     """Give up on a charge's period: it is never charged and the subscription moves on."""
-    number = charge_id(charge)
     if reason is None or not reason.strip():
-        raise InvalidInput(f"charge {number}: --reason is required to discard a charge")
+        raise InvalidInput(f"charge {charge}: --reason is required to discard a charge")
     plans = _plans(plans_file)
     with session_scope(get_settings().database_url) as session:
-        done = ops.discard(session, number, by=actor(by), reason=reason, plans=plans)
+        done = ops.discard(session, charge, by=actor(by), reason=reason, plans=plans)
         sub = done.subscription
         line = (
-            f"charge {number} discarded; subscription {sub.external_ref} is {sub.status}, "
+            f"charge {charge} discarded; subscription {sub.external_ref} is {sub.status}, "
             f"next charge (period {sub.next_period}) at {sub.next_charge_at.isoformat()}"
         )
     out.print(line, markup=False)
