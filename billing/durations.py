@@ -60,13 +60,20 @@ def quote(text: str) -> str:
     """``29.999`` -> ``"29.999"``: how every message shows a value the user wrote.
 
     A value longer than ``MAX_QUOTED`` is cut, so that one pasted megabyte does not become a
-    megabyte of error message; a lone surrogate (from a JSON escape, or a command-line byte
-    that is not UTF-8) is written as its escape, so the message can be printed and stored.
+    megabyte of error message. Every character that is not printable is written as its JSON
+    escape: a lone surrogate (a JSON "\\ud800", a command-line byte that is not UTF-8) could
+    not be printed or stored, and U+0085 or U+2028 would break the message's one line.
     """
     if len(text) > MAX_QUOTED:
         text = text[: MAX_QUOTED - 1] + "…"
-    quoted = json.dumps(text, ensure_ascii=False)
-    return quoted.encode("utf-8", "backslashreplace").decode("utf-8")
+    return printable(json.dumps(text, ensure_ascii=False))
+
+
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable written as its JSON escape
+    (``\\u001b``): a path or a message that echoes what a user typed stays one line, and
+    sends no control sequence to a terminal."""
+    return "".join(char if char.isprintable() else json.dumps(char)[1:-1] for char in text)
 
 
 def shown(value: object) -> str:

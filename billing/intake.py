@@ -24,6 +24,7 @@ import ipaddress
 import json
 import logging
 import re
+import stat
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from sqlalchemy.orm import Session
 
 from billing import dates
 from billing.db import session_scope
-from billing.durations import quote, shown
+from billing.durations import printable, quote, shown
 from billing.errors import ImportRejected, InvalidInput
 from billing.models import Subscription, SubscriptionStatus
 from billing.money import parse_amount
@@ -399,8 +400,9 @@ def parse_rows(
     """
     plans = plans if plans is not None else get_plans()
     file = Path(path)
-    if not file.is_file():
-        raise ImportRejected(str(path), ["no such file"])
+    problem = file_problem(file)
+    if problem is not None:
+        raise ImportRejected(printable(str(path)), [problem])
     rows: list[NewSubscription] = []
     problems: list[str] = []
     first_line: dict[str, int] = {}
@@ -424,22 +426,45 @@ def parse_rows(
             if row is not None:
                 rows.append(row)
     except UnicodeDecodeError:
-        raise ImportRejected(str(path), ["the file is not UTF-8 text"]) from None
+        raise ImportRejected(printable(str(path)), ["the file is not UTF-8 text"]) from None
+    except OSError as exc:
+        raise ImportRejected(printable(str(path)), [f"cannot be read: {exc.strerror}"]) from None
     except csv.Error as exc:
-        raise ImportRejected(str(path), [f"not a readable CSV file ({exc})"]) from None
+        raise ImportRejected(printable(str(path)), [f"not a readable CSV file ({exc})"]) from None
     if problems:
-        raise ImportRejected(str(path), _redacted(problems))
+        raise ImportRejected(printable(str(path)), _redacted(problems))
     return rows
 
 
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be imported, found before it is opened; None when it can be.
+
+    ``Path.is_file()`` raises for a name past the file system's limit (ENAMETOOLONG).
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    except ValueError:  # a NUL in the path
+        return "is not a valid path"
+    return None if stat.S_ISREG(mode) else "is not a regular file"
+
+
 def count_rows(path: str | Path) -> int:
-    """About how many rows ``path`` holds (non-blank lines, less a CSV header): for progress."""
+    """About how many rows ``path`` holds (non-blank lines, less a CSV header): for progress.
+
+    0 when it cannot be read: the import says why.
+    """
     file = Path(path)
-    with file.open("rb") as fh:
-        lines = sum(1 for raw in fh if raw.strip())
-    if detect_format(file) == "csv":
-        lines -= 1
-    return max(lines, 0)
+    try:
+        with file.open("rb") as fh:
+            lines = sum(1 for raw in fh if raw.strip())
+        csv_header = detect_format(file) == "csv"
+    except (OSError, ValueError):
+        return 0
+    return max(lines - csv_header, 0)
 
 
 # --------------------------------------------------------------------------- the database
@@ -554,18 +579,19 @@ def import_subscriptions(
     """
     now = now or datetime.now(UTC)
     rows = parse_rows(path, plans, now=now)
+    source = printable(str(path))
     if isinstance(session_or_url, str):
         with session_scope(session_or_url) as session:
             result = _import(
-                session, str(path), rows, plans, strict=strict, progress=progress, now=now
+                session, source, rows, plans, strict=strict, progress=progress, now=now
             )
     else:
         result = _import(
-            session_or_url, str(path), rows, plans, strict=strict, progress=progress, now=now
+            session_or_url, source, rows, plans, strict=strict, progress=progress, now=now
         )
     log.info(
         "imported %s: %d created, %d unchanged, %d warning(s)",
-        path,
+        source,
         result.created,
         result.unchanged,
         len(result.warnings),

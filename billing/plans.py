@@ -34,11 +34,13 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy import func, select
 
 from billing.durations import (
+    MAX_QUOTED,
     Cron,
     Interval,
     parse_cron,
     parse_delay,
     parse_interval,
+    printable,
     quote,
     shown,
 )
@@ -225,9 +227,11 @@ _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _where(table: str, name: str) -> str:
-    """``plans.pro-monthly``, or ``plans."pro\\nmonthly"`` for a name TOML must quote: the
-    location stays on one line however the name is spelt."""
-    return f"{table}.{name}" if _BARE_KEY.fullmatch(name) else f"{table}.{quote(name)}"
+    """``plans.pro-monthly``, or ``plans."pro\\nmonthly"`` for a name TOML must quote (or too
+    long to show whole): the location stays one short line however the name is spelt."""
+    if _BARE_KEY.fullmatch(name) and len(name) <= MAX_QUOTED:
+        return f"{table}.{name}"
+    return f"{table}.{quote(name)}"
 
 
 def _show(value: object) -> str:
@@ -680,13 +684,28 @@ def _deep_line(text: str) -> int | None:
     return None
 
 
+_POSITION = re.compile(r"\s*(\(at (?:line \d+, column \d+|end of document)\))$")
+
+
+def _short(message: str) -> str:
+    """tomllib's message on one line, its quoted keys cut: a key of 10,000 characters
+    declared twice must not make a problem of 10,000. The position is always kept."""
+    found = _POSITION.search(message)
+    position = found.group(1) if found else ""
+    head = message[: found.start()] if found else message
+    head = head.replace("\n", "\\n")
+    if len(head) > 2 * MAX_QUOTED:
+        head = head[: 2 * MAX_QUOTED - 1] + "…"
+    return f"{head} {position}".strip()
+
+
 def _toml(text: str, source: str) -> dict[str, Any]:
     """``tomllib.loads``, its two non-syntax failures named: it recurses once per level of
     nesting, and its ``int()`` refuses more than 4300 digits with a ``ValueError``."""
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise PlanFileError(source, [f"TOML syntax error: {exc}"]) from None
+        raise PlanFileError(source, [f"TOML syntax error: {_short(str(exc))}"]) from None
     except RecursionError:
         line = _deep_line(text)
         where = f" (at line {line})" if line is not None else ""
@@ -743,7 +762,7 @@ def parse_plans(text: str, *, source: str = "<string>") -> PlanSet:
 
 def load_plans(path: str | Path) -> PlanSet:
     """Read and validate the plans file at ``path``; raise ``PlanFileError`` on any problem."""
-    source = str(path)
+    source = printable(str(path))
     try:
         mode = Path(path).stat().st_mode
     except FileNotFoundError:
@@ -790,9 +809,9 @@ def get_plans(settings: Settings | None = None) -> PlanSet:
     try:
         stat = path.stat()
     except FileNotFoundError:
-        raise PlanFileError(str(path), ["file not found"]) from None
+        raise PlanFileError(printable(str(path)), ["file not found"]) from None
     except OSError as exc:
-        raise PlanFileError(str(path), [f"cannot be read: {exc.strerror}"]) from None
+        raise PlanFileError(printable(str(path)), [f"cannot be read: {exc.strerror}"]) from None
     stamp = (stat.st_mtime_ns, stat.st_size)
     with _CACHE_LOCK:
         cached = _CACHE.get(key)

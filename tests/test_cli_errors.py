@@ -363,9 +363,12 @@ def test_a_text_option_that_is_not_utf8_is_one_line_naming_the_option(run, path,
 
 
 @pytest.mark.parametrize("command", ["upgrade", "downgrade"])
-@pytest.mark.parametrize("revision", ["nonsense", "0001:0002", "+99999999999999999999"])
+@pytest.mark.parametrize(
+    "revision", ["nonsense", "0001:0002", "+99999999999999999999", "", "@", "head+1"]
+)
 def test_an_unknown_revision_is_one_line(run, command: str, revision: str) -> None:
-    """alembic's CommandError was a traceback. (Alembic logs its INFO lines on the way.)"""
+    """alembic's CommandError was a traceback, and so was its AssertionError for "" or
+    "head+1" (found by the CLI fuzz). (Alembic logs its INFO lines on the way.)"""
     ran = run("db", command, revision)
     errors = [line for line in ran.lines if line.startswith("error:")]
     assert ran.code == 2 and "Traceback" not in ran.err and len(errors) == 1, ran
@@ -412,6 +415,53 @@ def test_the_demo_never_empties_a_folder_that_is_not_a_demos(run, tmp_path: Path
     (tmp_path / "thesis.txt").write_text("years of work")
     run("demo", "--workdir", str(tmp_path)).assert_one_clear_line("--workdir")
     assert (tmp_path / "thesis.txt").read_text() == "years of work"
+
+
+def test_a_path_that_is_not_utf8_is_printed_where_stdout_is_strict(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Under a UTF-8 locale stdout refuses the surrogate a byte 0xff becomes: a traceback
+    after the work was done, on the line that reports it."""
+    name = os.fsencode(tmp_path) + b"/plans-\xff.toml"
+    Path(os.fsdecode(name)).write_bytes(ENGINE_PLANS.read_bytes())
+    env = {**os.environ, **cli_env, "PYTHONIOENCODING": "utf-8:strict"}
+    done = subprocess.run(
+        [BILLING, "plans", "check", name], env=env, capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr
+    assert b"OK, 4 plan(s)" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("name", ["9" * 256, ".", "/", "no-such-folder/ledger.csv"])
+def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(
+    run, name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the CLI fuzz: the cleanup's unlink() raised the OSError that stopped the
+    write a second time; "." and "/" have no name to add ".partial" to (ValueError)."""
+    monkeypatch.chdir(tmp_path)
+    run("ledger", "export", "--output", name).assert_one_clear_line("--output")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_to_the_longest_name_is_written(run, tmp_path: Path) -> None:
+    """ "NAME.partial" beside a name of 250 bytes was too long for the folder."""
+    out = tmp_path / ("9" * 250)
+    ran = run("ledger", "export", "--output", str(out))
+    assert ran.code == 0 and "Traceback" not in ran.err, ran
+    assert list(tmp_path.iterdir()) == [out]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["subscriptions", "import"], ["plans", "check"], ["subscriptions", "resume", "x", "--plans"]],
+    ids=" ".join,
+)
+@pytest.mark.parametrize("name", ["x" * 300, "/dev/null", "/", "\x1b[31mred"], ids=len)
+def test_a_file_that_cannot_be_read_is_one_line(run, args: list[str], name: str) -> None:
+    """Found by the CLI fuzz: Path.is_file() raises for a name past 255 bytes, and a path
+    holding a control character (ESC, U+001E) was echoed raw, splitting the error line."""
+    line = run(*args, name).assert_one_clear_line()
+    assert "\x1b" not in line and "\x1e" not in line, line
 
 
 def test_an_impossible_amount_in_an_import_file_names_the_line(run, tmp_path: Path) -> None:

@@ -273,5 +273,7 @@ def test_a_quoted_value_is_short_printable_text() -> None:
     # A lone surrogate cannot be encoded, printed or stored; its escape can.
     assert quote("a\udcff") == '"a\\udcff"'
     assert quote("a\udcff").encode("utf-8")
+    # Characters that end a line for str.splitlines() and many terminals stay escaped.
+    assert quote("a\x85b\u2028c\nd") == '"a\\u0085b\\u2028c\\nd"'
     assert shown(10**5000) == "a whole number of 5001 digits"
     assert shown(17) == "17" and shown([1] * 1000).endswith("…")

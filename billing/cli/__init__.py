@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from sqlalchemy.exc import DBAPIError
 
+from billing.durations import printable
 from billing.errors import BillingError
 
 app = typer.Typer(
@@ -71,12 +72,22 @@ def _database_problem(exc: DBAPIError) -> str:
     return f"database error: {first}"
 
 
+def _printable_streams() -> None:
+    """Let stdout and stderr write whatever a command echoes. A command-line byte that is not
+    UTF-8 becomes a lone surrogate a path may echo; under a UTF-8 locale other than C.UTF-8,
+    stdout refuses it ("strict"), and rich then keeps the line it could not write and fails
+    every later print. Such a stream writes escapes instead; "surrogateescape" (the C locale)
+    already writes the original byte back and is left alone."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if callable(reconfigure) and getattr(stream, "errors", None) == "strict":
+            reconfigure(errors="backslashreplace")
+
+
 def _say(problem: str) -> None:
-    """The one error line. A lone surrogate (a command-line byte that is not UTF-8, echoed in
-    a path) is written as its escape: a stream that refuses it would leave rich's buffer
-    holding the line, and every later print would fail on it."""
-    printable = problem.encode("utf-8", "backslashreplace").decode("utf-8")
-    err_console.print(f"[red]error:[/red] {escape(printable)}", soft_wrap=True)
+    """The one error line: what is not printable in it (a control character, a surrogate, a
+    line separator echoed from a value) is written as its escape."""
+    err_console.print(f"[red]error:[/red] {escape(printable(problem))}", soft_wrap=True)
 
 
 def main() -> None:
@@ -84,6 +95,7 @@ def main() -> None:
     from billing.logs import configure_logging
     from billing.settings import get_settings
 
+    _printable_streams()
     try:
         configure_logging(get_settings())
         # With standalone_mode=False click returns a typer.Exit code instead of raising it.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Annotated
 
 import typer
+from alembic.script.revision import RevisionError
 from alembic.util.exc import CommandError
 from rich import print as rprint
 
@@ -18,12 +20,27 @@ from billing.settings import get_settings
 db_app = typer.Typer(help="Database schema migrations (Alembic).", no_args_is_help=True)
 
 
+#: What alembic reads as a revision: an ID or head/heads/base, maybe on a branch ("ID@head"),
+#: maybe relative ("head-1", "+2"). Anything else makes alembic assert, not explain.
+_REVISION = re.compile(r"(?:[0-9A-Za-z_]+@)?[0-9A-Za-z_]+(?:[+-][0-9]+)?|[+-][0-9]+")
+
+
 def _migrate(step: Callable[[str, str], None], url: str, revision: str) -> None:
     """Run ``step``; a revision alembic cannot find or use is one line, not a traceback."""
+    if not _REVISION.fullmatch(revision):
+        raise InvalidInput(
+            f"revision {quote(revision)} is not a revision (an ID, head, base, or head-1)"
+        )
     try:
         step(url, revision)
-    except CommandError as exc:
+    except (CommandError, RevisionError) as exc:
         raise InvalidInput(f"revision {quote(revision)}: {exc}") from None
+    except AssertionError:
+        # alembic 1.20 asserts while planning a relative step past either end ("head+1",
+        # "base-1"), before any migration runs (ours hold no assert).
+        raise InvalidInput(
+            f"revision {quote(revision)}: steps past the first or the last revision"
+        ) from None
 
 
 @db_app.command()

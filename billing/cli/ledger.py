@@ -7,8 +7,10 @@ A full ISO 8601 time (``2025-01-15T12:00:00+01:00``) is taken as the exact insta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -121,8 +123,12 @@ def export(
 
 
 def _export_to_file(rows: Iterator[LedgerEntry], fmt: str, output: Path, total: int) -> int:
-    """Write to a temporary file beside ``output``, renamed at the end: never half a file."""
-    partial = output.with_name(output.name + ".partial")
+    """Write to a temporary file beside ``output``, renamed at the end: never half a file.
+
+    The temporary name is short and fixed in shape: "NAME.partial" would not fit beside a
+    name of 250 bytes, and "." or "/" have no name to add to.
+    """
+    partial = output.parent / f".ledger-export-{uuid.uuid4().hex}.partial"
     bar = Progress(
         TextColumn("exporting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=err, transient=True,
@@ -133,12 +139,18 @@ def _export_to_file(rows: Iterator[LedgerEntry], fmt: str, output: Path, total: 
             written = reports.export(rows, fmt, handle, progress=lambda n: bar.advance(task, n))
         os.replace(partial, output)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
-        raise InvalidInput(f"--output: cannot write {output}: {exc.strerror}") from None
+        _discard(partial)
+        raise InvalidInput(f"--output: cannot write {quote(str(output))}: {exc.strerror}") from None
     except BaseException:
-        partial.unlink(missing_ok=True)
+        _discard(partial)
         raise
     return written
+
+
+def _discard(partial: Path) -> None:
+    # Whatever kept the file from being written may keep it from being removed too.
+    with contextlib.suppress(OSError):
+        partial.unlink(missing_ok=True)
 
 
 def report(

@@ -113,7 +113,7 @@ def import_(
     """Create the subscriptions of FILE, all or nothing; importing it again changes nothing."""
     plans = _plans(plans_file)
     url = get_settings().database_url
-    total = intake.count_rows(file) if file.is_file() else 0
+    total = intake.count_rows(file) if intake.file_problem(file) is None else 0
     bar = Progress(
         TextColumn("importing"),
         BarColumn(),
@@ -130,6 +130,8 @@ def import_(
                 url, file, plans, strict=strict, progress=lambda n: bar.advance(task, n)
             )
     except ImportRejected as exc:
+        if len(exc.problems) == 1:  # one problem, one line
+            raise InvalidInput(f"{exc.path}: {exc.problems[0]}; nothing was imported") from None
         # Every problem on its own line; main() then prints the summary and exits with 2.
         for problem in exc.problems:
             err.print(problem, markup=False)
