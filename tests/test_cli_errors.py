@@ -125,6 +125,20 @@ class Ran:
         return line
 
 
+def offline_env(url: str) -> dict[str, str]:
+    """Settings for the CLI on the database at ``url`` that reach nothing outside."""
+    return {
+        "BILLING_DATABASE_URL": url,
+        "BILLING_PLANS_FILE": str(ENGINE_PLANS),
+        # Nothing may leave the machine: a closed port for the gateway and the broker.
+        "BILLING_GATEWAY_URL": "http://127.0.0.1:9",
+        "BILLING_BROKER_URL": "redis://127.0.0.1:9/0",
+        "BILLING_CONNECT_TIMEOUT": "0.5",
+        "KLIKANDPAY_KEY_EUR": "test-key-eur",
+        "KLIKANDPAY_KEY_USD": "test-key-usd",
+    }
+
+
 @pytest.fixture(scope="module")
 def cli_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A SQLite database with two settled charges, and settings that reach nothing outside."""
@@ -153,16 +167,7 @@ def cli_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
                     authorized_amount=Decimal(amount) if deferred else None,
                 )
             )  # fmt: skip
-    env = {
-        "BILLING_DATABASE_URL": url,
-        "BILLING_PLANS_FILE": str(ENGINE_PLANS),
-        # Nothing may leave the machine: a closed port for the gateway and the broker.
-        "BILLING_GATEWAY_URL": "http://127.0.0.1:9",
-        "BILLING_BROKER_URL": "redis://127.0.0.1:9/0",
-        "BILLING_CONNECT_TIMEOUT": "0.5",
-        "KLIKANDPAY_KEY_EUR": "test-key-eur",
-        "KLIKANDPAY_KEY_USD": "test-key-usd",
-    }
+    env = offline_env(url)
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
