@@ -18,6 +18,11 @@ then placed on the UTC time line with ``fold=0``, which settles the two DST edge
 So a period never moves by more than the clocks do and no period is skipped or repeated.
 (A zone that skips a whole calendar day, as Pacific/Apia did on 2011-12-30, can give a daily
 plan two periods at the same instant; no other change of offset can.)
+
+``datetime`` ends at 9999-12-31 and starts at 0001-01-01. Plans (intervals of at most ten
+years) and imports (first charges within a century of now) keep every date a subscription
+reaches far inside; a date that still falls outside raises :class:`DateOutOfRange`, which
+names the anchor, the interval and the period, never Python's ``OverflowError``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,12 @@ from zoneinfo import ZoneInfo
 from dateutil.relativedelta import relativedelta
 
 from billing.durations import Interval
+from billing.errors import BillingError
+
+
+class DateOutOfRange(BillingError):
+    """A due date falls outside the calendar that can be computed (years 1 to 9999)."""
+
 
 #: Average lengths in days, only used to guess a period number before checking it exactly.
 _AVERAGE_DAYS = {"days": 1.0, "weeks": 7.0, "months": 365.2425 / 12, "years": 365.2425}
@@ -49,6 +60,13 @@ def _step(every: Interval, period: int) -> relativedelta:
     return relativedelta(years=n)
 
 
+def _out_of_range(anchor: datetime, every: Interval, period: int) -> DateOutOfRange:
+    return DateOutOfRange(
+        f"period {period} of a plan charged every {every} from {anchor.isoformat()} falls "
+        "outside the calendar (0001-01-01 to 9999-12-31 UTC)"
+    )
+
+
 def due_at(anchor: datetime, every: Interval, period: int, tz: ZoneInfo) -> datetime:
     """When period ``period`` (0 = the anchor itself) is due, as an aware UTC datetime.
 
@@ -60,11 +78,16 @@ def due_at(anchor: datetime, every: Interval, period: int, tz: ZoneInfo) -> date
     _aware(anchor, "anchor")
     if period < 0:
         raise ValueError(f"period must be 0 or more, got {period}")
-    if period == 0:
-        # Exactly the anchor, even when it lies in the second occurrence of a repeated hour.
-        return anchor.astimezone(UTC)
-    wall = anchor.astimezone(tz).replace(tzinfo=None) + _step(every, period)
-    return wall.replace(tzinfo=tz, fold=0).astimezone(UTC)
+    try:
+        if period == 0:
+            # Exactly the anchor, even when it lies in the second occurrence of a repeated hour.
+            return anchor.astimezone(UTC)
+        wall = anchor.astimezone(tz).replace(tzinfo=None) + _step(every, period)
+        return wall.replace(tzinfo=tz, fold=0).astimezone(UTC)
+    except (OverflowError, ValueError):
+        # datetime and relativedelta say "date value out of range" / "year 10000 is out of
+        # range"; nothing else in these two lines raises.
+        raise _out_of_range(anchor, every, period) from None
 
 
 def latest_due_period(anchor: datetime, every: Interval, tz: ZoneInfo, now: datetime) -> int | None:

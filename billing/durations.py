@@ -10,11 +10,17 @@
 
 Parsers raise ``ValueError`` with a message that quotes the text and says what is wrong;
 ``billing.plans`` prefixes it with the plan and key.
+
+Both spans are bounded, because everything the engine derives from them must stay inside the
+calendar ``datetime`` can hold (years 1 to 9999): "now minus one period" for a plan of
+"3000 years" is before year 1, and a retry "99999999999999999 days" away is no ``timedelta``
+at all. Counts are ASCII digits: a regex ``\\d`` also matches "３" and "١", which ``int`` reads.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,12 +37,63 @@ DELAY_UNITS: Final[dict[str, int]] = {
     "weeks": 7 * 86400,
 }
 
-_SPAN = re.compile(r"(?P<count>[+-]?\d+)\s+(?P<unit>[a-z]+)")
+#: The longest billing interval, in each unit: ten years. Longer is a typo, and it keeps
+#: "now minus one period" and a subscription's due dates for centuries inside the calendar.
+MAX_INTERVAL: Final[dict[IntervalUnit, int]] = {
+    "days": 3650,
+    "weeks": 520,
+    "months": 120,
+    "years": 10,
+}
+#: The longest fixed delay (a retry, a capture delay, a sweep period, an age filter): ten
+#: years of days, so that ``now`` plus or minus it is always a date.
+MAX_DELAY: Final = timedelta(days=3650)
+#: Digits read as a count: more are out of every bound above (and past ``int``'s limit).
+_MAX_DIGITS: Final = 12
+#: Longest value a message quotes whole; longer ones are cut, with "…".
+MAX_QUOTED: Final = 80
+
+_SPAN = re.compile(r"(?P<count>[+-]?[0-9]+)\s+(?P<unit>[a-z]+)")
 
 
 def quote(text: str) -> str:
-    """``29.999`` -> ``"29.999"``: how every message shows a value the user wrote."""
-    return json.dumps(text, ensure_ascii=False)
+    """``29.999`` -> ``"29.999"``: how every message shows a value the user wrote.
+
+    A value longer than ``MAX_QUOTED`` is cut, so that one pasted megabyte does not become a
+    megabyte of error message. Every character that is not printable is written as its JSON
+    escape: a lone surrogate (a JSON "\\ud800", a command-line byte that is not UTF-8) could
+    not be printed or stored, and U+0085 or U+2028 would break the message's one line.
+    """
+    if len(text) > MAX_QUOTED:
+        text = text[: MAX_QUOTED - 1] + "…"
+    return printable(json.dumps(text, ensure_ascii=False))
+
+
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable written as its JSON escape
+    (``\\u001b``): a path or a message that echoes what a user typed stays one line, and
+    sends no control sequence to a terminal."""
+    return "".join(char if char.isprintable() else json.dumps(char)[1:-1] for char in text)
+
+
+def shown(value: object) -> str:
+    """Any value as a message shows it: text quoted, anything else by ``repr``, both cut to
+    ``MAX_QUOTED``. An integer of thousands of digits (JSON and TOML allow them) is described
+    by its length: ``repr`` of one past 4300 digits raises ``ValueError``."""
+    if isinstance(value, str):
+        return quote(value)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**MAX_QUOTED:
+        return f"a whole number of {math.floor(math.log10(abs(value))) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= MAX_QUOTED else text[: MAX_QUOTED - 1] + "…"
+
+
+def read_count(digits: str) -> int | None:
+    """``"+12"`` -> 12: an ASCII whole number, or None when it has more than a dozen digits
+    (larger than any bound here, and cheap to refuse before ``int`` reads it)."""
+    if len(digits.lstrip("+-0")) > _MAX_DIGITS:
+        return None
+    return int(digits)
 
 
 def _unit(word: str, known: tuple[str, ...]) -> str | None:
@@ -45,11 +102,15 @@ def _unit(word: str, known: tuple[str, ...]) -> str | None:
     return plural if plural in known else None
 
 
-def _split(text: str) -> tuple[int, str] | None:
+def _split(text: str) -> tuple[int | None, str] | None:
+    """(count, unit word) of "3 days"; the count is None when it is too large to read."""
     match = _SPAN.fullmatch(text.strip().lower())
     if match is None:
         return None
-    return int(match["count"]), match["unit"]
+    return read_count(match["count"]), match["unit"]
+
+
+_LONGEST_INTERVAL: Final = f"{MAX_INTERVAL['years']} years, the longest billing interval"
 
 
 @dataclass(frozen=True)
@@ -64,6 +125,8 @@ class Interval:
             raise ValueError(f"interval count must be a whole number of at least 1: {self.count!r}")
         if self.unit not in INTERVAL_UNITS:
             raise ValueError(f"interval unit must be one of {', '.join(INTERVAL_UNITS)}")
+        if self.count > MAX_INTERVAL[self.unit]:
+            raise ValueError(f"{self} is longer than {_LONGEST_INTERVAL}")
 
     def __str__(self) -> str:
         return f"{self.count} {self.unit if self.count != 1 else self.unit[:-1]}"
@@ -89,8 +152,10 @@ def parse_interval(text: str) -> Interval:
         raise ValueError(
             f"{quote(text)} has an unknown unit {quote(word)}: give an interval {example}"
         )
-    if count < 1:
+    if count is not None and count < 1:
         raise ValueError(f"{quote(text)} must be at least 1 {unit[:-1]}")
+    if count is None or count > MAX_INTERVAL[cast(IntervalUnit, unit)]:
+        raise ValueError(f"{quote(text)} is longer than {_LONGEST_INTERVAL}")
     return Interval(count, cast(IntervalUnit, unit))
 
 
@@ -116,8 +181,10 @@ def parse_delay(text: str) -> timedelta:
                 "use days or weeks"
             )
         raise ValueError(f"{quote(text)} has an unknown unit {quote(word)}: give a delay {example}")
-    if count <= 0:
+    if count is not None and count <= 0:
         raise ValueError(f"{quote(text)} must be a positive delay")
+    if count is None or count * DELAY_UNITS[unit] > MAX_DELAY.total_seconds():
+        raise ValueError(f"{quote(text)} is longer than {MAX_DELAY.days} days, the longest delay")
     return timedelta(seconds=count * DELAY_UNITS[unit])
 
 
@@ -196,17 +263,17 @@ class Cron:
 
 
 def _value(token: str, field: _Field) -> int:
-    if token.isascii() and token.isdigit():
-        number = int(token)
-    elif token.lower() in field.names:
+    if token.lower() in field.names:
         return field.names[token.lower()]
-    else:
+    if not (token.isascii() and token.isdigit()):
         names = {12: " or jan-dec", 7: " or sun-sat"}.get(field.high, "")
         raise ValueError(
             f"{field.name} {quote(token)} is not a number {field.low}-{field.high}{names}"
         )
-    if not field.low <= number <= field.high:
-        raise ValueError(f"{field.name} {number} is out of range {field.low}-{field.high}")
+    number = read_count(token)
+    if number is None or not field.low <= number <= field.high:
+        shown = quote(token) if number is None else str(number)
+        raise ValueError(f"{field.name} {shown} is out of range {field.low}-{field.high}")
     return number
 
 
@@ -221,7 +288,7 @@ def _expand(text: str, field: _Field) -> set[int]:
         if slash:
             if (
                 not (step_text.isascii() and step_text.isdigit())
-                or not 1 <= int(step_text) <= field.high
+                or not 1 <= (read_count(step_text) or 0) <= field.high
             ):
                 raise ValueError(
                     f"{field.name} step {quote(step_text)} must be a number 1-{field.high}"

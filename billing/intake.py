@@ -12,6 +12,9 @@ Why it is shaped like this:
   was imported with), not its current ``next_charge_at``, which moves as it is charged.
 - 100,000 rows must fit: existing references are read with batched ``IN`` queries and new
   rows are bulk-inserted in batches, so the cost is a few hundred round trips.
+- A file is untrusted: whatever it holds (JSON nested 100,000 deep, numbers of thousands of
+  digits, a date in year 1 or 9999, a lone surrogate, a value wider than its column) ends as a
+  problem on its line, never as an exception from a parser, a date or the database.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ import ipaddress
 import json
 import logging
 import re
+import stat
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +39,7 @@ from sqlalchemy.orm import Session
 
 from billing import dates
 from billing.db import session_scope
+from billing.durations import printable, quote, shown
 from billing.errors import ImportRejected, InvalidInput
 from billing.models import Subscription, SubscriptionStatus
 from billing.money import parse_amount
@@ -54,8 +59,16 @@ INSERT_BATCH = 1000
 #: Imports creating at least this many rows refresh PostgreSQL's table statistics.
 ANALYZE_FROM_ROWS = 1000
 
+#: How far from now a first charge may be, either way: a century. Further is a typo (2205 for
+#: 2025), and it keeps every due date a subscription reaches inside the calendar (year 1 to
+#: 9999, see billing.dates), with plans at most ten years apart.
+ANCHOR_WINDOW = timedelta(days=36525)
+#: Digits Python's ``int()`` reads at most (``sys.get_int_max_str_digits()``); json.loads
+#: raises ValueError past it.
+_INT_DIGITS = 4300
+
 # Lengths of the columns in billing.models.Subscription.
-_MAX_LEN = {"external_ref": 128, "alias": 128, "email": 254}
+_MAX_LEN = {"external_ref": 128, "alias": 128, "email": 254, "customer_ip": 45}
 # Deliberately loose: one @, no spaces, a dot in the domain. The gateway never sees it.
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
@@ -138,10 +151,13 @@ def _text(data: Mapping[str, object], name: str) -> tuple[str | None, str | None
     if value is None:
         return None, None
     if not isinstance(value, str):
-        return None, f"{name} must be text, not {value!r}"
+        return None, f"{name} must be text, not {shown(value)}"
     value = value.strip()
     if not value:
         return None, None
+    if any("\ud800" <= ch <= "\udfff" for ch in value):
+        # "\ud800" is valid JSON and no text: neither database can store it.
+        return None, f"{name} is not valid Unicode text (it holds a lone surrogate)"
     if any(unicodedata.category(ch) == "Cc" for ch in value):
         # A NUL or another control character: PostgreSQL refuses NUL in text, and none
         # belongs in a reference, an alias, an address or a plan name.
@@ -152,32 +168,38 @@ def _text(data: Mapping[str, object], name: str) -> tuple[str | None, str | None
     return value, None
 
 
-def _parse_time(value: object) -> tuple[datetime | None, str | None]:
+def _parse_time(value: object, now: datetime) -> tuple[datetime | None, str | None]:
     if isinstance(value, datetime):
         moment = value
     elif isinstance(value, str) and value.strip():
         try:
             moment = datetime.fromisoformat(value.strip())
         except ValueError:
-            return None, f'next_charge_at "{value.strip()}" is not an ISO 8601 time'
+            return None, f"next_charge_at {quote(value.strip())} is not an ISO 8601 time"
     elif value is None or value == "":
         return None, "next_charge_at is missing"
     else:
-        return None, f"next_charge_at must be ISO 8601 text, not {value!r}"
+        return None, f"next_charge_at must be ISO 8601 text, not {shown(value)}"
+    shown_time = quote(value if isinstance(value, str) else moment.isoformat())
     if moment.tzinfo is None or moment.utcoffset() is None:
         return None, (
-            f'next_charge_at "{value}" is a time without offset '
+            f"next_charge_at {shown_time} is a time without offset "
             "(write it like 2025-03-01T09:00:00+01:00 or with a Z)"
         )
+    # Aware subtraction never leaves the calendar; astimezone(UTC) of 0001-01-01T00:00+01:00
+    # would, so the window is checked first.
+    if abs(moment - now) > ANCHOR_WINDOW:
+        return None, f"next_charge_at {shown_time} is more than 100 years from now"
     return moment.astimezone(UTC), None
 
 
 def check_fields(
-    data: Mapping[str, object], plans: PlanSet, *, line: int = 0
+    data: Mapping[str, object], plans: PlanSet, *, line: int = 0, now: datetime | None = None
 ) -> tuple[NewSubscription | None, list[str]]:
     """Validate one row's fields; return the row, or None and every problem found.
 
-    Problems name the field and quote the bad value (never the alias).
+    Problems name the field and quote the bad value (never the alias). ``now`` (default: the
+    clock) is what ``next_charge_at`` must lie within a century of.
     """
     problems: list[str] = []
 
@@ -194,7 +216,7 @@ def check_fields(
         problems.append("plan is missing")
     elif plan not in plans.plans:
         known = ", ".join(sorted(plans.plans)) or "none"
-        problems.append(f'plan "{plan}" is not in the plans file (known: {known})')
+        problems.append(f"plan {quote(plan)} is not in the plans file (known: {known})")
 
     alias, problem = _text(data, "alias")
     if problem:
@@ -210,16 +232,20 @@ def check_fields(
         problems.append(problem)
     elif raw_ip is None:
         problems.append("customer_ip is missing")
+    elif "%" in raw_ip:
+        # ip_address() takes "fe80::1%eth0" with a zone of any length; a zone only means
+        # something on this machine's own links, never for a customer's address.
+        problems.append(f"customer_ip {quote(raw_ip)} has a zone (%...): not a customer's address")
     else:
         try:
             customer_ip = str(ipaddress.ip_address(raw_ip))
         except ValueError:
-            problems.append(f'customer_ip "{raw_ip}" is not an IP address')
+            problems.append(f"customer_ip {quote(raw_ip)} is not an IP address")
 
     raw_time = data.get("next_charge_at")
     if isinstance(raw_time, str):
         raw_time = raw_time.strip()
-    next_charge_at, problem = _parse_time(raw_time)
+    next_charge_at, problem = _parse_time(raw_time, now or datetime.now(UTC))
     if problem:
         problems.append(problem)
 
@@ -227,7 +253,7 @@ def check_fields(
     if problem:
         problems.append(problem)
     elif email is not None and not _EMAIL.match(email):
-        problems.append(f'email "{email}" is not an e-mail address')
+        problems.append(f"email {quote(email)} is not an e-mail address")
 
     amount: Decimal | None = None
     raw_amount = data.get("amount")
@@ -282,40 +308,52 @@ def _csv_records(path: Path) -> Iterator[Record]:
     with path.open(encoding="utf-8-sig", newline="") as fh:
         reader = csv.reader(fh)
         header: list[str] | None = None
-        for values in reader:
-            line = reader.line_num
-            if not any(v.strip() for v in values):
-                continue
-            if header is None:
-                header = [h.strip() for h in values]
-                problems = _header_problems(header)
-                if problems:
-                    yield line, None, problems
-                    return
-                continue
-            if len(values) > len(header):
-                yield line, None, [f"{len(values)} values for {len(header)} columns"]
-                continue
-            yield line, dict(zip(header, values, strict=False)), []
+        try:
+            for values in reader:
+                line = reader.line_num
+                if not any(v.strip() for v in values):
+                    continue
+                if header is None:
+                    header = [h.strip() for h in values]
+                    problems = _header_problems(header)
+                    if problems:
+                        yield line, None, problems
+                        return
+                    continue
+                if len(values) > len(header):
+                    yield line, None, [f"{len(values)} values for {len(header)} columns"]
+                    continue
+                yield line, dict(zip(header, values, strict=False)), []
+        except csv.Error as exc:
+            # The reader stops at a row it cannot read (a field past its size limit).
+            yield reader.line_num, None, [f"not a readable CSV row ({exc})"]
+            return
         if header is None:
             yield 1, None, ["the file is empty (a CSV import needs a header line)"]
+
+
+#: Names a problem lists at most (unknown columns, fields): a line, not a page.
+_NAMES_SHOWN = 5
+
+
+def _names(names: Sequence[str]) -> str:
+    """``"ip", "notes"``: each quoted, the first few only."""
+    shown_names = ", ".join(quote(name) for name in names[:_NAMES_SHOWN])
+    more = len(names) - _NAMES_SHOWN
+    return shown_names + (f" and {more} more" if more > 0 else "")
 
 
 def _header_problems(header: list[str]) -> list[str]:
     problems = []
     unknown = [h for h in header if h not in FIELDS]
     if unknown:
-        problems.append(
-            "unknown column(s) "
-            + ", ".join(f'"{h}"' for h in unknown)
-            + f" (columns are: {', '.join(FIELDS)})"
-        )
+        problems.append(f"unknown column(s) {_names(unknown)} (columns are: {', '.join(FIELDS)})")
     repeated = sorted({h for h in header if header.count(h) > 1})
     if repeated:
-        problems.append("repeated column(s) " + ", ".join(f'"{h}"' for h in repeated))
+        problems.append(f"repeated column(s) {_names(repeated)}")
     missing = [f for f in REQUIRED_FIELDS if f not in header]
     if missing:
-        problems.append("missing column(s) " + ", ".join(f'"{m}"' for m in missing))
+        problems.append(f"missing column(s) {_names(missing)}")
     return problems
 
 
@@ -330,12 +368,18 @@ def _jsonl_records(path: Path) -> Iterator[Record]:
             except json.JSONDecodeError as exc:
                 yield line, None, [f"not valid JSON ({exc.msg} at column {exc.colno})"]
                 continue
+            except RecursionError:  # json.loads recurses once per level
+                yield line, None, ["JSON nested too deeply (arrays or objects hundreds deep)"]
+                continue
+            except ValueError:  # its int() refuses more digits than this
+                yield line, None, [f"a number of more than {_INT_DIGITS} digits"]
+                continue
             if not isinstance(data, dict):
                 yield line, None, ["each line must be a JSON object"]
                 continue
             unknown = [k for k in data if k not in FIELDS]
             if unknown:
-                yield line, None, ["unknown field(s) " + ", ".join(f'"{k}"' for k in unknown)]
+                yield line, None, [f"unknown field(s) {_names(unknown)}"]
                 continue
             yield line, data, []
 
@@ -346,16 +390,19 @@ def _records(path: Path) -> Iterator[Record]:
     return _csv_records(path)
 
 
-def parse_rows(path: str | Path, plans: PlanSet | None = None) -> list[NewSubscription]:
+def parse_rows(
+    path: str | Path, plans: PlanSet | None = None, *, now: datetime | None = None
+) -> list[NewSubscription]:
     """Read and validate every row of ``path``; raise ``ImportRejected`` listing every problem.
 
-    ``plans`` defaults to the configured plans file. Problems read
+    ``plans`` defaults to the configured plans file, ``now`` to the clock. Problems read
     ``line 7: customer_ip "300.1.1.1" is not an IP address``.
     """
     plans = plans if plans is not None else get_plans()
     file = Path(path)
-    if not file.is_file():
-        raise ImportRejected(str(path), ["no such file"])
+    problem = file_problem(file)
+    if problem is not None:
+        raise ImportRejected(printable(str(path)), [problem])
     rows: list[NewSubscription] = []
     problems: list[str] = []
     first_line: dict[str, int] = {}
@@ -364,14 +411,14 @@ def parse_rows(path: str | Path, plans: PlanSet | None = None) -> list[NewSubscr
             problems.extend(f"line {line}: {p}" for p in record_problems)
             if data is None:
                 continue
-            row, row_problems = check_fields(data, plans, line=line)
+            row, row_problems = check_fields(data, plans, line=line, now=now)
             problems.extend(f"line {line}: {p}" for p in row_problems)
             ref = row.external_ref if row else data.get("external_ref")
             if isinstance(ref, str) and ref.strip():
                 ref = ref.strip()
                 if ref in first_line:
                     problems.append(
-                        f'line {line}: external_ref "{ref}" appears again '
+                        f"line {line}: external_ref {quote(ref)} appears again "
                         f"(first on line {first_line[ref]})"
                     )
                     continue
@@ -379,22 +426,45 @@ def parse_rows(path: str | Path, plans: PlanSet | None = None) -> list[NewSubscr
             if row is not None:
                 rows.append(row)
     except UnicodeDecodeError:
-        raise ImportRejected(str(path), ["the file is not UTF-8 text"]) from None
+        raise ImportRejected(printable(str(path)), ["the file is not UTF-8 text"]) from None
+    except OSError as exc:
+        raise ImportRejected(printable(str(path)), [f"cannot be read: {exc.strerror}"]) from None
     except csv.Error as exc:
-        raise ImportRejected(str(path), [f"not a readable CSV file ({exc})"]) from None
+        raise ImportRejected(printable(str(path)), [f"not a readable CSV file ({exc})"]) from None
     if problems:
-        raise ImportRejected(str(path), _redacted(problems))
+        raise ImportRejected(printable(str(path)), _redacted(problems))
     return rows
 
 
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be imported, found before it is opened; None when it can be.
+
+    ``Path.is_file()`` raises for a name past the file system's limit (ENAMETOOLONG).
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    except ValueError:  # a NUL in the path
+        return "is not a valid path"
+    return None if stat.S_ISREG(mode) else "is not a regular file"
+
+
 def count_rows(path: str | Path) -> int:
-    """About how many rows ``path`` holds (non-blank lines, less a CSV header): for progress."""
+    """About how many rows ``path`` holds (non-blank lines, less a CSV header): for progress.
+
+    0 when it cannot be read: the import says why.
+    """
     file = Path(path)
-    with file.open("rb") as fh:
-        lines = sum(1 for raw in fh if raw.strip())
-    if detect_format(file) == "csv":
-        lines -= 1
-    return max(lines, 0)
+    try:
+        with file.open("rb") as fh:
+            lines = sum(1 for raw in fh if raw.strip())
+        csv_header = detect_format(file) == "csv"
+    except (OSError, ValueError):
+        return 0
+    return max(lines - csv_header, 0)
 
 
 # --------------------------------------------------------------------------- the database
@@ -454,7 +524,7 @@ def _import(
             diff = _differences(row, found)
             if diff:
                 problems.append(
-                    f'line {row.line}: external_ref "{row.external_ref}" already exists '
+                    f"line {row.line}: external_ref {quote(row.external_ref)} already exists "
                     f"with a different {'/'.join(diff)}"
                 )
             continue
@@ -508,19 +578,20 @@ def import_subscriptions(
     the caller's transaction, which the caller commits.
     """
     now = now or datetime.now(UTC)
-    rows = parse_rows(path, plans)
+    rows = parse_rows(path, plans, now=now)
+    source = printable(str(path))
     if isinstance(session_or_url, str):
         with session_scope(session_or_url) as session:
             result = _import(
-                session, str(path), rows, plans, strict=strict, progress=progress, now=now
+                session, source, rows, plans, strict=strict, progress=progress, now=now
             )
     else:
         result = _import(
-            session_or_url, str(path), rows, plans, strict=strict, progress=progress, now=now
+            session_or_url, source, rows, plans, strict=strict, progress=progress, now=now
         )
     log.info(
         "imported %s: %d created, %d unchanged, %d warning(s)",
-        path,
+        source,
         result.created,
         result.unchanged,
         len(result.warnings),
@@ -559,7 +630,8 @@ def add_subscription(
         "email": email,
         "amount": amount,
     }
-    row, problems = check_fields(data, plans)
+    now = now or datetime.now(UTC)
+    row, problems = check_fields(data, plans, now=now)
     if row is None:
         raise InvalidInput("; ".join(_redacted(problems)))
     existing = session.scalars(
@@ -569,11 +641,10 @@ def add_subscription(
         diff = _differences(row, {c: getattr(existing, c) for c in _COMPARED})
         if diff:
             raise InvalidInput(
-                f'external_ref "{row.external_ref}" already exists with a different '
+                f"external_ref {quote(row.external_ref)} already exists with a different "
                 + "/".join(diff)
             )
         return existing
-    now = now or datetime.now(UTC)
     if _is_old(row, plans, now):
         log.warning("subscription %s: %s", row.external_ref, _old_message(row))
     subscription = Subscription(**row.values(now))

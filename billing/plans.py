@@ -19,6 +19,7 @@ import hashlib
 import math
 import os
 import re
+import stat
 import threading
 import tomllib
 from collections.abc import Callable, Mapping
@@ -32,7 +33,17 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import func, select
 
-from billing.durations import Cron, Interval, parse_cron, parse_delay, parse_interval, quote
+from billing.durations import (
+    MAX_QUOTED,
+    Cron,
+    Interval,
+    parse_cron,
+    parse_delay,
+    parse_interval,
+    printable,
+    quote,
+    shown,
+)
 from billing.errors import ConfigError, InvalidInput, NotFound, PlanFileError
 from billing.events import DEFAULT_ENDPOINT, EVENT_TYPES, type_matches
 from billing.models import PlanVersion
@@ -212,6 +223,17 @@ class _Bad(Exception):
     """One problem with one value; the message follows the value's location."""
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _where(table: str, name: str) -> str:
+    """``plans.pro-monthly``, or ``plans."pro\\nmonthly"`` for a name TOML must quote (or too
+    long to show whole): the location stays one short line however the name is spelt."""
+    if _BARE_KEY.fullmatch(name) and len(name) <= MAX_QUOTED:
+        return f"{table}.{name}"
+    return f"{table}.{quote(name)}"
+
+
 def _show(value: object) -> str:
     """A value as the user wrote it in TOML, for messages."""
     if isinstance(value, str):
@@ -219,7 +241,7 @@ def _show(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
-        return repr(value)
+        return shown(value)
     if isinstance(value, list):
         return "a list"
     if isinstance(value, dict):
@@ -243,6 +265,8 @@ def _amount(value: object) -> Decimal:
         )
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise _Bad(f'{_show(value)} must be a quoted amount such as "29.90"')
+    if isinstance(value, int) and value > MAX_AMOUNT:
+        raise _Bad(f"{_show(value)} is larger than {format_amount(MAX_AMOUNT)}")
     with contextlib.suppress(InvalidOperation):
         if Decimal(str(value).strip()) > MAX_AMOUNT:
             raise _Bad(f"{quote(str(value))} is larger than {format_amount(MAX_AMOUNT)}")
@@ -315,16 +339,21 @@ def _choice(*choices: str) -> Callable[[object], str]:
 
 
 def _rate(value: object) -> float:
+    problem = f"{_show(value)} must be a positive number such as 5 or 0.1"
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _Bad(f"{_show(value)} must be a positive number such as 5 or 0.1")
-    if not math.isfinite(value) or value <= 0:
-        raise _Bad(f"{value!r} must be a positive number such as 5 or 0.1")
-    return float(value)
+        raise _Bad(problem)
+    try:
+        rate = float(value)  # an integer of 400 digits is no float
+    except OverflowError:
+        raise _Bad(problem) from None
+    if not math.isfinite(rate) or rate <= 0:
+        raise _Bad(problem)
+    return rate
 
 
 def _merchant_id(value: object) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
-        raise _Bad(f'{value} must be quoted: merchant_id = "{value}"')
+        raise _Bad(f'{_show(value)} must be quoted: merchant_id = "{_show(value)}"')
     text = _string(value, "1234567")
     if not _MERCHANT_ID.fullmatch(text):
         raise _Bad(f"{quote(text)} is not a merchant ID (1-32 letters or digits)")
@@ -405,7 +434,7 @@ _ACCOUNT_HINTS: Final = {
 
 
 def _read_account(currency: str, value: object, problems: list[str]) -> Account | None:
-    where = f"accounts.{currency}"
+    where = _where("accounts", currency)
     if not isinstance(value, dict):
         problems.append(f"{where}: must be a table, written [{where}]")
         return None
@@ -517,7 +546,7 @@ _WEBHOOK_HINTS: Final = {
 
 
 def _read_webhook(name: str, value: object, problems: list[str]) -> WebhookEndpoint | None:
-    where = f"webhooks.{name}"
+    where = _where("webhooks", name)
     if not isinstance(value, dict):
         problems.append(
             f"{where}: must be a table, written [{where}], with url, secret_env and "
@@ -562,7 +591,7 @@ def _read_webhooks(data: Mapping[str, Any], problems: list[str]) -> dict[str, We
 def _read_plan(
     name: str, value: object, accounts: Mapping[str, object], problems: list[str]
 ) -> Plan | None:
-    where = f"plans.{name}"
+    where = _where("plans", name)
     if not isinstance(value, dict):
         problems.append(f"{where}: must be a table, written [{where}]")
         return None
@@ -617,12 +646,83 @@ def _duplicate_merchants(accounts: dict[str, Account], problems: list[str]) -> N
             )
 
 
+#: Where a message about nesting points: the first line this many arrays or tables deep.
+_DEEP: Final = 100
+#: Digits tomllib's ``int()`` reads at most (Python's ``sys.get_int_max_str_digits()``).
+_INT_DIGITS: Final = 4300
+_LONG_NUMBER = re.compile(rf"[0-9][0-9_]{{{_INT_DIGITS},}}")
+
+
+def _line_of(text: str, index: int) -> int:
+    return text.count("\n", 0, index) + 1
+
+
+def _deep_line(text: str) -> int | None:
+    """The line where arrays and inline tables first nest ``_DEEP`` levels, strings and
+    comments skipped: where a message about a RecursionError of tomllib points."""
+    depth, index, end = 0, 0, len(text)
+    while index < end:
+        char = text[index]
+        if char in "\"'":
+            closing = char * 3 if text.startswith(char * 3, index) else char
+            index += len(closing)
+            while index < end and not text.startswith(closing, index):
+                index += 2 if char == '"' and text[index] == "\\" else 1
+            index += len(closing)
+            continue
+        if char == "#":
+            newline = text.find("\n", index)
+            index = end if newline < 0 else newline
+            continue
+        if char in "[{":
+            depth += 1
+            if depth >= _DEEP:
+                return _line_of(text, index)
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+        index += 1
+    return None
+
+
+_POSITION = re.compile(r"\s*(\(at (?:line \d+, column \d+|end of document)\))$")
+
+
+def _short(message: str) -> str:
+    """tomllib's message on one line, its quoted keys cut: a key of 10,000 characters
+    declared twice must not make a problem of 10,000. The position is always kept."""
+    found = _POSITION.search(message)
+    position = found.group(1) if found else ""
+    head = message[: found.start()] if found else message
+    head = head.replace("\n", "\\n")
+    if len(head) > 2 * MAX_QUOTED:
+        head = head[: 2 * MAX_QUOTED - 1] + "…"
+    return f"{head} {position}".strip()
+
+
+def _toml(text: str, source: str) -> dict[str, Any]:
+    """``tomllib.loads``, its two non-syntax failures named: it recurses once per level of
+    nesting, and its ``int()`` refuses more than 4300 digits with a ``ValueError``."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PlanFileError(source, [f"TOML syntax error: {_short(str(exc))}"]) from None
+    except RecursionError:
+        line = _deep_line(text)
+        where = f" (at line {line})" if line is not None else ""
+        raise PlanFileError(
+            source, [f"TOML nested too deeply{where}: arrays or tables hundreds of levels deep"]
+        ) from None
+    except ValueError:
+        found = _LONG_NUMBER.search(text)
+        where = f" at line {_line_of(text, found.start())}" if found else ""
+        raise PlanFileError(
+            source, [f"TOML number too long{where}: more than {_INT_DIGITS} digits"]
+        ) from None
+
+
 def parse_plans(text: str, *, source: str = "<string>") -> PlanSet:
     """Validate a plans file's text; raise ``PlanFileError`` listing every problem."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise PlanFileError(source, [f"TOML syntax error: {exc}"]) from None
+    data = _toml(text, source)
     problems: list[str] = []
     for key in data:
         if key not in ("accounts", "plans", "webhooks"):
@@ -662,7 +762,20 @@ def parse_plans(text: str, *, source: str = "<string>") -> PlanSet:
 
 def load_plans(path: str | Path) -> PlanSet:
     """Read and validate the plans file at ``path``; raise ``PlanFileError`` on any problem."""
-    source = str(path)
+    source = printable(str(path))
+    try:
+        mode = Path(path).stat().st_mode
+    except FileNotFoundError:
+        raise PlanFileError(source, ["file not found"]) from None
+    except OSError as exc:
+        raise PlanFileError(source, [f"cannot be read: {exc.strerror}"]) from None
+    except ValueError:  # a NUL in the path
+        raise PlanFileError(source, ["is not a valid path"]) from None
+    if stat.S_ISDIR(mode):
+        raise PlanFileError(source, ["is a directory, not a plans file"])
+    if not stat.S_ISREG(mode):
+        # A device or a pipe could be read forever (/dev/zero, a FIFO nobody writes to).
+        raise PlanFileError(source, ["not a regular file"])
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -696,9 +809,9 @@ def get_plans(settings: Settings | None = None) -> PlanSet:
     try:
         stat = path.stat()
     except FileNotFoundError:
-        raise PlanFileError(str(path), ["file not found"]) from None
+        raise PlanFileError(printable(str(path)), ["file not found"]) from None
     except OSError as exc:
-        raise PlanFileError(str(path), [f"cannot be read: {exc.strerror}"]) from None
+        raise PlanFileError(printable(str(path)), [f"cannot be read: {exc.strerror}"]) from None
     stamp = (stat.st_mtime_ns, stat.st_size)
     with _CACHE_LOCK:
         cached = _CACHE.get(key)

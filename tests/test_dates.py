@@ -11,8 +11,9 @@ from freezegun import freeze_time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from billing.dates import due_at, first_period_after, latest_due_period
+from billing.dates import DateOutOfRange, due_at, first_period_after, latest_due_period
 from billing.durations import Interval
+from billing.errors import BillingError
 
 PARIS = ZoneInfo("Europe/Paris")
 NEW_YORK = ZoneInfo("America/New_York")
@@ -255,7 +256,7 @@ ZONES = [
 ]
 
 intervals = st.builds(
-    Interval, st.integers(1, 12), st.sampled_from(["days", "weeks", "months", "years"])
+    Interval, st.integers(1, 10), st.sampled_from(["days", "weeks", "months", "years"])
 )
 anchors = st.datetimes(
     min_value=datetime(2000, 1, 1),
@@ -297,3 +298,50 @@ def test_latest_due_period_agrees_with_due_at(
     exact = due_at(anchor, every, k, tz)
     assert latest_due_period(anchor, every, tz, exact) == k
     assert first_period_after(anchor, every, tz, exact) == k + 1
+
+
+# --- the end of the calendar (issue 14, item 9) ---------------------------------------------
+
+KIRITIMATI = ZoneInfo("Pacific/Kiritimati")  # UTC+14
+
+
+@pytest.mark.parametrize(
+    ("anchor", "every", "period", "tz"),
+    [
+        # relativedelta: "year 10000 is out of range" (a ValueError nobody names).
+        (datetime(9999, 6, 1, tzinfo=UTC), MONTHLY, 12, PARIS),
+        (datetime(9999, 12, 31, tzinfo=UTC), DAILY, 1, UTC),
+        # The wall clock of a zone east of UTC is already in year 10000.
+        (datetime(9999, 12, 31, 11, tzinfo=UTC), DAILY, 1, KIRITIMATI),
+        (datetime(9999, 12, 30, 20, tzinfo=UTC), DAILY, 1, KIRITIMATI),
+        # Converting the first hour of year 1, +01:00, to UTC underflows.
+        (datetime.fromisoformat("0001-01-01T00:00+01:00"), MONTHLY, 0, UTC),
+        (datetime.fromisoformat("0001-01-01T00:00+01:00"), MONTHLY, 1, UTC),
+        # A period number no calendar reaches: OverflowError.
+        (datetime(2027, 1, 1, tzinfo=UTC), DAILY, 10**30, UTC),
+    ],
+)
+def test_a_due_date_past_the_calendar_is_a_named_error(
+    anchor: datetime, every: Interval, period: int, tz: ZoneInfo
+) -> None:
+    with pytest.raises(DateOutOfRange) as info:
+        due_at(anchor, every, period, tz)
+    assert isinstance(info.value, BillingError)
+    message = str(info.value)
+    assert f"period {period}" in message and str(every) in message, message
+    assert "9999" in message, message
+
+
+def test_looking_for_the_latest_period_at_the_end_of_the_calendar_is_a_named_error() -> None:
+    anchor = datetime(9999, 12, 1, tzinfo=UTC)
+    with pytest.raises(DateOutOfRange):
+        latest_due_period(anchor, DAILY, UTC, datetime(9999, 12, 31, 12, tzinfo=UTC))
+    with pytest.raises(DateOutOfRange):
+        first_period_after(anchor, DAILY, UTC, datetime(9999, 12, 31, 12, tzinfo=UTC))
+
+
+def test_the_last_computable_dates_are_still_computed() -> None:
+    assert due_at(datetime(9999, 11, 30, tzinfo=UTC), MONTHLY, 1, UTC) == datetime(
+        9999, 12, 30, tzinfo=UTC
+    )
+    assert due_at(datetime(1, 1, 1, tzinfo=UTC), MONTHLY, 0, UTC) == datetime(1, 1, 1, tzinfo=UTC)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -14,6 +15,8 @@ from billing.durations import (
     parse_cron,
     parse_delay,
     parse_interval,
+    quote,
+    shown,
 )
 
 
@@ -206,3 +209,71 @@ def test_parse_cron_errors_name_the_field_and_value(line: str, message: str) -> 
 def test_cron_is_a_frozen_value() -> None:
     assert parse_cron("0 3 * * *") == Cron("0", "3", "*", "*", "*")
     assert hash(parse_cron("0 3 * * *")) == hash(Cron("0", "3", "*", "*", "*"))
+
+
+# --- hostile values (issue 14, item 9) ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("parse", "text", "message"),
+    [
+        # timedelta(seconds=...) overflowed: OverflowError, not a named problem.
+        (parse_delay, "99999999999999999 days", r'^"99999999999999999 days" is longer than 3650'),
+        (parse_delay, "3651 days", r'^"3651 days" is longer than 3650 days, the longest delay'),
+        (parse_delay, "600 weeks", r'^"600 weeks" is longer than 3650 days'),
+        # More digits than int() reads: Python's own message, which names a sys setting.
+        (parse_delay, "9" * 5000 + " seconds", r"is longer than 3650 days"),
+        # Digits of other scripts pass \d and int(); a plan is written in ASCII digits.
+        (parse_delay, "３ days", r'^"３ days" is not a delay'),
+        (parse_delay, "١ day", r'^"١ day" is not a delay'),
+        # Passed, then every sweep crashed: "now minus one period" is before year 1.
+        (parse_interval, "3000 years", r'^"3000 years" is longer than 10 years, the longest'),
+        (parse_interval, "11 years", r'^"11 years" is longer than 10 years'),
+        (parse_interval, "121 months", r'^"121 months" is longer than 10 years'),
+        (parse_interval, "521 weeks", r'^"521 weeks" is longer than 10 years'),
+        (parse_interval, "3651 days", r'^"3651 days" is longer than 10 years'),
+        (parse_interval, "9" * 5000 + " days", r"is longer than 10 years"),
+        (parse_interval, "１ month", r'^"１ month" is not an interval'),
+    ],
+    ids=lambda value: value.__name__ if callable(value) else None,
+)
+def test_a_span_out_of_bounds_is_a_named_problem(
+    parse: Callable[[str], object], text: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        parse(text)
+    assert "sys." not in str(info.value)
+    assert len(str(info.value)) < 300
+
+
+def test_the_longest_interval_and_delay_are_accepted() -> None:
+    assert parse_interval("10 years") == Interval(10, "years")
+    assert parse_interval("120 months") == Interval(120, "months")
+    assert parse_interval("520 weeks") == Interval(520, "weeks")
+    assert parse_interval("3650 days") == Interval(3650, "days")
+    assert parse_delay("3650 days") == timedelta(days=3650)
+    assert parse_delay("315360000 seconds") == timedelta(days=3650)
+
+
+def test_an_interval_built_in_code_has_the_same_bound() -> None:
+    with pytest.raises(ValueError, match="longer than 10 years"):
+        Interval(11, "years")
+
+
+def test_a_cron_number_of_thousands_of_digits_is_a_named_problem() -> None:
+    with pytest.raises(ValueError, match=r"minute .* is out of range 0-59$") as info:
+        parse_cron("9" * 5000 + " 3 * * *")
+    assert "sys." not in str(info.value)
+    assert len(str(info.value)) < 300
+
+
+def test_a_quoted_value_is_short_printable_text() -> None:
+    assert quote("29.999") == '"29.999"'
+    assert quote("x" * 1000) == '"' + "x" * 79 + '…"'
+    # A lone surrogate cannot be encoded, printed or stored; its escape can.
+    assert quote("a\udcff") == '"a\\udcff"'
+    assert quote("a\udcff").encode("utf-8")
+    # Characters that end a line for str.splitlines() and many terminals stay escaped.
+    assert quote("a\x85b\u2028c\nd") == '"a\\u0085b\\u2028c\\nd"'
+    assert shown(10**5000) == "a whole number of 5001 digits"
+    assert shown(17) == "17" and shown([1] * 1000).endswith("…")

@@ -164,7 +164,7 @@ def test_bad_rows_are_all_reported_and_nothing_is_written(db_url: str, plans: Pl
         'line 6: next_charge_at "2030-01-15T09:00:00" is a time without offset '
         "(write it like 2025-03-01T09:00:00+01:00 or with a Z)",
         'line 7: external_ref "shop-1" appears again (first on line 2)',
-        "line 8: amount: '12.345' has more than two decimal places",
+        'line 8: amount: "12.345" has more than two decimal places',
         'line 9: email "not-an-email" is not an e-mail address',
         'line 10: next_charge_at "next tuesday" is not an ISO 8601 time',
     ]
@@ -271,6 +271,103 @@ def test_conflict_with_existing_row_rejects_the_whole_file(
     ]
     assert count(db_url) == 3
     assert "new-1" not in by_ref(db_url)
+
+
+# --------------------------------------------------------------------------- hostile rows
+# Issue 14, item 9: each of these was a traceback (or a database error) before, with the
+# rows before it in the same file already validated: now a named problem on its line, and
+# the whole import writes nothing.
+
+GOOD = {
+    "external_ref": "h-1",
+    "plan": "pro-monthly",
+    "alias": "ab12cd34ef56",
+    "customer_ip": "10.0.0.1",
+    "next_charge_at": "2030-01-01T00:00:00Z",
+}
+
+
+def _jsonl(tmp_path: Path, *rows: str) -> Path:
+    return write(tmp_path, "hostile.jsonl", json.dumps(GOOD) + "\n" + "\n".join(rows) + "\n")
+
+
+def _row(**fields: object) -> str:
+    return json.dumps({**GOOD, "external_ref": "h-2", **fields})
+
+
+def _rejected(db_url: str, plans: PlanSet, path: Path) -> list[str]:
+    with pytest.raises(ImportRejected) as caught:
+        import_subscriptions(db_url, path, plans, now=NOW)
+    assert count(db_url) == 0
+    for problem in caught.value.problems:
+        assert len(problem) < 300 and "\n" not in problem and "sys." not in problem, problem
+    return caught.value.problems
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        # json.loads recursed once per level: RecursionError.
+        ('{"external_ref": ' + "[" * 100_000 + "]" * 100_000 + "}", "JSON nested too deeply"),
+        # json.loads' int() refused: ValueError, not JSONDecodeError.
+        ('{"amount": ' + "9" * 5000 + "}", "a number of more than 4300 digits"),
+        # 4300 digits parse: a 4300-character message before, then repr() of it in a field.
+        (_row(amount=None)[:-1] + ', "amount": ' + "9" * 4300 + "}", "amount: a whole number"),
+        (_row()[:-1].replace('"h-2"', "9" * 4300) + "}", "external_ref must be text, not a whole"),
+        # Converting to UTC underflowed (OverflowError); the check of period 1 overflowed.
+        (_row(next_charge_at="0001-01-01T00:00+01:00"), "more than 100 years from now"),
+        (_row(next_charge_at="9999-12-31T00:00Z"), "more than 100 years from now"),
+        (_row(next_charge_at="2131-01-01T00:00Z"), "more than 100 years from now"),
+        # A lone surrogate is valid JSON and no text a database stores (UnicodeEncodeError).
+        (_row(alias="ab12\ud800cd34"), "alias is not valid Unicode text"),
+        (_row(external_ref="h-\udfff"), "external_ref is not valid Unicode text"),
+        # 45 characters is the column; a zone ID is no customer's address anyway.
+        (_row(customer_ip="fe80::1%" + "x" * 60), "customer_ip is longer than 45 characters"),
+        (_row(customer_ip="fe80::1%eth0"), 'customer_ip "fe80::1%eth0" has a zone'),
+        (_row(plan="p" * 10_000), 'plan "ppp'),
+    ],
+    ids=lambda value: value[:30] if isinstance(value, str) else None,
+)
+def test_a_hostile_json_line_is_named_and_nothing_is_written(
+    db_url: str, plans: PlanSet, tmp_path: Path, line: str, problem: str
+) -> None:
+    problems = _rejected(db_url, plans, _jsonl(tmp_path, line))
+    assert len(problems) == 1 and problems[0].startswith("line 2: "), problems
+    assert problem in problems[0], problems
+
+
+@pytest.mark.parametrize(
+    "when", ["0001-01-01T00:00+01:00", "9999-12-31T00:00Z", "0001-01-01T00:00:00Z"]
+)
+def test_a_next_charge_at_at_the_end_of_the_calendar_is_named_in_csv(
+    db_url: str, plans: PlanSet, tmp_path: Path, when: str
+) -> None:
+    text = HEADER + "c-1,pro-monthly,ab12cd34ef56,10.0.0.1,2030-01-01T00:00:00Z,,\n"
+    text += f"c-2,pro-monthly,ab12cd34ef56,10.0.0.1,{when},,\n"
+    problems = _rejected(db_url, plans, write(tmp_path, "calendar.csv", text))
+    expected = f'line 3: next_charge_at "{when}" is more than 100 years from now'
+    assert problems == [expected], problems
+
+
+def test_a_csv_field_past_the_csv_limit_names_its_line(
+    db_url: str, plans: PlanSet, tmp_path: Path
+) -> None:
+    text = HEADER + "c-1,pro-monthly,ab12cd34ef56,10.0.0.1,2030-01-01T00:00:00Z,,\n"
+    text += "c-2," + "x" * 200_000 + ",a,10.0.0.1,2030-01-01T00:00:00Z,,\n"
+    problems = _rejected(db_url, plans, write(tmp_path, "wide.csv", text))
+    assert len(problems) == 1 and problems[0].startswith("line 3: not a readable CSV row"), problems
+
+
+def test_add_subscription_names_a_date_at_the_end_of_the_calendar(
+    sqlite_url: str, plans: PlanSet
+) -> None:
+    far = datetime(9999, 12, 31, tzinfo=UTC)
+    with (
+        pytest.raises(InvalidInput, match="is more than 100 years from now"),
+        session_scope(sqlite_url) as session,
+    ):
+        add_subscription(session, plans, **{**ONE, "next_charge_at": far})  # type: ignore[arg-type]
+    assert count(sqlite_url) == 0
 
 
 # --------------------------------------------------------------------------- old rows

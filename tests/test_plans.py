@@ -255,7 +255,7 @@ def test_missing_required_plan_key(key: str) -> None:
 
 def test_bad_plan_name() -> None:
     assert only_problem(plan_text(name='"pro monthly"')).startswith(
-        'plans.pro monthly: plan name "pro monthly" must be 1-64 letters, digits'
+        'plans."pro monthly": plan name "pro monthly" must be 1-64 letters, digits'
     )
 
 
@@ -378,6 +378,84 @@ def test_missing_file(tmp_path: Path) -> None:
         load_plans(tmp_path / "nope.toml")
     assert info.value.problems == ["file not found"]
     assert str(info.value) == f"{tmp_path / 'nope.toml'}: file not found"
+
+
+# --- hostile values (issue 14, item 9) ------------------------------------------------------
+
+HUGE = "99999999999999999 days"
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        # OverflowError from timedelta before: a traceback out of ``billing plans check``.
+        ({"capture_after": f'"{HUGE}"'}, f'plans.pro-monthly.capture_after: "{HUGE}" is longer'),
+        ({"catch_up_spacing": f'"{HUGE}"'}, "plans.pro-monthly.catch_up_spacing: "),
+        ({"sweep": f'"{HUGE}"'}, f'plans.pro-monthly.sweep: "{HUGE}" is longer than 3650 days'),
+        ({"retry_ladder": f'["1 day", "{HUGE}"]'}, "plans.pro-monthly.retry_ladder[1]: "),
+        # Passed the check, then every sweep crashed computing "now minus one period".
+        ({"every": '"3000 years"'}, 'plans.pro-monthly.every: "3000 years" is longer than 10'),
+        ({"every": '"36500 days"'}, 'plans.pro-monthly.every: "36500 days" is longer than 10'),
+        # A hexadecimal integer has no digit limit in tomllib; str() of it has one.
+        ({"amount": "0x" + "f" * 5000}, "plans.pro-monthly.amount: a whole number of 6021 "),
+        ({"every": "0x" + "f" * 5000}, "plans.pro-monthly.every: a whole number of 6021 digits"),
+    ],
+)
+def test_a_hostile_value_is_a_named_problem(keys: dict[str, str], expected: str) -> None:
+    problem = only_problem(plan_text(**keys))
+    assert problem.startswith(expected), problem
+    assert len(problem) < 300, problem
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "1" + "0" * 400,  # math.isfinite(int) overflowed converting to float
+        "0x" + "f" * 5000,
+    ],
+    ids=["400 digits", "hex of 5000 digits"],
+)
+def test_a_huge_rate_is_a_named_problem(value: str) -> None:
+    text = plan_text().replace(
+        'private_key_env = "KLIKANDPAY_KEY_EUR"\n',
+        f'private_key_env = "KLIKANDPAY_KEY_EUR"\nmax_charges_per_second = {value}\n',
+    )
+    problem = only_problem(text)
+    assert problem.startswith("accounts.EUR.max_charges_per_second: "), problem
+    assert "must be a positive number" in problem and len(problem) < 300, problem
+
+
+@pytest.mark.parametrize(
+    "nested",
+    ["[" * 5000 + "]" * 5000, "{a = " * 5000 + "1" + "}" * 5000],
+    ids=["arrays", "inline tables"],
+)
+def test_deeply_nested_toml_is_a_named_problem(nested: str) -> None:
+    """tomllib recurses once per level: RecursionError, a traceback, before."""
+    problem = only_problem(plan_text(colour=nested))
+    assert problem.startswith("TOML nested too deeply"), problem
+    assert "line 10" in problem, problem
+
+
+def test_an_integer_past_pythons_digit_limit_is_a_named_problem() -> None:
+    """tomllib's int() refuses more than 4300 digits with a ValueError of its own."""
+    problem = only_problem(plan_text(amount="9" * 5000))
+    assert problem.startswith("TOML number too long"), problem
+    assert "line 7" in problem and "sys." not in problem, problem
+
+
+def test_a_plan_name_with_a_line_break_stays_on_one_line() -> None:
+    """Each problem is one line of ``billing plans check``; a name is shown as TOML quotes it."""
+    found = problems(plan_text(name=r'"pro\nmonthly"', amount='"-1"'))
+    assert all("\n" not in problem for problem in found), found
+    assert found[0].startswith('plans."pro\\nmonthly": plan name "pro\\nmonthly" must be')
+
+
+def test_a_file_that_is_not_a_regular_file_is_refused_unread() -> None:
+    """A device or a pipe could be read forever (/dev/zero, a FIFO nobody writes to)."""
+    with pytest.raises(PlanFileError) as info:
+        load_plans("/dev/null")
+    assert info.value.problems == ["not a regular file"]
 
 
 def test_plan_file_error_is_a_config_error_with_exit_status_2() -> None:
@@ -712,7 +790,7 @@ secret_env = "BI_SECRET"
         "webhooks: must hold tables such as [webhooks.crm]"
     ]
     dotted = plan_text() + '\n[webhooks."crm.eu"]\nurl = "https://x"\nsecret_env = "S"\n'
-    assert problems(dotted)[0].startswith('webhooks.crm.eu: endpoint name "crm.eu" must be 1-64')
+    assert problems(dotted)[0].startswith('webhooks."crm.eu": endpoint name "crm.eu" must be 1-64')
 
 
 def test_a_webhook_secret_pasted_into_the_file_is_never_echoed() -> None:

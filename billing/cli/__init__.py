@@ -2,7 +2,8 @@
 module in this package, so a newcomer finds ``billing plans check`` in ``cli/plans.py``.
 
 Errors the user can fix (``BillingError``) end in one red line on stderr and the error's
-exit status (2 for bad input), never a traceback.
+exit status (2 for bad input), never a traceback. Values are read by ``billing.cli.params``,
+one strict reader per kind of value, before a command touches anything.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from sqlalchemy.exc import DBAPIError
 
+from billing.durations import printable
 from billing.errors import BillingError
 
 app = typer.Typer(
@@ -74,22 +76,41 @@ def _database_problem(exc: DBAPIError) -> str:
     return f"database error: {first}"
 
 
+def _printable_streams() -> None:
+    """Let stdout and stderr write whatever a command echoes. A command-line byte that is not
+    UTF-8 becomes a lone surrogate a path may echo; under a UTF-8 locale other than C.UTF-8,
+    stdout refuses it ("strict"), and rich then keeps the line it could not write and fails
+    every later print. Such a stream writes escapes instead; "surrogateescape" (the C locale)
+    already writes the original byte back and is left alone."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if callable(reconfigure) and getattr(stream, "errors", None) == "strict":
+            reconfigure(errors="backslashreplace")
+
+
+def _say(problem: str) -> None:
+    """The one error line: what is not printable in it (a control character, a surrogate, a
+    line separator echoed from a value) is written as its escape."""
+    err_console.print(f"[red]error:[/red] {escape(printable(problem))}", soft_wrap=True)
+
+
 def main() -> None:
     """Console-script entry point."""
     from billing.logs import configure_logging
     from billing.settings import get_settings
 
+    _printable_streams()
     try:
         configure_logging(get_settings())
         # With standalone_mode=False click returns a typer.Exit code instead of raising it.
         code = app(standalone_mode=False)
     except BillingError as exc:
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        _say(str(exc))
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except DBAPIError as exc:
-        err_console.print(f"[red]error:[/red] {escape(_database_problem(exc))}", soft_wrap=True)
+        _say(_database_problem(exc))
         sys.exit(1)
     except typer.Abort:
         err_console.print("aborted")
@@ -101,7 +122,7 @@ def main() -> None:
         message = getattr(exc, "format_message", None)
         exit_code = getattr(exc, "exit_code", None)
         if callable(message) and isinstance(exit_code, int):
-            err_console.print(f"[red]error:[/red] {escape(message())}", soft_wrap=True)
+            _say(message())
             sys.exit(exit_code)
         raise
     if isinstance(code, int) and code:

@@ -2,28 +2,68 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from typing import Annotated
+
 import typer
+from alembic.script.revision import RevisionError
+from alembic.util.exc import CommandError
 from rich import print as rprint
 
 from billing import migrate
+from billing.cli import params
+from billing.durations import quote
+from billing.errors import InvalidInput
 from billing.settings import get_settings
 
 db_app = typer.Typer(help="Database schema migrations (Alembic).", no_args_is_help=True)
 
 
+#: What alembic reads as a revision: an ID or head/heads/base, maybe on a branch ("ID@head"),
+#: maybe relative ("head-1", "+2"). Anything else makes alembic assert, not explain.
+_REVISION = re.compile(r"(?:[0-9A-Za-z_]+@)?[0-9A-Za-z_]+(?:[+-][0-9]+)?|[+-][0-9]+")
+
+
+def _migrate(step: Callable[[str, str], None], url: str, revision: str) -> None:
+    """Run ``step``; a revision alembic cannot find or use is one line, not a traceback."""
+    if not _REVISION.fullmatch(revision):
+        raise InvalidInput(
+            f"revision {quote(revision)} is not a revision (an ID, head, base, or head-1)"
+        )
+    try:
+        step(url, revision)
+    except (CommandError, RevisionError) as exc:
+        raise InvalidInput(f"revision {quote(revision)}: {exc}") from None
+    except AssertionError:
+        # alembic 1.20 asserts while planning a relative step past either end ("head+1",
+        # "base-1"), before any migration runs (ours hold no assert).
+        raise InvalidInput(
+            f"revision {quote(revision)}: steps past the first or the last revision"
+        ) from None
+
+
 @db_app.command()
-def upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> None:
+def upgrade(
+    revision: Annotated[
+        str, params.argument("revision", params.TEXT, help="Target revision.")
+    ] = "head",
+) -> None:
     """Bring the database to REVISION (default: the newest)."""
     url = get_settings().database_url
-    migrate.upgrade(url, revision)
+    _migrate(migrate.upgrade, url, revision)
     rprint(f"database at revision {migrate.current(url)}")
 
 
 @db_app.command()
-def downgrade(revision: str = typer.Argument(..., help="Target revision, or 'base'.")) -> None:
+def downgrade(
+    revision: Annotated[
+        str, params.argument("revision", params.TEXT, help="Target revision, or 'base'.")
+    ],
+) -> None:
     """Take the database back to REVISION ('base' drops every table)."""
     url = get_settings().database_url
-    migrate.downgrade(url, revision)
+    _migrate(migrate.downgrade, url, revision)
     rprint(f"database at revision {migrate.current(url) or 'base'}")
 
 

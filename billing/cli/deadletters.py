@@ -18,9 +18,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from billing import broker, deadletters
-from billing.cli.failed import actor
+from billing.cli import params
+from billing.cli.failed import By, actor
 from billing.db import session_scope
-from billing.errors import InvalidInput
 from billing.models import DeadLetter
 from billing.redact import redact
 from billing.settings import get_settings
@@ -30,13 +30,12 @@ letters_app = typer.Typer(
 )
 out = Console(highlight=False, soft_wrap=True)
 
-LetterId = Annotated[str, typer.Argument(help="Dead-letter id (see billing deadletters list).")]
-
-
-def letter_id(text: str) -> int:
-    if not text.strip().isdigit():
-        raise InvalidInput(f'dead-letter id "{text}" must be a whole number such as 3')
-    return int(text)
+LetterId = Annotated[
+    int,
+    params.argument(
+        "dead-letter id", params.RECORD_ID, help="Dead-letter id (see billing deadletters list)."
+    ),
+]
 
 
 def _time(value: Any) -> str | None:
@@ -107,7 +106,7 @@ def show(
 ) -> None:
     """One dead letter with its full traceback."""
     with session_scope(get_settings().database_url) as session:
-        found = deadletters.get(session, letter_id(letter))
+        found = deadletters.get(session, letter)
         data = {**_summary(found), "traceback": redact(found.traceback)}
     if as_json:
         typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
@@ -124,14 +123,9 @@ def show(
 
 
 @letters_app.command()
-def requeue(
-    letter: LetterId,
-    by: Annotated[
-        str | None, typer.Option("--by", help="Who does this (default: the operating-system user).")
-    ] = None,
-) -> None:
+def requeue(letter: LetterId, by: By = None) -> None:
     """Send the task again, with the same arguments, after its cause was fixed."""
-    number = letter_id(letter)
+    number = letter
     name, task_id = deadletters.requeue(
         get_settings().database_url,
         number,

@@ -19,7 +19,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from billing import webhooks
-from billing.cli.failed import actor
+from billing.cli import params
+from billing.cli.failed import By, actor
 from billing.db import session_scope
 from billing.errors import BillingError
 from billing.events import DEFAULT_ENDPOINT, iso
@@ -33,13 +34,17 @@ events_app = typer.Typer(
 out = Console(highlight=False, soft_wrap=True)
 
 EventRef = Annotated[
-    str, typer.Argument(help="Event number (see billing events list) or event ID (UUID).")
+    str,
+    params.argument(
+        "event", params.EVENT_REF, help="Event number (see billing events list) or event ID (UUID)."
+    ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="JSON instead of a table.")]
 EndpointOption = Annotated[
     str | None,
-    typer.Option(
+    params.option(
         "--endpoint",
+        params.TEXT,
         help=f'Only this endpoint ("{DEFAULT_ENDPOINT}" = BILLING_WEBHOOK_URL, or a plans-file '
         "[webhooks.NAME]).",
     ),
@@ -134,17 +139,22 @@ def _table(rows: list[dict[str, Any]]) -> Table:
 def list_(
     status: Annotated[
         str | None,
-        typer.Option("--status", help="Only pending, delivered or dead deliveries."),
+        params.option("--status", params.TEXT, help="Only pending, delivered or dead deliveries."),
     ] = None,
     type_: Annotated[
         str | None,
-        typer.Option("--type", help='Only this type ("charge.approved"), or a prefix ("charge.").'),
+        params.option(
+            "--type",
+            params.TEXT,
+            help='Only this type ("charge.approved"), or a prefix ("charge.").',
+        ),
     ] = None,
     subscription: Annotated[
-        str | None, typer.Option("--subscription", help="Only this subscription's reference.")
+        str | None,
+        params.option("--subscription", params.TEXT, help="Only this subscription's reference."),
     ] = None,
     endpoint: EndpointOption = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, help="Latest N events.")] = 100,
+    limit: Annotated[int, params.option("--limit", params.LIMIT, help="Latest N events.")] = 100,
     as_json: AsJson = False,
     payloads: Annotated[
         bool,
@@ -215,9 +225,7 @@ def show(event: EventRef, endpoint: EndpointOption = None, as_json: AsJson = Fal
 def redeliver(
     event: EventRef,
     endpoint: EndpointOption = None,
-    by: Annotated[
-        str | None, typer.Option("--by", help="Who does this (default: the operating-system user).")
-    ] = None,
+    by: By = None,
 ) -> None:
     """Send a dead or delivered event again, same event ID, from its first try: to one
     endpoint, or to every endpoint it is not still pending for."""

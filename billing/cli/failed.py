@@ -1,8 +1,10 @@
-"""``billing failed list|show|retry|resolve|discard``: the failed-charge queue.
+"""``billing failed list|show|retry|resolve|discard|review``: the failed-charge queue.
 
 Charges the engine will not touch again by itself wait here (state ``failed`` or
-``unknown``). Every action says who did it (``--by``, default: the operating-system user)
-and why, in the ledger, in one transaction. Aliases are shown masked.
+``unknown``), and charges flagged for a person whatever their state (a late approval, a
+possible double charge, another amount than asked). Every action says who did it (``--by``,
+default: the operating-system user) and why, in the ledger, in one transaction. Aliases
+are shown masked.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from billing import broker, ops
+from billing.cli import params
 from billing.db import session_scope
-from billing.durations import format_delay, parse_delay
+from billing.durations import format_delay
 from billing.errors import InvalidInput
 from billing.money import format_amount
 from billing.plans import PlanSet, get_plans, load_plans
@@ -33,26 +36,22 @@ failed_app = typer.Typer(
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-ChargeId = Annotated[str, typer.Argument(help="Charge id (see billing failed list).")]
-By = Annotated[
-    str | None, typer.Option("--by", help="Who does this (default: the operating-system user).")
+ChargeId = Annotated[
+    int, params.argument("charge id", params.RECORD_ID, help="Charge id (see billing failed list).")
 ]
+By = Annotated[
+    str | None,
+    params.option("--by", params.ACTOR, help="Who does this (default: the operating-system user)."),
+]
+Reason = Annotated[str | None, params.option("--reason", params.TEXT, help="Why (in the ledger).")]
 PlansFile = Annotated[
     Path | None, typer.Option("--plans", help="Plans file (default: BILLING_PLANS_FILE).")
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="JSON instead of a table.")]
 
 
-def charge_id(text: str) -> int:
-    """A charge id from the command line, refused in one line when it is not one."""
-    if not text.strip().isdigit():
-        raise InvalidInput(f'charge id "{text}" must be a whole number such as 42')
-    return int(text)
-
-
 def actor(by: str | None) -> str:
-    if by is not None and not by.strip():
-        raise InvalidInput("--by must name who does this")
+    """``--by`` (read by ``params.ACTOR``, so never blank), else the operating-system user."""
     return by.strip() if by else getpass.getuser()
 
 
@@ -70,27 +69,29 @@ def _age(age: timedelta) -> str:
 
 @failed_app.command("list")
 def list_(
-    plan: Annotated[str | None, typer.Option("--plan", help="Only this plan.")] = None,
+    plan: Annotated[
+        str | None, params.option("--plan", params.TEXT, help="Only this plan.")
+    ] = None,
     reason: Annotated[
         str | None,
-        typer.Option("--reason", help=f"Only this reason ({', '.join(ops.REASONS)})."),
+        params.option(
+            "--reason", params.TEXT, help=f"Only this reason ({', '.join(ops.REASONS)})."
+        ),
     ] = None,
     state: Annotated[
-        str | None, typer.Option("--state", help="Only this state (failed, unknown, ...).")
+        str | None,
+        params.option("--state", params.TEXT, help="Only this state (failed, unknown, ...)."),
     ] = None,
     older_than: Annotated[
-        str | None,
-        typer.Option("--older-than", help='Only charges waiting longer than this ("2 days").'),
+        timedelta | None,
+        params.option(
+            "--older-than", params.DELAY, help='Only charges waiting longer than this ("2 days").'
+        ),
     ] = None,
     as_json: AsJson = False,
 ) -> None:
     """The charges waiting for a person, oldest first (flagged charges too)."""
-    delay = None
-    if older_than is not None:
-        try:
-            delay = parse_delay(older_than)
-        except ValueError as exc:
-            raise InvalidInput(f"--older-than: {exc}") from None
+    delay = older_than
     with session_scope(get_settings().database_url) as session:
         rows = ops.list_failed(session, plan=plan, reason=reason, state=state, older_than=delay)
     if as_json:
@@ -122,7 +123,7 @@ def list_(
 def show(charge: ChargeId, as_json: AsJson = False) -> None:
     """One charge: its subscription (alias masked), every gateway call, every ledger row."""
     with session_scope(get_settings().database_url) as session:
-        data = ops.charge_story(session, charge_id(charge)).as_dict()
+        data = ops.charge_story(session, charge).as_dict()
     if as_json:
         typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
         return
@@ -165,31 +166,31 @@ def retry(
     ] = False,
     attempt: Annotated[
         int | None,
-        typer.Option(
+        params.option(
             "--attempt",
+            params.count(1, 1_000_000),
             help="The attempt you checked in the back office (see billing failed show): the "
             "retry is refused if the charge made another attempt since.",
         ),
     ] = None,
-    reason: Annotated[str | None, typer.Option("--reason", help="Why (in the ledger).")] = None,
+    reason: Reason = None,
     by: By = None,
 ) -> None:
     """Send a charge again now (the velocity guard does not apply to it)."""
-    number = charge_id(charge)
     with session_scope(get_settings().database_url) as session:
         done = ops.retry(
-            session, number, by=actor(by), confirm_not_charged=confirm_not_charged,
+            session, charge, by=actor(by), confirm_not_charged=confirm_not_charged,
             attempt=attempt, reason=reason,
         )  # fmt: skip
     if done.charge.state == ChargeState.AUTHORIZED:
         out.print(
-            f"charge {number}: its failed call is tried again by the next engine sweep "
+            f"charge {charge}: its failed call is tried again by the next engine sweep "
             "(the card's authorization is kept, never renewed)",
             markup=False,
         )
         return
-    out.print(f"charge {number} put back in line", markup=False)
-    out.print(_dispatch(number), markup=False)
+    out.print(f"charge {charge} put back in line", markup=False)
+    out.print(_dispatch(charge), markup=False)
 
 
 def _dispatch(number: int) -> str:
@@ -207,24 +208,24 @@ def resolve(
         bool, typer.Option("--declined", help="The back office shows it declined.")
     ] = False,
     tx: Annotated[
-        str | None, typer.Option("--tx", help="Klik & Pay transaction number of the payment.")
+        str | None,
+        params.option("--tx", params.TX, help="Klik & Pay transaction number of the payment."),
     ] = None,
-    reason: Annotated[str | None, typer.Option("--reason", help="Why (in the ledger).")] = None,
+    reason: Reason = None,
     by: By = None,
     plans_file: PlansFile = None,
 ) -> None:
     """Record what the Klik & Pay back office shows for a charge: approved or declined."""
-    number = charge_id(charge)
     if approved == declined:
-        raise InvalidInput(f"charge {number}: give either --approved --tx TX or --declined")
+        raise InvalidInput(f"charge {charge}: give either --approved --tx TX or --declined")
     plans = _plans(plans_file)
     with session_scope(get_settings().database_url) as session:
         done = ops.resolve(
-            session, number, approved=approved, tx=tx, by=actor(by), reason=reason, plans=plans
+            session, charge, approved=approved, tx=tx, by=actor(by), reason=reason, plans=plans
         )
         sub = done.subscription
         line = (
-            f"charge {number} is {done.charge.state}; subscription {sub.external_ref} is "
+            f"charge {charge} is {done.charge.state}; subscription {sub.external_ref} is "
             f"{sub.status}"
         )
         if approved:
@@ -236,21 +237,21 @@ def resolve(
 def discard(
     charge: ChargeId,
     reason: Annotated[
-        str | None, typer.Option("--reason", help="Why this period is given up (required).")
+        str | None,
+        params.option("--reason", params.TEXT, help="Why this period is given up (required)."),
     ] = None,
     by: By = None,
     plans_file: PlansFile = None,
 ) -> None:
     """Give up on a charge's period: it is never charged and the subscription moves on."""
-    number = charge_id(charge)
     if reason is None or not reason.strip():
-        raise InvalidInput(f"charge {number}: --reason is required to discard a charge")
+        raise InvalidInput(f"charge {charge}: --reason is required to discard a charge")
     plans = _plans(plans_file)
     with session_scope(get_settings().database_url) as session:
-        done = ops.discard(session, number, by=actor(by), reason=reason, plans=plans)
+        done = ops.discard(session, charge, by=actor(by), reason=reason, plans=plans)
         sub = done.subscription
         line = (
-            f"charge {number} discarded; subscription {sub.external_ref} is {sub.status}, "
+            f"charge {charge} discarded; subscription {sub.external_ref} is {sub.status}, "
             f"next charge (period {sub.next_period}) at {sub.next_charge_at.isoformat()}"
         )
     out.print(line, markup=False)
@@ -260,18 +261,18 @@ def discard(
 def review(
     charge: ChargeId,
     reason: Annotated[
-        str | None, typer.Option("--reason", help="What was done to reconcile it (required).")
+        str | None,
+        params.option("--reason", params.TEXT, help="What was done to reconcile it (required)."),
     ] = None,
     by: By = None,
 ) -> None:
-    """Clear a charge's review flag once it is reconciled (a late approval, a possible
+    """Clear a charge's review flags once it is reconciled (a late approval, a possible
     double charge, an amount other than asked): say what was done."""
-    number = charge_id(charge)
     if reason is None or not reason.strip():
-        raise InvalidInput(f"charge {number}: --reason is required: say what was done")
+        raise InvalidInput(f"charge {charge}: --reason is required: say what was done")
     with session_scope(get_settings().database_url) as session:
-        ops.review(session, number, by=actor(by), reason=reason)
-    out.print(f"charge {number} reviewed", markup=False)
+        ops.review(session, charge, by=actor(by), reason=reason)
+    out.print(f"charge {charge} reviewed", markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -7,10 +7,12 @@ A full ISO 8601 time (``2025-01-15T12:00:00+01:00``) is taken as the exact insta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import uuid
 from collections.abc import Iterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,7 +23,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from billing import reports
+from billing.cli import params
 from billing.db import session_scope
+from billing.durations import quote
 from billing.errors import InvalidInput
 from billing.models import LedgerEntry
 from billing.settings import get_settings
@@ -31,42 +35,18 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 Subscription = Annotated[
-    str | None, typer.Option("--subscription", help="Only this subscription (external ref).")
+    str | None,
+    params.option("--subscription", params.TEXT, help="Only this subscription (external ref)."),
 ]
-PlanOpt = Annotated[str | None, typer.Option("--plan", help="Only this plan.")]
+PlanOpt = Annotated[str | None, params.option("--plan", params.TEXT, help="Only this plan.")]
 Outcome = Annotated[
-    str | None, typer.Option("--outcome", help="Only this outcome (approved, declined, ...).")
+    str | None,
+    params.option("--outcome", params.TEXT, help="Only this outcome (approved, declined, ...)."),
 ]
-From = Annotated[
-    str | None, typer.Option("--from", help="From this day (YYYY-MM-DD, UTC) or ISO time.")
-]
-To = Annotated[
-    str | None, typer.Option("--to", help="To this day, included (YYYY-MM-DD, UTC), or ISO time.")
-]
-
-
-def parse_when(text: str, option: str, *, end: bool = False) -> datetime:
-    """A day (its midnight UTC; with ``end``, the next midnight) or an ISO 8601 time."""
-    value = text.strip()
-    try:
-        if len(value) == 10:
-            day = date.fromisoformat(value)
-            start = datetime(day.year, day.month, day.day, tzinfo=UTC)
-            return start + timedelta(days=1) if end else start
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidInput(
-            f'{option}: "{text}" is not a day (YYYY-MM-DD) or an ISO 8601 time '
-            "(2025-01-15T12:00:00Z)"
-        ) from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
-def _window(since: str | None, until: str | None) -> tuple[datetime | None, datetime | None]:
-    return (
-        parse_when(since, "--from") if since is not None else None,
-        parse_when(until, "--to", end=True) if until is not None else None,
-    )
+FROM_HELP = "From this day (YYYY-MM-DD, UTC) or ISO time."
+TO_HELP = "To this day, included (YYYY-MM-DD, UTC), or ISO time."
+From = Annotated[datetime | None, params.option("--from", params.SINCE, help=FROM_HELP)]
+To = Annotated[datetime | None, params.option("--to", params.UNTIL, help=TO_HELP)]
 
 
 @ledger_app.command("list")
@@ -77,12 +57,12 @@ def list_(
     since: From = None,
     until: To = None,
     limit: Annotated[
-        int, typer.Option("--limit", min=1, help="At most this many (the newest).")
+        int, params.option("--limit", params.LIMIT, help="At most this many (the newest).")
     ] = 200,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
 ) -> None:
     """Ledger rows in order (the last LIMIT of those matching); aliases masked."""
-    start, stop = _window(since, until)
+    start, stop = since, until
     filters: dict[str, Any] = {
         "subscription": subscription, "plan": plan, "outcome": outcome,
         "since": start, "until": stop,
@@ -113,7 +93,7 @@ def list_(
 
 @ledger_app.command()
 def export(
-    fmt: Annotated[str, typer.Option("--format", help="csv or jsonl.")] = "csv",
+    fmt: Annotated[str, params.option("--format", params.TEXT, help="csv or jsonl.")] = "csv",
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write here (default: standard output).")
     ] = None,
@@ -125,8 +105,8 @@ def export(
 ) -> None:
     """Every matching ledger row as CSV (with a header) or JSON lines, amounts as "29.90"."""
     if fmt not in reports.FORMATS:
-        raise InvalidInput(f'--format: "{fmt}" is not one of: {", ".join(reports.FORMATS)}')
-    start, stop = _window(since, until)
+        raise InvalidInput(f"--format: {quote(fmt)} is not one of: {', '.join(reports.FORMATS)}")
+    start, stop = since, until
     filters: dict[str, Any] = {
         "subscription": subscription, "plan": plan, "outcome": outcome,
         "since": start, "until": stop,
@@ -143,8 +123,12 @@ def export(
 
 
 def _export_to_file(rows: Iterator[LedgerEntry], fmt: str, output: Path, total: int) -> int:
-    """Write to a temporary file beside ``output``, renamed at the end: never half a file."""
-    partial = output.with_name(output.name + ".partial")
+    """Write to a temporary file beside ``output``, renamed at the end: never half a file.
+
+    The temporary name is short and fixed in shape: "NAME.partial" would not fit beside a
+    name of 250 bytes, and "." or "/" have no name to add to.
+    """
+    partial = output.parent / f".ledger-export-{uuid.uuid4().hex}.partial"
     bar = Progress(
         TextColumn("exporting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=err, transient=True,
@@ -155,17 +139,27 @@ def _export_to_file(rows: Iterator[LedgerEntry], fmt: str, output: Path, total: 
             written = reports.export(rows, fmt, handle, progress=lambda n: bar.advance(task, n))
         os.replace(partial, output)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
-        raise InvalidInput(f"--output: cannot write {output}: {exc.strerror}") from None
+        _discard(partial)
+        raise InvalidInput(f"--output: cannot write {quote(str(output))}: {exc.strerror}") from None
     except BaseException:
-        partial.unlink(missing_ok=True)
+        _discard(partial)
         raise
     return written
 
 
+def _discard(partial: Path) -> None:
+    # Whatever kept the file from being written may keep it from being removed too.
+    with contextlib.suppress(OSError):
+        partial.unlink(missing_ok=True)
+
+
 def report(
-    since: Annotated[str, typer.Option("--from", help="First day (YYYY-MM-DD, UTC).")],
-    until: Annotated[str, typer.Option("--to", help="Last day, included (YYYY-MM-DD, UTC).")],
+    since: Annotated[
+        datetime, params.option("--from", params.SINCE, help="First day (YYYY-MM-DD, UTC).")
+    ],
+    until: Annotated[
+        datetime, params.option("--to", params.UNTIL, help="Last day, included (YYYY-MM-DD, UTC).")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
 ) -> None:
     """Money per plan and currency between two days.
@@ -174,7 +168,7 @@ def report(
     Late approvals (an attempt given up on, then approved) are shown apart: the card was
     charged but the books do not count it until a person resolves the charge.
     """
-    start, stop = parse_when(since, "--from"), parse_when(until, "--to", end=True)
+    start, stop = since, until
     with session_scope(get_settings().database_url) as session:
         lines = reports.report(session, since=start, until=stop)
     if as_json:

@@ -26,6 +26,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from billing.cli import params
+from billing.durations import quote
 from billing.errors import InvalidInput
 from billing.logs import configure_logging
 from billing.metrics import build_registry
@@ -42,9 +44,9 @@ def is_loopback(host: str) -> bool:
         pass
     try:
         infos = socket.getaddrinfo(host, None)
-    except socket.gaierror:
+    except (OSError, UnicodeError):  # UnicodeError: a label past 63 characters (IDNA)
         raise InvalidInput(
-            f'--host: "{host}" is neither an IP address nor a known host name'
+            f"--host: {quote(host)} is neither an IP address nor a known host name"
         ) from None
     return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
 
@@ -52,12 +54,14 @@ def is_loopback(host: str) -> bool:
 def metrics(
     host: Annotated[
         str | None,
-        typer.Option("--host", help="Address to listen on (default: BILLING_METRICS_HOST)."),
+        params.option(
+            "--host", params.TEXT, help="Address to listen on (default: BILLING_METRICS_HOST)."
+        ),
     ] = None,
     port: Annotated[
         int | None,
-        typer.Option(
-            "--port", min=1, max=65535, help="Port to listen on (default: BILLING_METRICS_PORT)."
+        params.option(
+            "--port", params.PORT, help="Port to listen on (default: BILLING_METRICS_PORT)."
         ),
     ] = None,
     allow_public: Annotated[

@@ -146,6 +146,8 @@ def check(
     try:
         plans = load_plans(file)
     except PlanFileError as exc:
+        if len(exc.problems) == 1:  # one problem, one line
+            raise ConfigError(f"{exc.path}: {exc.problems[0]}") from None
         for problem in exc.problems:
             err.print(f"{exc.path}: {problem}", markup=False, soft_wrap=True)
         count = len(exc.problems)

@@ -4,12 +4,19 @@ same named errors as ``billing plans check``)."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
+from billing.cli import params
 from billing.plans import load_plans
 from billing.settings import get_settings
 
 CELERY_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+#: The largest pool a worker is started with: far more than the cores of any machine here.
+MAX_CONCURRENCY = 1024
+
+LogLevel = Annotated[str, params.option("--loglevel", params.TEXT, "-l", help="Celery log level.")]
 
 
 def _validated() -> None:
@@ -19,9 +26,20 @@ def _validated() -> None:
 
 def worker(
     ctx: typer.Context,
-    pool: str = typer.Option("prefork", help="Celery pool: prefork, threads, solo, gevent."),
-    concurrency: int = typer.Option(0, "--concurrency", "-c", help="Pool size (0: CPU count)."),
-    loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
+    pool: Annotated[
+        str,
+        params.option("--pool", params.TEXT, help="Celery pool: prefork, threads, solo, gevent."),
+    ] = "prefork",
+    concurrency: Annotated[
+        int,
+        params.option(
+            "--concurrency",
+            params.count(0, MAX_CONCURRENCY),
+            "-c",
+            help="Pool size (0: CPU count).",
+        ),
+    ] = 0,
+    loglevel: LogLevel = "INFO",
 ) -> None:
     """Run a worker that charges, retries and sweeps. Extra arguments go to Celery."""
     _validated()
@@ -40,10 +58,11 @@ def worker(
 
 def beat(
     ctx: typer.Context,
-    redbeat: bool = typer.Option(
-        False, help="Use RedBeat: a Redis lock keeps a second beat idle (optional extra)."
-    ),
-    loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
+    redbeat: Annotated[
+        bool,
+        typer.Option(help="Use RedBeat: a Redis lock keeps a second beat idle (optional extra)."),
+    ] = False,
+    loglevel: LogLevel = "INFO",
 ) -> None:
     """Run beat: each plan's sweep on its schedule, and the engine sweep.
 

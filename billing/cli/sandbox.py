@@ -10,7 +10,11 @@ from typing import Annotated
 import typer
 
 from billing import defaults
+from billing.cli import params
 from billing.errors import ConfigError, InvalidInput
+
+#: The longest latency the sandbox adds to a call: a minute, past every client's timeout.
+MAX_LATENCY_MS = 60_000
 
 
 def _accounts(values: list[str]) -> dict[str, str]:
@@ -30,18 +34,28 @@ def register(app: typer.Typer) -> None:
     @app.command("sandbox")
     def sandbox(
         port: Annotated[
-            int, typer.Option(help="Port to listen on (0: any free port).")
+            int,
+            params.option("--port", params.ANY_PORT, help="Port to listen on (0: any free port)."),
         ] = defaults.SANDBOX_PORT,
-        host: Annotated[str, typer.Option(help="Address to listen on.")] = defaults.BIND_HOST,
+        host: Annotated[
+            str, params.option("--host", params.TEXT, help="Address to listen on.")
+        ] = defaults.BIND_HOST,
         account: Annotated[
             list[str] | None,
-            typer.Option(
+            params.option(
+                "--account",
+                params.TEXT,
                 help="Merchant account MERCHANT_ID=PRIVATE_KEY (repeatable). Without any, the"
-                " demo accounts 1234567 (EUR) and 7654321 (USD) are created."
+                " demo accounts 1234567 (EUR) and 7654321 (USD) are created.",
             ),
         ] = None,
         latency_ms: Annotated[
-            float, typer.Option(help="Latency added to every script call (ms).")
+            float,
+            params.option(
+                "--latency-ms",
+                params.number(0, MAX_LATENCY_MS, "MS"),
+                help="Latency added to every script call (ms).",
+            ),
         ] = 0.0,
         allow_public: Annotated[
             bool,
@@ -53,11 +67,6 @@ def register(app: typer.Typer) -> None:
         """Run the stateful Klik & Pay sandbox (scripts at the root, control API /_sandbox/)."""
         from billing.sandbox import DEMO_ACCOUNTS, Sandbox
 
-        # Checked here rather than by typer so that the error goes through BillingError.
-        if not 0 <= port <= 65535:
-            raise InvalidInput(f"--port: {port} is not a port number (0 to 65535)")
-        if latency_ms < 0:
-            raise InvalidInput(f"--latency-ms: {latency_ms} must not be negative")
         accounts = _accounts(account or []) or dict(DEMO_ACCOUNTS)
         server = Sandbox(
             host, port, accounts=accounts, latency=latency_ms / 1000, allow_public=allow_public

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import getpass
 import time
+from decimal import Decimal
+from typing import Annotated
 
 import typer
 from rich import print as rprint
 
 from billing.charging.settlement import SettlementResult
+from billing.cli import params
 from billing.engine import Engine
 from billing.errors import BillingError
 from billing.settings import get_settings
@@ -49,11 +52,27 @@ def _finish(result: SettlementResult, run_again: object) -> None:
     raise CallFailed(f"charge {result.charge_id}: {result.kind} not sent: {result.message}")
 
 
+ChargeId = Annotated[int, params.argument("charge id", params.RECORD_ID, help="Charge ID.")]
+By = Annotated[
+    str | None, params.option("--by", params.ACTOR, help="Who asks (default: your user name).")
+]
+
+
 def capture(
-    charge: int = typer.Argument(..., help="Charge ID (an authorized, deferred charge)."),
-    amount: str = typer.Option(None, help="Validate less than authorized, e.g. 19.90."),
-    reason: str = typer.Option(None, help="Why, for the ledger."),
-    by: str = typer.Option(None, help="Who asks (default: your user name)."),
+    charge: Annotated[
+        int,
+        params.argument(
+            "charge id", params.RECORD_ID, help="Charge ID (an authorized, deferred charge)."
+        ),
+    ],
+    amount: Annotated[
+        Decimal | None,
+        params.option("--amount", params.AMOUNT, help="Validate less than authorized, e.g. 19.90."),
+    ] = None,
+    reason: Annotated[
+        str | None, params.option("--reason", params.TEXT, help="Why, for the ledger.")
+    ] = None,
+    by: By = None,
 ) -> None:
     """Validate a deferred charge now, whole or in part (the rest is released)."""
     who = by or getpass.getuser()
@@ -68,13 +87,20 @@ def capture(
 
 
 def cancel(
-    charge: int = typer.Argument(..., help="Charge ID."),
-    reason: str = typer.Option(..., help="Why, for the ledger (required)."),
-    amount: str = typer.Option(None, help="Part of the amount, e.g. 10.00 (default: all left)."),
-    again: bool = typer.Option(
-        False, "--again", help="A second refund of the same amount is meant."
-    ),
-    by: str = typer.Option(None, help="Who asks (default: your user name)."),
+    charge: ChargeId,
+    reason: Annotated[
+        str, params.option("--reason", params.TEXT, help="Why, for the ledger (required).")
+    ],
+    amount: Annotated[
+        Decimal | None,
+        params.option(
+            "--amount", params.AMOUNT, help="Part of the amount, e.g. 10.00 (default: all left)."
+        ),
+    ] = None,
+    again: Annotated[
+        bool, typer.Option("--again", help="A second refund of the same amount is meant.")
+    ] = False,
+    by: By = None,
 ) -> None:
     """Release an authorization, or refund a collected charge, whole or in part."""
     who = by or getpass.getuser()

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from billing import intake
 from billing import subscriptions as subs
+from billing.cli import params
 from billing.db import session_scope
 from billing.errors import ImportRejected, InvalidInput
 from billing.models import Charge, Subscription
@@ -34,7 +35,11 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 PROGRESS_FROM_ROWS = 1000
 
 By = Annotated[
-    str | None, typer.Option("--by", help="Who does this (default: the operating-system user).")
+    str | None,
+    params.option("--by", params.ACTOR, help="Who does this (default: the operating-system user)."),
+]
+Ref = Annotated[
+    str, params.argument("subscription", params.SUBSCRIPTION_REF, help="External reference or id.")
 ]
 
 
@@ -108,7 +113,7 @@ def import_(
     """Create the subscriptions of FILE, all or nothing; importing it again changes nothing."""
     plans = _plans(plans_file)
     url = get_settings().database_url
-    total = intake.count_rows(file) if file.is_file() else 0
+    total = intake.count_rows(file) if intake.file_problem(file) is None else 0
     bar = Progress(
         TextColumn("importing"),
         BarColumn(),
@@ -125,6 +130,8 @@ def import_(
                 url, file, plans, strict=strict, progress=lambda n: bar.advance(task, n)
             )
     except ImportRejected as exc:
+        if len(exc.problems) == 1:  # one problem, one line
+            raise InvalidInput(f"{exc.path}: {exc.problems[0]}; nothing was imported") from None
         # Every problem on its own line; main() then prints the summary and exits with 2.
         for problem in exc.problems:
             err.print(problem, markup=False)
@@ -138,12 +145,16 @@ def import_(
 
 @subs_app.command("list")
 def list_(
-    plan: Annotated[str | None, typer.Option("--plan", help="Only this plan.")] = None,
+    plan: Annotated[
+        str | None, params.option("--plan", params.TEXT, help="Only this plan.")
+    ] = None,
     status: Annotated[
         str | None,
-        typer.Option("--status", help="Only this status (active, past_due, paused, ...)."),
+        params.option(
+            "--status", params.TEXT, help="Only this status (active, past_due, paused, ...)."
+        ),
     ] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many.")] = 100,
+    limit: Annotated[int, params.option("--limit", params.LIMIT, help="At most this many.")] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
 ) -> None:
     """List subscriptions (aliases masked)."""
@@ -172,7 +183,7 @@ def list_(
 
 @subs_app.command()
 def show(
-    ref: Annotated[str, typer.Argument(help="External reference or id.")],
+    ref: Ref,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of tables.")] = False,
 ) -> None:
     """Every field of one subscription (alias masked) and its charges."""
@@ -208,9 +219,7 @@ def show(
 
 
 @subs_app.command()
-def pause(
-    ref: Annotated[str, typer.Argument(help="External reference or id.")], by: By = None
-) -> None:
+def pause(ref: Ref, by: By = None) -> None:
     """Stop charging a subscription until it is resumed."""
     with session_scope(get_settings().database_url) as session:
         sub = subs.pause(session, ref, by=_actor(by))
@@ -219,7 +228,7 @@ def pause(
 
 @subs_app.command()
 def resume(
-    ref: Annotated[str, typer.Argument(help="External reference or id.")],
+    ref: Ref,
     by: By = None,
     plans_file: Annotated[
         Path | None, typer.Option("--plans", help="Plans file (default: BILLING_PLANS_FILE).")
@@ -238,8 +247,10 @@ def resume(
 
 @subs_app.command()
 def cancel(
-    ref: Annotated[str, typer.Argument(help="External reference or id.")],
-    reason: Annotated[str | None, typer.Option("--reason", help="Why (logged).")] = None,
+    ref: Ref,
+    reason: Annotated[
+        str | None, params.option("--reason", params.TEXT, help="Why (logged).")
+    ] = None,
     by: By = None,
 ) -> None:
     """End a subscription for good."""

@@ -17,6 +17,7 @@ from rich.console import Console
 from sqlalchemy import select
 
 from billing.accounts import Operator
+from billing.cli import params
 from billing.cli.metrics import is_loopback
 from billing.db import session_scope
 from billing.errors import InvalidInput
@@ -27,9 +28,14 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def web(
-    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = DEFAULT_HOST,
+    host: Annotated[
+        str, params.option("--host", params.TEXT, help="Address to listen on.")
+    ] = DEFAULT_HOST,
     port: Annotated[
-        int, typer.Option("--port", min=0, max=65535, help="Port to listen on (0: any free).")
+        int,
+        params.option(
+            "--port", params.count(0, 65535, "PORT"), help="Port to listen on (0: any free)."
+        ),
     ] = DEFAULT_PORT,
     allow_public: Annotated[
         bool, typer.Option("--allow-public", help="Allow listening on a non-loopback address.")
