@@ -5,6 +5,14 @@ sweep at the same moment (a second beat) inserts nothing and sends nothing extra
 subscriptions (several periods due at once) never get a burst of charges: under
 ``catch_up = "latest"`` the older periods are written off as ``skipped`` in the ledger;
 under ``"all"`` they are charged one by one, ``catch_up_spacing`` apart.
+
+A plan or price change scheduled for a subscription (``billing.changes``) is applied here,
+when the first charge due at or after its date is created: the charge is made on the new
+terms and the subscription moves to them in the same transaction (re-anchored on that
+period when the interval changes). Such a subscription leaves the set-based hot path for
+the per-row one. Every insert holds :data:`TERMS_LOCK` shared on PostgreSQL, and a change
+holds it exclusively while it decides its first period, so a change never races an insert
+that read the old terms.
 """
 
 from __future__ import annotations
@@ -12,22 +20,50 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Select, exists, func, literal, select, update
+from sqlalchemy import ColumnElement, Select, exists, func, literal, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from billing import dates, ledger
+from billing import ledger
+from billing.charging import lifecycle
 from billing.charging.context import Context
+from billing.charging.lifecycle import Lost
 from billing.charging.rows import load_subscription
 from billing.db import session_scope
 from billing.durations import Interval
-from billing.models import Charge, Money, Subscription, UTCDateTime
+from billing.models import Charge, Money, Subscription, SubscriptionChange, UTCDateTime
 from billing.plans import Plan, sync_plan_versions
 from billing.vocabulary import CHARGEABLE, ChargeState, LedgerOutcome, Operation
 
 log = logging.getLogger("billing.engine")
+
+#: Key of the PostgreSQL advisory lock between the sweep's inserts (shared: sweeps never
+#: wait for each other) and a plan or price change (exclusive, for the few milliseconds it
+#: takes to decide from which period it applies).
+TERMS_LOCK = 0x4B50_0002
+
+
+def hold_terms(session: Session, *, exclusive: bool = False) -> None:
+    """Take :data:`TERMS_LOCK` for the transaction (PostgreSQL; SQLite has one writer)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    function = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+    session.execute(text(f"SELECT {function}(:key)"), {"key": TERMS_LOCK})
+
+
+def pending_change(sub_id: Any, *, due_by: Any | None = None) -> ColumnElement[bool]:
+    """The subscription has a change not applied yet (taking effect by ``due_by``)."""
+    conditions = [
+        SubscriptionChange.subscription_id == sub_id,
+        SubscriptionChange.applied_at.is_(None),
+    ]
+    if due_by is not None:
+        conditions.append(SubscriptionChange.effective_at <= due_by)
+    return exists().where(*conditions)
+
 
 #: Columns of a new charge row, in the order the set-based insert selects them.
 NEW_CHARGE_COLUMNS = (
@@ -80,14 +116,16 @@ class Sweeper:
         plan = plans.plan(plan_name)
         account = plans.account_for(plan)
         with session_scope(self.ctx.url) as session:
-            version = sync_plan_versions(session, plans)[plan.name]
-        created = self._insert_on_time(plan, account.merchant_id, version, now)
+            versions = sync_plan_versions(session, plans)
+        created = self._insert_on_time(plan, account.merchant_id, versions[plan.name], now)
         skipped = 0
         last_id = 0
-        # What the set-based insert left: overdue subscriptions, and under catch_up = "all"
-        # those charged too recently; each needs the date arithmetic below.
+        # What the set-based insert left: overdue subscriptions, under catch_up = "all"
+        # those charged too recently, and those with a change to apply: each needs the date
+        # arithmetic below.
         while True:
             with session_scope(self.ctx.url) as session:
+                hold_terms(session)
                 rows = session.execute(self._due_query(plan.name, now, last_id)).all()
                 if not rows:
                     break
@@ -98,28 +136,92 @@ class Sweeper:
                     if found is None:
                         continue
                     skipped += found.skipped
-                    new_rows.append(
-                        {
-                            "subscription_id": row.id,
-                            "period": found.period,
-                            "due_at": found.due_at,
-                            "plan": plan.name,
-                            "plan_version": version,
-                            "amount": row.amount_override or plan.amount,
-                            "currency": plan.currency,
-                            "merchant_id": account.merchant_id,
-                            "deferred": plan.deferred,
-                            "state": ChargeState.PENDING,
-                            "attempts": 0,
-                            "declines": 0,
-                            "manual": False,
-                            "next_attempt_at": found.not_before,
-                            "created_at": now,
-                            "updated_at": now,
-                        }
-                    )
+                    terms: tuple[Plan, Decimal | None] | None = (plan, row.amount_override)
+                    if row.has_change:
+                        terms = self._apply_changes(session, plan, row.id, found, now)
+                    if terms is None:
+                        continue
+                    new_rows.append(self._new_charge(row.id, found, *terms, versions, now))
                 created += _insert_new_charges(session, new_rows)
         return created, skipped
+
+    def _new_charge(
+        self,
+        sub_id: int,
+        found: PeriodToCharge,
+        plan: Plan,
+        amount_override: Decimal | None,
+        versions: dict[str, int],
+        now: datetime,
+    ) -> dict[str, Any]:
+        """The values of one charge row made in Python (the per-row path)."""
+        return {
+            "subscription_id": sub_id,
+            "period": found.period,
+            "due_at": found.due_at,
+            "plan": plan.name,
+            "plan_version": versions[plan.name],
+            "amount": amount_override or plan.amount,
+            "currency": plan.currency,
+            "merchant_id": self.ctx.plans.account_for(plan).merchant_id,
+            "deferred": plan.deferred,
+            "state": ChargeState.PENDING,
+            "attempts": 0,
+            "declines": 0,
+            "manual": False,
+            "next_attempt_at": found.not_before,
+            "created_at": now,
+            "updated_at": now,
+        }
+
+    def _apply_changes(
+        self, session: Session, plan: Plan, sub_id: int, found: PeriodToCharge, now: datetime
+    ) -> tuple[Plan, Decimal | None] | None:
+        """The terms of the charge of ``found``: the latest change taking effect by its due
+        date, applied to the subscription in this transaction; None when nothing is to be
+        created now (another sweep applied it first, or its plan left the plans file)."""
+        before = load_subscription(session, sub_id)
+        changes = list(
+            session.scalars(
+                select(SubscriptionChange)
+                .where(
+                    SubscriptionChange.subscription_id == sub_id,
+                    SubscriptionChange.applied_at.is_(None),
+                    SubscriptionChange.effective_at <= found.due_at,
+                )
+                .order_by(SubscriptionChange.effective_at, SubscriptionChange.id)
+            )
+        )
+        if not changes:
+            return plan, before.amount_override
+        last = changes[-1]
+        new = self.ctx.plans.plans.get(last.plan)
+        if new is None:
+            log.error(
+                "subscription %s: its change to plan %s, which is not in the plans file, takes "
+                "effect with period %d; no charge is created until the plan is back",
+                before.external_ref, last.plan, found.period,
+            )  # fmt: skip
+            return None
+        values: dict[str, Any] = {"plan": new.name, "amount_override": last.amount_override}
+        if new.every != plan.every:  # re-anchored: the new interval counts from this period
+            values |= {"anchor_at": found.due_at, "anchor_period": found.period}
+        moved = lifecycle.rewrite_subscription(session, before, values, now=now)
+        if isinstance(moved, Lost):
+            return None
+        session.execute(
+            update(SubscriptionChange)
+            .where(
+                SubscriptionChange.id.in_([change.id for change in changes]),
+                SubscriptionChange.applied_at.is_(None),
+            )
+            .values(applied_at=now, applied_period=found.period)
+        )
+        log.info(
+            "subscription %s: period %d on plan %s at %s (scheduled change applied)",
+            before.external_ref, found.period, new.name, last.amount_override or new.amount,
+        )  # fmt: skip
+        return new, last.amount_override
 
     def _insert_on_time(self, plan: Plan, merchant_id: str, version: int, now: datetime) -> int:
         """Charge rows for subscriptions due exactly one period, in one statement per batch.
@@ -138,6 +240,8 @@ class Sweeper:
                 Charge.subscription_id == Subscription.id,
                 Charge.period == Subscription.next_period,
             ),
+            # A change taking effect with this period: the per-row path applies it.
+            ~pending_change(Subscription.id, due_by=Subscription.next_charge_at),
         ]
         if plan.catch_up == "all":
             conditions.append(
@@ -170,6 +274,7 @@ class Sweeper:
         created = 0
         while True:
             with session_scope(self.ctx.url) as session:
+                hold_terms(session)
                 stmt = (
                     _insert(session)(Charge)
                     .from_select(list(NEW_CHARGE_COLUMNS), rows)
@@ -194,8 +299,10 @@ class Sweeper:
                 Subscription.next_period,
                 Subscription.next_charge_at,
                 Subscription.anchor_at,
+                Subscription.anchor_period,
                 Subscription.amount_override,
                 Subscription.last_charged_at,
+                pending_change(Subscription.id).label("has_change"),
             )
             .where(
                 Subscription.plan == plan,
@@ -219,10 +326,11 @@ class Sweeper:
             if row.last_charged_at is not None:
                 not_before = max(due, row.last_charged_at + plan.catch_up_spacing)
             return PeriodToCharge(period, due, not_before, 0)
-        latest = dates.latest_due_period(row.anchor_at, plan.every, plan.timezone, now)
+        schedule = lifecycle.schedule_of(row, plan)
+        latest = schedule.latest(now)
         if latest is None or latest <= period:
             return PeriodToCharge(period, due, due, 0)
-        new_due = dates.due_at(row.anchor_at, plan.every, latest, plan.timezone)
+        new_due = schedule.due(latest)
         moved = session.scalar(
             update(Subscription)
             .where(Subscription.id == row.id, Subscription.next_period == period)
@@ -263,4 +371,11 @@ def _insert_new_charges(session: Session, rows: list[dict[str, Any]]) -> int:
     return len(session.execute(stmt, rows).all())
 
 
-__all__ = ["SweepResult", "Sweeper", "shortest_period"]
+__all__ = [
+    "TERMS_LOCK",
+    "SweepResult",
+    "Sweeper",
+    "hold_terms",
+    "pending_change",
+    "shortest_period",
+]
