@@ -33,7 +33,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from billing import dunning, ledger, metrics, widths
-from billing.charging import lifecycle
+from billing.charging import lifecycle, newcard
 from billing.charging.context import Context, recorded_surely
 from billing.charging.lifecycle import Lost
 from billing.charging.rows import ChargeRow, SubRow, load_subscription
@@ -444,6 +444,14 @@ class Calls:
         moved = self._answer(session, claim, to, values, now)
         if isinstance(moved, Lost):
             return moved
+        # A new card stored while this call was made with the old one: the decline was the
+        # old card's, and the new card gets its try at once (billing.charging.newcard).
+        new_card = newcard.alias_changed(session, charge.subscription_id, claim.subscription.alias)
+        if new_card:
+            again = newcard.try_again(session, moved, plan, now)
+            new_card = isinstance(again, ChargeRow)
+            if isinstance(again, ChargeRow):
+                moved, failure = again, None
         if moved.state == ChargeState.FAILED:
             failure = FailureReason(moved.reason) if moved.reason else failure
         retry_at = (
@@ -451,9 +459,12 @@ class Calls:
             if moved.state == ChargeState.PENDING and moved.next_attempt_at is not None
             else None
         )
+        details: dict[str, Any] = {"soft": result.soft, "next_attempt_at": retry_at}
+        if new_card:
+            details["new_card"] = True
         self._ledger(
             session, claim, moved, result, LedgerOutcome.DECLINED, reason=failure,
-            details={"soft": result.soft, "next_attempt_at": retry_at},
+            details=details,
         )  # fmt: skip
         changed: lifecycle.SubMove | Lost = Lost(None, "declined")
         if moved.state == ChargeState.PENDING:

@@ -10,9 +10,8 @@ A plan or price change scheduled for a subscription (``billing.changes``) is app
 when the first charge due at or after its date is created: the charge is made on the new
 terms and the subscription moves to them in the same transaction (re-anchored on that
 period when the interval changes). Such a subscription leaves the set-based hot path for
-the per-row one. Every insert holds :data:`TERMS_LOCK` shared on PostgreSQL, and a change
-holds it exclusively while it decides its first period, so a change never races an insert
-that read the old terms.
+the per-row one. Every insert holds ``TERMS_LOCK`` shared (``billing.charging.terms``), so a
+change never races an insert that read the old terms.
 """
 
 from __future__ import annotations
@@ -20,50 +19,24 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, exists, func, literal, select, text, update
+from sqlalchemy import Select, exists, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from billing import ledger
 from billing.charging import lifecycle
 from billing.charging.context import Context
-from billing.charging.lifecycle import Lost
 from billing.charging.rows import load_subscription
+from billing.charging.terms import Terms, apply_due, hold_terms, pending_change
 from billing.db import session_scope
 from billing.durations import Interval
-from billing.models import Charge, Money, Subscription, SubscriptionChange, UTCDateTime
+from billing.models import Charge, Money, Subscription, UTCDateTime
 from billing.plans import Plan, sync_plan_versions
 from billing.vocabulary import CHARGEABLE, ChargeState, LedgerOutcome, Operation
 
 log = logging.getLogger("billing.engine")
-
-#: Key of the PostgreSQL advisory lock between the sweep's inserts (shared: sweeps never
-#: wait for each other) and a plan or price change (exclusive, for the few milliseconds it
-#: takes to decide from which period it applies).
-TERMS_LOCK = 0x4B50_0002
-
-
-def hold_terms(session: Session, *, exclusive: bool = False) -> None:
-    """Take :data:`TERMS_LOCK` for the transaction (PostgreSQL; SQLite has one writer)."""
-    if session.get_bind().dialect.name != "postgresql":
-        return
-    function = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
-    session.execute(text(f"SELECT {function}(:key)"), {"key": TERMS_LOCK})
-
-
-def pending_change(sub_id: Any, *, due_by: Any | None = None) -> ColumnElement[bool]:
-    """The subscription has a change not applied yet (taking effect by ``due_by``)."""
-    conditions = [
-        SubscriptionChange.subscription_id == sub_id,
-        SubscriptionChange.applied_at.is_(None),
-    ]
-    if due_by is not None:
-        conditions.append(SubscriptionChange.effective_at <= due_by)
-    return exists().where(*conditions)
-
 
 #: Columns of a new charge row, in the order the set-based insert selects them.
 NEW_CHARGE_COLUMNS = (
@@ -136,12 +109,15 @@ class Sweeper:
                     if found is None:
                         continue
                     skipped += found.skipped
-                    terms: tuple[Plan, Decimal | None] | None = (plan, row.amount_override)
+                    terms: Terms | None = Terms(plan, row.amount_override)
                     if row.has_change:
-                        terms = self._apply_changes(session, plan, row.id, found, now)
+                        terms = apply_due(
+                            session, plans, plan, row.id, period=found.period,
+                            due_at=found.due_at, now=now,
+                        )  # fmt: skip
                     if terms is None:
                         continue
-                    new_rows.append(self._new_charge(row.id, found, *terms, versions, now))
+                    new_rows.append(self._new_charge(row.id, found, terms, versions, now))
                 created += _insert_new_charges(session, new_rows)
         return created, skipped
 
@@ -149,19 +125,19 @@ class Sweeper:
         self,
         sub_id: int,
         found: PeriodToCharge,
-        plan: Plan,
-        amount_override: Decimal | None,
+        terms: Terms,
         versions: dict[str, int],
         now: datetime,
     ) -> dict[str, Any]:
         """The values of one charge row made in Python (the per-row path)."""
+        plan = terms.plan
         return {
             "subscription_id": sub_id,
             "period": found.period,
             "due_at": found.due_at,
             "plan": plan.name,
             "plan_version": versions[plan.name],
-            "amount": amount_override or plan.amount,
+            "amount": terms.amount,
             "currency": plan.currency,
             "merchant_id": self.ctx.plans.account_for(plan).merchant_id,
             "deferred": plan.deferred,
@@ -173,55 +149,6 @@ class Sweeper:
             "created_at": now,
             "updated_at": now,
         }
-
-    def _apply_changes(
-        self, session: Session, plan: Plan, sub_id: int, found: PeriodToCharge, now: datetime
-    ) -> tuple[Plan, Decimal | None] | None:
-        """The terms of the charge of ``found``: the latest change taking effect by its due
-        date, applied to the subscription in this transaction; None when nothing is to be
-        created now (another sweep applied it first, or its plan left the plans file)."""
-        before = load_subscription(session, sub_id)
-        changes = list(
-            session.scalars(
-                select(SubscriptionChange)
-                .where(
-                    SubscriptionChange.subscription_id == sub_id,
-                    SubscriptionChange.applied_at.is_(None),
-                    SubscriptionChange.effective_at <= found.due_at,
-                )
-                .order_by(SubscriptionChange.effective_at, SubscriptionChange.id)
-            )
-        )
-        if not changes:
-            return plan, before.amount_override
-        last = changes[-1]
-        new = self.ctx.plans.plans.get(last.plan)
-        if new is None:
-            log.error(
-                "subscription %s: its change to plan %s, which is not in the plans file, takes "
-                "effect with period %d; no charge is created until the plan is back",
-                before.external_ref, last.plan, found.period,
-            )  # fmt: skip
-            return None
-        values: dict[str, Any] = {"plan": new.name, "amount_override": last.amount_override}
-        if new.every != plan.every:  # re-anchored: the new interval counts from this period
-            values |= {"anchor_at": found.due_at, "anchor_period": found.period}
-        moved = lifecycle.rewrite_subscription(session, before, values, now=now)
-        if isinstance(moved, Lost):
-            return None
-        session.execute(
-            update(SubscriptionChange)
-            .where(
-                SubscriptionChange.id.in_([change.id for change in changes]),
-                SubscriptionChange.applied_at.is_(None),
-            )
-            .values(applied_at=now, applied_period=found.period)
-        )
-        log.info(
-            "subscription %s: period %d on plan %s at %s (scheduled change applied)",
-            before.external_ref, found.period, new.name, last.amount_override or new.amount,
-        )  # fmt: skip
-        return new, last.amount_override
 
     def _insert_on_time(self, plan: Plan, merchant_id: str, version: int, now: datetime) -> int:
         """Charge rows for subscriptions due exactly one period, in one statement per batch.
@@ -371,11 +298,4 @@ def _insert_new_charges(session: Session, rows: list[dict[str, Any]]) -> int:
     return len(session.execute(stmt, rows).all())
 
 
-__all__ = [
-    "TERMS_LOCK",
-    "SweepResult",
-    "Sweeper",
-    "hold_terms",
-    "pending_change",
-    "shortest_period",
-]
+__all__ = ["SweepResult", "Sweeper", "shortest_period"]
