@@ -36,6 +36,7 @@ from billing.models import (
     Event,
     LedgerEntry,
     SubscriptionChange,
+    SubscriptionStatus,
     utcnow,
 )
 from billing.redact import mask_alias
@@ -580,3 +581,68 @@ def test_an_unchanged_charge_row_stays_as_it_was(h: Harness) -> None:
     assert (charge.amount, charge.plan, charge.updated_at) == (
         before_amount, "monthly", before_updated,
     )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- careless shops
+
+
+def test_a_card_number_in_the_reason_is_stored_nowhere(h: Harness) -> None:
+    sub_id = h.subscribe("shop-1", OLD, next_charge_at=later())
+    update(h, "shop-1", alias=NEW, amount="24.90", reason=f"customer typed {CARD} in chat")
+    with session_scope(h.url) as session:
+        change = session.scalars(select(SubscriptionChange)).one()
+    stored = [change.reason, *(r.reason or "" for r in h.ledger(sub_id))]
+    stored += [json.dumps(e.payload) for e in events(h.url)]
+    assert all(CARD not in text for text in stored) and "[redacted-pan]" in stored[0]
+
+
+def test_a_huge_reason_is_cut_not_refused_by_the_database(h: Harness) -> None:
+    sub_id = h.subscribe("shop-1", OLD, next_charge_at=later())
+    update(h, "shop-1", amount="24.90", reason="x" * 100_000, by="b" * 500)
+    (row,) = h.ledger(sub_id)
+    assert row.reason is not None and len(row.reason) <= 4000 and len(row.actor) <= 128
+
+
+def test_the_cli_hands_a_retried_charge_to_the_workers_or_says_why_not(
+    h: Harness, gateway: Any, cli: Callable[..., Ran]
+) -> None:
+    old, new = gateway.seed_aliases("1234567", 2)
+    gateway.set_behaviour(old, decline="51")
+    sub_id = h.subscribe("shop-1", old)
+    h.engine.sweep_plan("monthly")
+    h.run_sent()  # on the ladder, next try in a day
+
+    ran = cli("subscriptions", "update", "shop-1", "--alias", new, "--reason", "new card")
+
+    assert ran.code == 0, ran
+    charge = h.charge(sub_id)
+    assert f"charge {charge.id} (period 0) tried with it now" in ran.out
+    assert "the broker is unreachable" in ran.out and "engine sweep" in ran.out
+    assert charge.next_attempt_at is not None and charge.next_attempt_at <= utcnow()
+
+
+def test_the_task_hands_a_retried_charge_to_the_workers(
+    task_env: Harness, gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a worker the broker is up; here it is not: the change is kept, the charge waits
+    for the engine sweep, and no dead letter is written."""
+    import tasks.base
+    from tasks.charges import update_subscription
+
+    monkeypatch.setattr(tasks.base, "_engine", None)  # an engine for this test's database
+    h = task_env
+    old, new = gateway.seed_aliases("1234567", 2)
+    gateway.set_behaviour(old, decline="54")
+    sub_id = h.subscribe("shop-1", old)
+    h.engine.sweep_plan("monthly")
+    h.run_sent()  # hard decline: failed, suspended
+
+    result = update_subscription.apply(
+        args=[{"external_ref": "shop-1", "alias": new, "reason": "new card"}]
+    ).get()
+
+    charge = h.charge(sub_id)
+    assert result["card"]["retried_charge"] == charge.id
+    assert charge.state in (ChargeState.PENDING, ChargeState.QUEUED)
+    assert h.sub(sub_id).status == SubscriptionStatus.PAST_DUE
+    assert _letters(h.url) == []
