@@ -72,10 +72,6 @@ FIELDS = (
 )
 #: Who a change sent as a task is by when its message does not say.
 TASK_ACTOR = "shop"
-#: A new price may be at most this many times its plan's own (default 10): more is most
-#: likely an amount written in cents ("2990" for 29.90), which would charge a customer
-#: a hundred times their price. A price that high belongs in a plan of its own.
-MAX_PRICE_FACTOR = 10
 
 
 @dataclass(frozen=True)
@@ -236,12 +232,8 @@ def check_change(
     if not _blank(effective_from) and _blank(plan) and _blank(amount):
         problems.append("effective_from goes with plan or amount (a new card counts at once)")
     target = plans.plans.get(new_plan or current_plan)
-    if new_amount is not None and target and new_amount > MAX_PRICE_FACTOR * target.amount:
-        problems.append(
-            f"amount {format_amount(new_amount)} is more than {MAX_PRICE_FACTOR} times the price "
-            f"of plan {target.name} ({format_amount(target.amount)} {target.currency}): was it "
-            "written in cents? (a price that high needs a plan of its own)"
-        )
+    if new_amount is not None and target is not None:
+        checked((None, terms.price_problem(new_amount, target)))
     if problems:
         raise InvalidInput("; ".join(redact(p) for p in problems))
     assert why is not None and who is not None

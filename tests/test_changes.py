@@ -646,3 +646,14 @@ def test_the_task_hands_a_retried_charge_to_the_workers(
     assert charge.state in (ChargeState.PENDING, ChargeState.QUEUED)
     assert h.sub(sub_id).status == SubscriptionStatus.PAST_DUE
     assert _letters(h.url) == []
+
+
+def test_a_price_is_checked_against_the_plan_it_will_be_charged_on(h: Harness) -> None:
+    """Cents for euros on the plan a pending change moves to: 400.00 fits the yearly plan
+    the subscription is on now (299.00), not the monthly one it is moving to (29.90)."""
+    h.subscribe("shop-1", OLD, plan="yearly", next_charge_at=later())
+    update(h, "shop-1", plan="monthly")
+    before = written(h.url)
+    with pytest.raises(InvalidInput, match="more than 10 times the price of plan monthly"):
+        update(h, "shop-1", amount="400.00")
+    assert written(h.url) == before

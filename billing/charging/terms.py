@@ -45,6 +45,21 @@ log = logging.getLogger("billing.engine")
 TERMS_LOCK = 0x4B50_0002
 #: How far ahead a change may be scheduled (default: 5 years); further is a typo.
 MAX_AHEAD = timedelta(days=5 * 366)
+#: A new price may be at most this many times its plan's own (default 10): more is most
+#: likely an amount written in cents ("2990" for 29.90), which would charge a customer
+#: a hundred times their price. A price that high belongs in a plan of its own.
+MAX_PRICE_FACTOR = 10
+
+
+def price_problem(amount: Decimal, plan: Plan) -> str | None:
+    """Why ``amount`` is refused as a price on ``plan``, or None."""
+    if amount <= MAX_PRICE_FACTOR * plan.amount:
+        return None
+    return (
+        f"amount {format_amount(amount)} is more than {MAX_PRICE_FACTOR} times the price of "
+        f"plan {plan.name} ({format_amount(plan.amount)} {plan.currency}): was it written in "
+        "cents? (a price that high needs a plan of its own)"
+    )
 
 
 def hold_terms(session: Session, *, exclusive: bool = False) -> None:
@@ -193,6 +208,9 @@ def to_schedule(
     moment = moment or first_due
     previous = terms_at(session, plans, sub, moment)
     new = Terms(target or previous.plan, amount)
+    problem = price_problem(amount, new.plan) if amount is not None else None
+    if problem:
+        raise InvalidInput(problem)
     if new.plan.currency != current.currency:
         raise StateError(
             f"plan {new.plan.name!r} is in {new.plan.currency} and subscription "
@@ -308,6 +326,7 @@ def apply_due(
 
 __all__ = [
     "MAX_AHEAD",
+    "MAX_PRICE_FACTOR",
     "TERMS_LOCK",
     "Scheduled",
     "Terms",
@@ -316,6 +335,7 @@ __all__ = [
     "hold_terms",
     "pending_change",
     "plan_of",
+    "price_problem",
     "store",
     "terms_at",
     "to_schedule",
