@@ -355,3 +355,26 @@ def test_a_change_made_while_the_sweep_inserts_counts_from_the_next_period(
 
     assert done.scheduled is not None and done.scheduled.first_period == 1
     assert h.charge(sub_id, 0).amount == Decimal("29.90")  # created first, keeps its price
+
+
+def test_two_new_cards_at_once_are_applied_one_after_the_other(h: Harness) -> None:
+    """The second waits for the first and replaces the alias the first stored: the ledger
+    chains them (each row's previous alias is the one before), nothing is lost."""
+    sub_id = h.subscribe("shop-1", "aaaa1111bbbb2222", next_charge_at=utcnow() + MONTH)
+
+    with session_scope(h.url) as session:
+        changes.update_subscription(
+            session, h.plans, "shop-1", alias="cccc3333dddd4444", by="shop", reason="first"
+        )
+        second = Background(lambda: new_card(h, "eeee5555ffff6666"), "second")
+        second.thread.join(0.7)
+        assert second.thread.is_alive()  # it waits for the first to commit
+    second.join()
+
+    assert h.sub(sub_id).alias == "eeee5555ffff6666"
+    chain = [
+        (r.details or {}).get("previous_alias")
+        for r in h.ledger(sub_id)
+        if r.outcome == "subscription_card_updated"
+    ]
+    assert chain == [mask_alias("aaaa1111bbbb2222"), mask_alias("cccc3333dddd4444")]
