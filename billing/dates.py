@@ -23,10 +23,15 @@ plan two periods at the same instant; no other change of offset can.)
 years) and imports (first charges within a century of now) keep every date a subscription
 reaches far inside; a date that still falls outside raises :class:`DateOutOfRange`, which
 names the anchor, the interval and the period, never Python's ``OverflowError``.
+
+A subscription moved to a plan of another interval is *re-anchored*: the first period on
+the new plan becomes its anchor (:class:`Schedule` counts periods from it), so the periods
+already charged keep their numbers and the new interval counts from that due date.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
@@ -113,3 +118,27 @@ def first_period_after(anchor: datetime, every: Interval, tz: ZoneInfo, moment: 
     """The least ``n`` with ``due_at(n) > moment``: where a resumed subscription picks up."""
     latest = latest_due_period(anchor, every, tz, moment)
     return 0 if latest is None else latest + 1
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A subscription's due dates on one plan: period ``n`` is due at the anchor plus
+    ``n - first`` intervals (``first`` is 0 until a change of interval re-anchors it)."""
+
+    anchor: datetime
+    first: int
+    every: Interval
+    tz: ZoneInfo
+
+    def due(self, period: int) -> datetime:
+        """When ``period`` is due (periods before ``first`` are not on this schedule)."""
+        return due_at(self.anchor, self.every, period - self.first, self.tz)
+
+    def latest(self, now: datetime) -> int | None:
+        """The greatest period due at ``now``, or None before the anchor."""
+        found = latest_due_period(self.anchor, self.every, self.tz, now)
+        return None if found is None else found + self.first
+
+    def first_after(self, moment: datetime) -> int:
+        """The least period due after ``moment``."""
+        return first_period_after(self.anchor, self.every, self.tz, moment) + self.first

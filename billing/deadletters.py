@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from billing.changes import FIELDS as CHANGE_FIELDS
 from billing.db import checked_id, session_scope
 from billing.errors import BillingError, NotFound, StateError
 from billing.intake import FIELDS as SUBSCRIPTION_FIELDS
@@ -64,6 +65,12 @@ TASKS: Mapping[str, TaskArguments] = {
         {"data": SUBSCRIPTION_FIELDS},
         "send billing.add_subscription again from the shop with the real alias, or add the "
         "subscription with billing subscriptions import",
+    ),
+    "billing.update_subscription": TaskArguments(
+        ("data",),
+        {"data": CHANGE_FIELDS},
+        "send billing.update_subscription again from the shop with the real alias, or run "
+        "billing subscriptions update",
     ),
     DELIVER_EVENTS: TaskArguments(()),
     REDELIVER_TASK: TaskArguments(("event_id", "endpoint")),

@@ -44,7 +44,7 @@ from billing.errors import ImportRejected, InvalidInput
 from billing.models import Subscription, SubscriptionStatus
 from billing.money import parse_amount
 from billing.plans import PlanSet, get_plans
-from billing.redact import mask_alias, redact
+from billing.redact import PAN_MARK, mask_alias, redact
 
 log = logging.getLogger(__name__)
 
@@ -168,29 +168,92 @@ def _text(data: Mapping[str, object], name: str) -> tuple[str | None, str | None
     return value, None
 
 
-def _parse_time(value: object, now: datetime) -> tuple[datetime | None, str | None]:
+def check_time(
+    value: object, name: str = "next_charge_at", *, now: datetime | None = None
+) -> tuple[datetime | None, str | None]:
+    """``(moment in UTC, problem)`` for a time field; ``(None, None)`` when absent or blank.
+
+    A time must carry its offset (a naive one would be read in whatever zone the server
+    is), and lie within a century of ``now`` (default: the clock): further is a typo, and
+    its later periods could not be computed.
+    """
+    if isinstance(value, str):
+        value = value.strip()
     if isinstance(value, datetime):
         moment = value
-    elif isinstance(value, str) and value.strip():
+    elif isinstance(value, str) and value:
         try:
-            moment = datetime.fromisoformat(value.strip())
+            moment = datetime.fromisoformat(value)
         except ValueError:
-            return None, f"next_charge_at {quote(value.strip())} is not an ISO 8601 time"
+            return None, f"{name} {quote(value)} is not an ISO 8601 time"
     elif value is None or value == "":
-        return None, "next_charge_at is missing"
+        return None, None
     else:
-        return None, f"next_charge_at must be ISO 8601 text, not {shown(value)}"
+        return None, f"{name} must be ISO 8601 text, not {shown(value)}"
     shown_time = quote(value if isinstance(value, str) else moment.isoformat())
     if moment.tzinfo is None or moment.utcoffset() is None:
         return None, (
-            f"next_charge_at {shown_time} is a time without offset "
+            f"{name} {shown_time} is a time without offset "
             "(write it like 2025-03-01T09:00:00+01:00 or with a Z)"
         )
     # Aware subtraction never leaves the calendar; astimezone(UTC) of 0001-01-01T00:00+01:00
     # would, so the window is checked first.
-    if abs(moment - now) > ANCHOR_WINDOW:
-        return None, f"next_charge_at {shown_time} is more than 100 years from now"
+    if abs(moment - (now or datetime.now(UTC))) > ANCHOR_WINDOW:
+        return None, f"{name} {shown_time} is more than 100 years from now"
     return moment.astimezone(UTC), None
+
+
+def check_plan(value: object, plans: PlanSet) -> tuple[str | None, str | None]:
+    """``(plan name, problem)``: the plan must be in the plans file."""
+    plan, problem = _text({"plan": value}, "plan")
+    if problem or plan is None:
+        return None, problem
+    if plan not in plans.plans:
+        known = ", ".join(sorted(plans.plans)) or "none"
+        return None, f"plan {quote(plan)} is not in the plans file (known: {known})"
+    return plan, None
+
+
+def check_alias(value: object) -> tuple[str | None, str | None]:
+    """``(alias, problem)``: one word, and never a card number sent in its place."""
+    alias, problem = _text({"alias": value}, "alias")
+    if problem or alias is None:
+        return None, problem
+    if any(ch.isspace() for ch in alias):
+        return None, "alias contains white space"
+    if redact(alias) == PAN_MARK:
+        return None, (
+            "alias is a card number, not an alias: send the ALIAS that Klik & Pay returned "
+            "for the card's first payment (card numbers are never stored)"
+        )
+    return alias, None
+
+
+def check_ip(value: object) -> tuple[str | None, str | None]:
+    """``(IP address, problem)``: IPv4 or IPv6, kept in its usual spelling."""
+    raw, problem = _text({"customer_ip": value}, "customer_ip")
+    if problem or raw is None:
+        return None, problem
+    if "%" in raw:
+        # ip_address() takes "fe80::1%eth0" with a zone of any length; a zone only means
+        # something on this machine's own links, never for a customer's address.
+        return None, f"customer_ip {quote(raw)} has a zone (%...): not a customer's address"
+    try:
+        return str(ipaddress.ip_address(raw)), None
+    except ValueError:
+        return None, f"customer_ip {quote(raw)} is not an IP address"
+
+
+def check_amount(value: object) -> tuple[Decimal | None, str | None]:
+    """``(amount, problem)``: positive, two places at most, never a float."""
+    if isinstance(value, str):
+        value = value.strip() or None
+    if value is None:
+        return None, None
+    try:
+        return parse_amount(value), None
+    except InvalidInput as exc:
+        return None, str(exc)
 
 
 def check_fields(
@@ -203,51 +266,19 @@ def check_fields(
     """
     problems: list[str] = []
 
-    external_ref, problem = _text(data, "external_ref")
-    if problem:
-        problems.append(problem)
-    elif external_ref is None:
-        problems.append("external_ref is missing")
+    def required(found: tuple[Any, str | None], missing: str) -> Any:
+        value, problem = found
+        if problem or value is None:
+            problems.append(problem or missing)
+        return value
 
-    plan, problem = _text(data, "plan")
-    if problem:
-        problems.append(problem)
-    elif plan is None:
-        problems.append("plan is missing")
-    elif plan not in plans.plans:
-        known = ", ".join(sorted(plans.plans)) or "none"
-        problems.append(f"plan {quote(plan)} is not in the plans file (known: {known})")
-
-    alias, problem = _text(data, "alias")
-    if problem:
-        problems.append(problem)
-    elif alias is None:
-        problems.append("alias is missing or blank")
-    elif any(ch.isspace() for ch in alias):
-        problems.append("alias contains white space")
-
-    raw_ip, problem = _text(data, "customer_ip")
-    customer_ip: str | None = None
-    if problem:
-        problems.append(problem)
-    elif raw_ip is None:
-        problems.append("customer_ip is missing")
-    elif "%" in raw_ip:
-        # ip_address() takes "fe80::1%eth0" with a zone of any length; a zone only means
-        # something on this machine's own links, never for a customer's address.
-        problems.append(f"customer_ip {quote(raw_ip)} has a zone (%...): not a customer's address")
-    else:
-        try:
-            customer_ip = str(ipaddress.ip_address(raw_ip))
-        except ValueError:
-            problems.append(f"customer_ip {quote(raw_ip)} is not an IP address")
-
-    raw_time = data.get("next_charge_at")
-    if isinstance(raw_time, str):
-        raw_time = raw_time.strip()
-    next_charge_at, problem = _parse_time(raw_time, now or datetime.now(UTC))
-    if problem:
-        problems.append(problem)
+    external_ref = required(_text(data, "external_ref"), "external_ref is missing")
+    plan = required(check_plan(data.get("plan"), plans), "plan is missing")
+    alias = required(check_alias(data.get("alias")), "alias is missing or blank")
+    customer_ip = required(check_ip(data.get("customer_ip")), "customer_ip is missing")
+    next_charge_at = required(
+        check_time(data.get("next_charge_at"), now=now), "next_charge_at is missing"
+    )
 
     email, problem = _text(data, "email")
     if problem:
@@ -255,15 +286,9 @@ def check_fields(
     elif email is not None and not _EMAIL.match(email):
         problems.append(f"email {quote(email)} is not an e-mail address")
 
-    amount: Decimal | None = None
-    raw_amount = data.get("amount")
-    if isinstance(raw_amount, str):
-        raw_amount = raw_amount.strip() or None
-    if raw_amount is not None:
-        try:
-            amount = parse_amount(raw_amount)
-        except InvalidInput as exc:
-            problems.append(str(exc))
+    amount, problem = check_amount(data.get("amount"))
+    if problem:
+        problems.append(problem)
 
     if problems:
         return None, problems

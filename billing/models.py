@@ -58,6 +58,7 @@ __all__ = [
     "LedgerEntry",
     "PlanVersion",
     "Subscription",
+    "SubscriptionChange",
     "SubscriptionStatus",
     "WebhookEndpointRecord",
     "utcnow",
@@ -135,8 +136,11 @@ class Subscription(Base):
     customer_ip: Mapped[str] = mapped_column(String(45))
     email: Mapped[str | None] = mapped_column(String(254))
     amount_override: Mapped[Decimal | None]
-    #: Period n is due at anchor + n x interval (in the plan's time zone).
+    #: Period n is due at anchor + (n - anchor_period) x interval (in the plan's time zone).
     anchor_at: Mapped[datetime]
+    #: The period ``anchor_at`` is the due date of: 0, until a change of the plan's
+    #: interval re-anchors the subscription on the first period of the new plan.
+    anchor_period: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     #: The next period to charge, counted from the anchor.
     next_period: Mapped[int] = mapped_column(Integer, default=0)
     next_charge_at: Mapped[datetime]
@@ -155,6 +159,32 @@ class Subscription(Base):
             f"Subscription(id={self.id}, ref={self.external_ref!r}, plan={self.plan!r}, "
             f"alias={mask_alias(self.alias)!r}, status={self.status!r})"
         )
+
+
+class SubscriptionChange(Base):
+    """A plan or price a subscription moves to from a coming period (``billing.changes``).
+
+    Each row holds the whole terms from ``effective_at`` on: the plan, and the amount (None:
+    the plan's own). The sweep applies it when it creates the first charge due at or after
+    ``effective_at`` (and writes ``applied_at``); a charge that exists already keeps its
+    amount. Rows are never deleted: they are the history of what was asked and when.
+    """
+
+    __tablename__ = "subscription_changes"
+    __table_args__ = (Index("ix_subscription_changes_pending", "subscription_id", "applied_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    subscription_id: Mapped[int] = mapped_column(ForeignKey("subscriptions.id"))
+    plan: Mapped[str] = mapped_column(String(widths.PLAN))
+    amount_override: Mapped[Decimal | None]
+    #: The terms apply to the charges due at or after this instant.
+    effective_at: Mapped[datetime]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(widths.ACTOR))
+    reason: Mapped[str] = mapped_column(Text)
+    #: When the sweep created the first charge on these terms, and that charge's period.
+    applied_at: Mapped[datetime | None]
+    applied_period: Mapped[int | None] = mapped_column(Integer)
 
 
 class Charge(Base):

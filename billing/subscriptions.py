@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
-from billing import dates, ledger
+from billing import ledger
 from billing.charging import lifecycle
 from billing.charging.lifecycle import Lost, SubMove
 from billing.charging.rows import ChargeRow, SubRow, load_subscription
@@ -185,7 +185,8 @@ def resume(
             " its answer decides that period: resume again in a minute"
         )
     plan = plans.plan(sub.plan)
-    first = dates.first_period_after(sub.anchor_at, plan.every, plan.timezone, now)
+    schedule = lifecycle.schedule_of(sub, plan)
+    first = schedule.first_after(now)
     # Never step back to a period the engine already took on.
     next_period = max(first, sub.next_period)
     since = f"from {sub.paused_at.isoformat()} " if sub.paused_at else ""
@@ -220,7 +221,7 @@ def resume(
         session, sub.id, "resume", to=SubscriptionStatus.ACTIVE, now=now,
         values={
             "next_period": next_period,
-            "next_charge_at": dates.due_at(sub.anchor_at, plan.every, next_period, plan.timezone),
+            "next_charge_at": schedule.due(next_period),
             "paused_at": None,
         },
     )  # fmt: skip

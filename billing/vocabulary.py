@@ -162,6 +162,9 @@ class LedgerOutcome(enum.StrEnum):
     SUBSCRIPTION_PAUSED = "subscription_paused"
     SUBSCRIPTION_RESUMED = "subscription_resumed"
     SUBSCRIPTION_CANCELLED = "subscription_cancelled"
+    SUBSCRIPTION_CARD_UPDATED = "subscription_card_updated"
+    SUBSCRIPTION_PLAN_CHANGED = "subscription_plan_changed"
+    SUBSCRIPTION_PRICE_CHANGED = "subscription_price_changed"
 
 
 #: Ledger outcomes that move money into the merchant's account.
@@ -222,6 +225,9 @@ class EventType(enum.StrEnum):
     SUBSCRIPTION_CANCELLED = "subscription.cancelled"
     SUBSCRIPTION_PAUSED = "subscription.paused"
     SUBSCRIPTION_REACTIVATED = "subscription.reactivated"
+    SUBSCRIPTION_CARD_UPDATED = "subscription.card_updated"
+    SUBSCRIPTION_PLAN_CHANGED = "subscription.plan_changed"
+    SUBSCRIPTION_PRICE_CHANGED = "subscription.price_changed"
 
 
 #: Subscription status -> the event of a subscription moving to it.

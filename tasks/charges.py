@@ -9,6 +9,7 @@ from typing import Any
 from kombu.exceptions import OperationalError
 
 from billing import broker
+from billing.changes import update_subscription_from_dict
 from billing.intake import add_subscription_from_dict
 from billing.settings import get_settings
 from schedules.beat import ENGINE_SWEEP, SWEEP_PLAN
@@ -63,3 +64,19 @@ def capture(self: BillingTask, charge_id: int) -> str:
 def add_subscription(self: BillingTask, data: dict[str, Any]) -> int:
     """Intake for shops that would rather send a message than call the CLI or Python."""
     return add_subscription_from_dict(get_settings().database_url, data)
+
+
+@app.task(base=BillingTask, bind=True, name="billing.update_subscription")
+def update_subscription(self: BillingTask, data: dict[str, Any]) -> dict[str, Any]:
+    """A new card, plan or price from the shop (the fields of ``billing.changes.FIELDS``).
+
+    A charge the new card retries is handed to the workers at once; if the broker cannot be
+    reached, the engine sweep sends it (the change itself is committed either way).
+    """
+    result = update_subscription_from_dict(get_settings().database_url, data)
+    if result["card"] and result["card"]["retried_charge"]:
+        try:
+            self.engine.dispatch_due()
+        except (OperationalError, OSError) as exc:
+            log.warning("update_subscription: dispatch deferred to the engine sweep: %s", exc)
+    return result

@@ -446,6 +446,8 @@ def test_add_subscription_refuses_conflicting_data(db_url: str, plans: PlanSet) 
         ("plan", "gold", 'plan "gold" is not in the plans file'),
         ("customer_ip", "1.2.3", 'customer_ip "1.2.3" is not an IP address'),
         ("alias", " ", "alias is missing or blank"),
+        # A shop that sends the card number instead of its alias: never stored.
+        ("alias", "4012888888881881", "alias is a card number, not an alias"),
         ("next_charge_at", datetime(2030, 1, 1), "next_charge_at .* without offset"),
         ("next_charge_at", "2030-13-01T00:00:00Z", "is not an ISO 8601 time"),
         ("email", "a@b", 'email "a@b" is not an e-mail address'),

@@ -33,7 +33,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from billing import dunning, ledger, metrics, widths
-from billing.charging import lifecycle
+from billing.charging import lifecycle, newcard
 from billing.charging.context import Context, recorded_surely
 from billing.charging.lifecycle import Lost
 from billing.charging.rows import ChargeRow, SubRow, load_subscription
@@ -346,14 +346,17 @@ class Calls:
         session: Session,
         claim: Claim,
         charge: ChargeRow,
-        sub: SubRow,
         result: Outcome,
         outcome: LedgerOutcome,
         **extra: Any,
     ) -> None:
-        """The ledger row of this attempt's answer (the private key scrubbed from it)."""
+        """The ledger row of this attempt's answer (the private key scrubbed from it), with
+        the card the attempt was made with (the subscription as the claim read it).
+
+        The caller has locked the subscription already: see ``load_subscription``.
+        """
         ledger.append_outcome(
-            session, charge, sub, result, operation=Operation.DUPLICATE,
+            session, charge, claim.subscription, result, operation=Operation.DUPLICATE,
             actor=self.ctx.actor, outcome=outcome, attempt_id=claim.attempt_id,
             secrets=(claim.private_key,), **extra,
         )  # fmt: skip
@@ -424,9 +427,7 @@ class Calls:
             session, charge.subscription_id, plan, charge.period, now
         )
         details = _answered(result, asked) if mismatch else None
-        self._ledger(
-            session, claim, moved, advanced.after, result, outcome, amount=asked, details=details
-        )
+        self._ledger(session, claim, moved, result, outcome, amount=asked, details=details)
         charge_event(session, event, moved, advanced.after, amount=asked)
         _subscription_changed(session, advanced)
         return Recorded(moved, outcome)
@@ -449,6 +450,14 @@ class Calls:
         if isinstance(moved, Lost):
             return moved
         sub = load_subscription(session, charge.subscription_id, lock=True)
+        # A new card stored while this call was made with the old one: the decline was the
+        # old card's, and the new card gets its try at once (billing.charging.newcard).
+        new_card = sub.alias != claim.subscription.alias
+        if new_card:
+            again = newcard.try_again(session, moved, plan, now)
+            new_card = isinstance(again, ChargeRow)
+            if isinstance(again, ChargeRow):
+                moved, failure = again, None
         if moved.state == ChargeState.FAILED:
             failure = FailureReason(moved.reason) if moved.reason else failure
         retry_at = (
@@ -456,9 +465,12 @@ class Calls:
             if moved.state == ChargeState.PENDING and moved.next_attempt_at is not None
             else None
         )
+        details: dict[str, Any] = {"soft": result.soft, "next_attempt_at": retry_at}
+        if new_card:
+            details["new_card"] = True
         self._ledger(
-            session, claim, moved, sub, result, LedgerOutcome.DECLINED, reason=failure,
-            details={"soft": result.soft, "next_attempt_at": retry_at},
+            session, claim, moved, result, LedgerOutcome.DECLINED, reason=failure,
+            details=details,
         )  # fmt: skip
         discarded = self._unless_cancelled(session, moved, sub, now)
         changed: lifecycle.SubMove | Lost = Lost(None, "declined")
@@ -522,7 +534,7 @@ class Calls:
         if isinstance(moved, Lost):
             return moved
         sub = load_subscription(session, moved.subscription_id, lock=True)
-        self._ledger(session, claim, moved, sub, result, LedgerOutcome.NOT_SENT)
+        self._ledger(session, claim, moved, result, LedgerOutcome.NOT_SENT)
         if moved.state == ChargeState.FAILED:
             charge_event(session, EventType.CHARGE_FAILED, moved, sub, failure=moved.reason)
         return Recorded(moved, LedgerOutcome.NOT_SENT)
@@ -535,7 +547,7 @@ class Calls:
         if isinstance(moved, Lost):
             return moved
         sub = load_subscription(session, moved.subscription_id, lock=True)
-        self._ledger(session, claim, moved, sub, result, LedgerOutcome.UNKNOWN)
+        self._ledger(session, claim, moved, result, LedgerOutcome.UNKNOWN)
         charge_event(session, EventType.CHARGE_UNKNOWN, moved, sub, call=Call.CHARGE)
         return Recorded(moved, LedgerOutcome.UNKNOWN)
 
@@ -561,7 +573,7 @@ class Calls:
         sub = load_subscription(session, claim.charge.subscription_id, lock=True)
         answered = getattr(result, "amount", None)
         self._ledger(
-            session, claim, stopped or claim.charge, sub, result, LedgerOutcome.LATE_ANSWER,
+            session, claim, stopped or claim.charge, result, LedgerOutcome.LATE_ANSWER,
             reason=f"late answer of attempt {claim.number}: the charge had moved on",
             details={
                 "call": Call.CHARGE.value,
@@ -603,7 +615,7 @@ class Calls:
                 )
                 return ChargeResult(claim.charge.id, "late", result.kind)
             sub = load_subscription(session, claim.charge.subscription_id, lock=True)
-            self._ledger(session, claim, moved, sub, evidence, LedgerOutcome.UNKNOWN, reason=why)
+            self._ledger(session, claim, moved, evidence, LedgerOutcome.UNKNOWN, reason=why)
             charge_event(session, EventType.CHARGE_UNKNOWN, moved, sub, call=Call.CHARGE)
         metrics.count_charge(claim.charge.plan, "unknown")
         return ChargeResult(claim.charge.id, "done", "unknown")

@@ -44,7 +44,14 @@ from billing.charging.rows import (
 )
 from billing.models import Charge, Subscription
 from billing.plans import Plan
-from billing.vocabulary import CHARGEABLE, LATE_FLAGS, ChargeState, Review, SubscriptionStatus
+from billing.vocabulary import (
+    CHARGEABLE,
+    LATE_FLAGS,
+    OPEN_STATES,
+    ChargeState,
+    Review,
+    SubscriptionStatus,
+)
 
 S = ChargeState
 
@@ -114,6 +121,11 @@ TRANSITIONS: dict[str, Transition] = {
         Transition(
             "skip", (S.PENDING, S.QUEUED), (S.SKIPPED,),
             "its period was written off (the subscription resumed after a pause)",
+        ),
+        Transition(
+            "new_card", (S.PENDING, S.FAILED), (S.PENDING,),
+            "a new card: a retry waiting on the ladder is sent now, or a declined charge is "
+            "re-opened for one try (``billing.changes``)",
         ),
     )
 }  # fmt: skip
@@ -321,6 +333,10 @@ SUB_TRANSITIONS: dict[str, SubTransition] = {
             "cancel", (St.ACTIVE, St.PAST_DUE, St.SUSPENDED, St.PAUSED), (St.CANCELLED,),
             "a person cancels it",
         ),
+        SubTransition(
+            "new_card", (St.SUSPENDED, St.PAST_DUE), (St.PAST_DUE,),
+            "a new card re-opens the declined charge that suspended it, for one try",
+        ),
     )
 }  # fmt: skip
 
@@ -369,6 +385,37 @@ def move_subscription(
     return SubMove(current.status, SubRow.of(row))
 
 
+def rewrite_subscription(
+    session: Session, before: SubRow, values: Mapping[str, Any], *, now: datetime
+) -> SubRow | Lost:
+    """Write columns that are not the status (alias, plan, amount, anchor) on condition that
+    each still holds the value ``before`` has: the values it replaces, not a later write."""
+    if "status" in values:
+        raise ValueError("the status moves by move_subscription, not by a rewrite")
+    guards = [
+        same(Subscription.__table__.c[name], getattr(before, name)) for name in sorted(values)
+    ]
+    row = session.execute(
+        update(Subscription)
+        .where(Subscription.id == before.id, *guards)
+        .values(**values, updated_at=now)
+        .returning(*SUB_COLUMNS)
+    ).one_or_none()
+    return SubRow.of(row) if row is not None else Lost(None, "rewrite")
+
+
+def same(column: Any, value: Any) -> ColumnElement[bool]:
+    """``column`` holds ``value`` (``IS NULL`` for None)."""
+    holds: ColumnElement[bool] = column.is_(None) if value is None else column == value
+    return holds
+
+
+def schedule_of(sub: Any, plan: Plan) -> dates.Schedule:
+    """The due dates of a subscription (a ``SubRow`` or a row with its anchor columns) on
+    ``plan``."""
+    return dates.Schedule(sub.anchor_at, sub.anchor_period, plan.every, plan.timezone)
+
+
 def advance_subscription(
     session: Session, sub_id: int, plan: Plan, period: int, now: datetime, *, revive: bool = False
 ) -> SubMove:
@@ -379,9 +426,7 @@ def advance_subscription(
     changes: dict[str, Any] = {"last_charged_at": now, "updated_at": now}
     if current.next_period == period:
         changes["next_period"] = period + 1
-        changes["next_charge_at"] = dates.due_at(
-            current.anchor_at, plan.every, period + 1, plan.timezone
-        )
+        changes["next_charge_at"] = schedule_of(current, plan).due(period + 1)
     if current.status in CHARGEABLE or (revive and current.status == St.SUSPENDED):
         changes["status"] = SUB_TRANSITIONS["paid"].targets[0].value
     row = session.execute(
@@ -408,7 +453,7 @@ def pass_period(session: Session, sub_id: int, plan: Plan, period: int, now: dat
         .where(Subscription.id == sub_id, Subscription.next_period == period)
         .values(
             next_period=period + 1,
-            next_charge_at=dates.due_at(current.anchor_at, plan.every, period + 1, plan.timezone),
+            next_charge_at=schedule_of(current, plan).due(period + 1),
             updated_at=now,
         )
         .returning(*SUB_COLUMNS)
@@ -416,14 +461,14 @@ def pass_period(session: Session, sub_id: int, plan: Plan, period: int, now: dat
     return SubRow.of(row)
 
 
-def lock_open_charges(session: Session, sub_id: int) -> None:
-    """Lock a subscription's open charges before the subscription itself (the lock order)."""
+def lock_open_charges(
+    session: Session, sub_id: int, states: Sequence[ChargeState] = OPEN_STATES
+) -> None:
+    """Lock a subscription's open charges (or its charges in ``states``) before the
+    subscription itself (the lock order)."""
     session.execute(
         select(Charge.id)
-        .where(
-            Charge.subscription_id == sub_id,
-            Charge.state.in_([S.PENDING.value, S.QUEUED.value, S.IN_FLIGHT.value]),
-        )
+        .where(Charge.subscription_id == sub_id, Charge.state.in_([s.value for s in states]))
         .order_by(Charge.id)
         .with_for_update()
     )
@@ -451,5 +496,8 @@ __all__ = [
     "move_subscription",
     "not_late_flagged",
     "pass_period",
+    "rewrite_subscription",
+    "same",
+    "schedule_of",
     "upgraded_late_approval",
 ]

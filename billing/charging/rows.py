@@ -116,6 +116,7 @@ class SubRow:
     email: str | None
     amount_override: Decimal | None
     anchor_at: datetime
+    anchor_period: int
     next_period: int
     next_charge_at: datetime
     status: str

@@ -5,6 +5,13 @@ sweep at the same moment (a second beat) inserts nothing and sends nothing extra
 subscriptions (several periods due at once) never get a burst of charges: under
 ``catch_up = "latest"`` the older periods are written off as ``skipped`` in the ledger;
 under ``"all"`` they are charged one by one, ``catch_up_spacing`` apart.
+
+A plan or price change scheduled for a subscription (``billing.changes``) is applied here,
+when the first charge due at or after its date is created: the charge is made on the new
+terms and the subscription moves to them in the same transaction (re-anchored on that
+period when the interval changes). Such a subscription leaves the set-based hot path for
+the per-row one. Every insert holds ``TERMS_LOCK`` shared (``billing.charging.terms``), so a
+change never races an insert that read the old terms.
 """
 
 from __future__ import annotations
@@ -18,9 +25,11 @@ from sqlalchemy import Select, exists, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from billing import dates, ledger
+from billing import ledger
+from billing.charging import lifecycle
 from billing.charging.context import Context
 from billing.charging.rows import load_subscription
+from billing.charging.terms import Terms, apply_due, hold_terms, pending_change
 from billing.db import session_scope
 from billing.durations import Interval
 from billing.models import Charge, Money, Subscription, UTCDateTime
@@ -80,14 +89,16 @@ class Sweeper:
         plan = plans.plan(plan_name)
         account = plans.account_for(plan)
         with session_scope(self.ctx.url) as session:
-            version = sync_plan_versions(session, plans)[plan.name]
-        created = self._insert_on_time(plan, account.merchant_id, version, now)
+            versions = sync_plan_versions(session, plans)
+        created = self._insert_on_time(plan, account.merchant_id, versions[plan.name], now)
         skipped = 0
         last_id = 0
-        # What the set-based insert left: overdue subscriptions, and under catch_up = "all"
-        # those charged too recently; each needs the date arithmetic below.
+        # What the set-based insert left: overdue subscriptions, under catch_up = "all"
+        # those charged too recently, and those with a change to apply: each needs the date
+        # arithmetic below.
         while True:
             with session_scope(self.ctx.url) as session:
+                hold_terms(session)
                 rows = session.execute(self._due_query(plan.name, now, last_id)).all()
                 if not rows:
                     break
@@ -98,28 +109,46 @@ class Sweeper:
                     if found is None:
                         continue
                     skipped += found.skipped
-                    new_rows.append(
-                        {
-                            "subscription_id": row.id,
-                            "period": found.period,
-                            "due_at": found.due_at,
-                            "plan": plan.name,
-                            "plan_version": version,
-                            "amount": row.amount_override or plan.amount,
-                            "currency": plan.currency,
-                            "merchant_id": account.merchant_id,
-                            "deferred": plan.deferred,
-                            "state": ChargeState.PENDING,
-                            "attempts": 0,
-                            "declines": 0,
-                            "manual": False,
-                            "next_attempt_at": found.not_before,
-                            "created_at": now,
-                            "updated_at": now,
-                        }
-                    )
+                    terms: Terms | None = Terms(plan, row.amount_override)
+                    if row.has_change:
+                        terms = apply_due(
+                            session, plans, plan, row.id, period=found.period,
+                            due_at=found.due_at, now=now,
+                        )  # fmt: skip
+                    if terms is None:
+                        continue
+                    new_rows.append(self._new_charge(row.id, found, terms, versions, now))
                 created += _insert_new_charges(session, new_rows)
         return created, skipped
+
+    def _new_charge(
+        self,
+        sub_id: int,
+        found: PeriodToCharge,
+        terms: Terms,
+        versions: dict[str, int],
+        now: datetime,
+    ) -> dict[str, Any]:
+        """The values of one charge row made in Python (the per-row path)."""
+        plan = terms.plan
+        return {
+            "subscription_id": sub_id,
+            "period": found.period,
+            "due_at": found.due_at,
+            "plan": plan.name,
+            "plan_version": versions[plan.name],
+            "amount": terms.amount,
+            "currency": plan.currency,
+            "merchant_id": self.ctx.plans.account_for(plan).merchant_id,
+            "deferred": plan.deferred,
+            "state": ChargeState.PENDING,
+            "attempts": 0,
+            "declines": 0,
+            "manual": False,
+            "next_attempt_at": found.not_before,
+            "created_at": now,
+            "updated_at": now,
+        }
 
     def _insert_on_time(self, plan: Plan, merchant_id: str, version: int, now: datetime) -> int:
         """Charge rows for subscriptions due exactly one period, in one statement per batch.
@@ -138,6 +167,8 @@ class Sweeper:
                 Charge.subscription_id == Subscription.id,
                 Charge.period == Subscription.next_period,
             ),
+            # A change taking effect with this period: the per-row path applies it.
+            ~pending_change(Subscription.id, due_by=Subscription.next_charge_at),
         ]
         if plan.catch_up == "all":
             conditions.append(
@@ -170,6 +201,7 @@ class Sweeper:
         created = 0
         while True:
             with session_scope(self.ctx.url) as session:
+                hold_terms(session)
                 stmt = (
                     _insert(session)(Charge)
                     .from_select(list(NEW_CHARGE_COLUMNS), rows)
@@ -194,8 +226,10 @@ class Sweeper:
                 Subscription.next_period,
                 Subscription.next_charge_at,
                 Subscription.anchor_at,
+                Subscription.anchor_period,
                 Subscription.amount_override,
                 Subscription.last_charged_at,
+                pending_change(Subscription.id).label("has_change"),
             )
             .where(
                 Subscription.plan == plan,
@@ -219,10 +253,11 @@ class Sweeper:
             if row.last_charged_at is not None:
                 not_before = max(due, row.last_charged_at + plan.catch_up_spacing)
             return PeriodToCharge(period, due, not_before, 0)
-        latest = dates.latest_due_period(row.anchor_at, plan.every, plan.timezone, now)
+        schedule = lifecycle.schedule_of(row, plan)
+        latest = schedule.latest(now)
         if latest is None or latest <= period:
             return PeriodToCharge(period, due, due, 0)
-        new_due = dates.due_at(row.anchor_at, plan.every, latest, plan.timezone)
+        new_due = schedule.due(latest)
         moved = session.scalar(
             update(Subscription)
             .where(Subscription.id == row.id, Subscription.next_period == period)

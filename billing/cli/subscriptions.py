@@ -1,7 +1,7 @@
-"""``billing subscriptions import|list|show|pause|resume|cancel``.
+"""``billing subscriptions import|list|show|update|pause|resume|cancel``.
 
 Aliases are always shown masked. An import with bad rows prints every problem, one per
-line, and exits with status 2 having written nothing.
+line, and exits with status 2 having written nothing; so does an update with a bad field.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from sqlalchemy import select
 
-from billing import intake
+from billing import broker, changes, intake
 from billing import subscriptions as subs
 from billing.cli import params
 from billing.db import session_scope
 from billing.errors import ImportRejected, InvalidInput
-from billing.models import Charge, Subscription
+from billing.models import Charge, Subscription, SubscriptionChange
 from billing.money import format_amount
 from billing.plans import PlanSet, get_plans, load_plans
 from billing.redact import mask_alias
@@ -74,6 +75,7 @@ def _summary(sub: Subscription) -> dict[str, Any]:
             format_amount(sub.amount_override) if sub.amount_override is not None else None
         ),
         "anchor_at": _time(sub.anchor_at),
+        "anchor_period": sub.anchor_period,
         "next_period": sub.next_period,
         "next_charge_at": _time(sub.next_charge_at),
         "paused_at": _time(sub.paused_at),
@@ -181,23 +183,59 @@ def list_(
     out.print(f"{len(rows)} subscription(s)", markup=False)
 
 
+def _change_summary(change: SubscriptionChange) -> dict[str, Any]:
+    return {
+        "id": change.id,
+        "plan": change.plan,
+        "amount_override": (
+            format_amount(change.amount_override) if change.amount_override is not None else None
+        ),
+        "effective_at": _time(change.effective_at),
+        "created_at": _time(change.created_at),
+        "created_by": change.created_by,
+        "applied_at": _time(change.applied_at),
+        "applied_period": change.applied_period,
+    }
+
+
 @subs_app.command()
 def show(
     ref: Ref,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of tables.")] = False,
 ) -> None:
-    """Every field of one subscription (alias masked) and its charges."""
+    """Every field of one subscription (alias masked), its scheduled changes and charges."""
     with session_scope(get_settings().database_url) as session:
         sub = subs.get_subscription(session, ref)
         data = _summary(sub)
         charges = [_charge_summary(c) for c in sorted(sub.charges, key=lambda c: c.period)]
+        scheduled = [
+            _change_summary(c)
+            for c in session.scalars(
+                select(SubscriptionChange)
+                .where(SubscriptionChange.subscription_id == sub.id)
+                .order_by(SubscriptionChange.effective_at, SubscriptionChange.id)
+            )
+        ]
     if as_json:
-        typer.echo(json.dumps({**data, "charges": charges}, indent=2, ensure_ascii=False))
+        typer.echo(
+            json.dumps(
+                {**data, "changes": scheduled, "charges": charges}, indent=2, ensure_ascii=False
+            )
+        )
         return
     fields = Table("field", "value", show_header=False)
     for key, value in data.items():
         fields.add_row(key, "" if value is None else str(value))
     out.print(fields)
+    if scheduled:
+        table = Table("from", "plan", "amount", "by", "applied", title="plan and price changes")
+        for c in scheduled:
+            applied = f"period {c['applied_period']}" if c["applied_at"] else "pending"
+            table.add_row(
+                c["effective_at"], c["plan"], c["amount_override"] or "(plan)", c["created_by"],
+                applied,
+            )  # fmt: skip
+        out.print(table)
     if not charges:
         out.print("no charges yet")
         return
@@ -216,6 +254,59 @@ def show(
             c["reason"] or "",
         )
     out.print(table)
+
+
+@subs_app.command()
+def update(
+    ref: Ref,
+    alias: Annotated[
+        str | None,
+        params.option(
+            "--alias", params.TEXT, help="The new card's alias (from its first payment); at once."
+        ),
+    ] = None,
+    ip: Annotated[
+        str | None,
+        params.option(
+            "--ip", params.TEXT, help="customer_ip: the IP of the payment that gave the new alias."
+        ),
+    ] = None,
+    plan: Annotated[
+        str | None,
+        params.option("--plan", params.TEXT, help="Another plan, in the same currency."),
+    ] = None,
+    amount: Annotated[
+        str | None, params.option("--amount", params.TEXT, help="A new price, such as 24.90.")
+    ] = None,
+    effective_from: Annotated[
+        str | None,
+        params.option(
+            "--from",
+            params.TEXT,
+            help="effective_from: the plan or price counts for the charges due from this day "
+            "(2026-07-01, the plan's time zone) or time (with offset); default: next period.",
+        ),
+    ] = None,
+    reason: Annotated[
+        str | None, params.option("--reason", params.TEXT, help="Why (required; in the ledger).")
+    ] = None,
+    by: By = None,
+    plans_file: Annotated[
+        Path | None, typer.Option("--plans", help="Plans file (default: BILLING_PLANS_FILE).")
+    ] = None,
+) -> None:
+    """A new card (at once; a declined charge is tried with it now), another plan or a new
+    price (from the next period; the current one keeps its amount)."""
+    plans = _plans(plans_file)
+    with session_scope(get_settings().database_url) as session:
+        done = changes.update_subscription(
+            session, plans, ref, by=_actor(by), reason=reason, alias=alias, customer_ip=ip,
+            plan=plan, amount=amount, effective_from=effective_from,
+        )  # fmt: skip
+    for line in done.lines():
+        out.print(line, markup=False)
+    if done.card is not None and done.card.retried is not None:
+        out.print(broker.send_retried(done.card.retried.charge.id, get_settings()), markup=False)
 
 
 @subs_app.command()
