@@ -29,6 +29,8 @@ def make_app(settings: Settings | None = None) -> Celery:
     app = Celery("klikandpay_billing", include=["tasks.charges", "tasks.events"])
     app.conf.update(celery_config(settings))
     app.conf.beat_schedule = build_beat_schedule(get_plans(settings), settings)
+    # Read only by ``billing beat --redbeat`` (RedBeat's scheduler): Redis holds its lock.
+    app.conf.redbeat_redis_url = settings.effective_redis_url
     return app
 
 

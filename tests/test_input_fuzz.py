@@ -552,9 +552,15 @@ def test_an_import_file_is_imported_whole_or_rejected_with_nothing_written(
 STOPPERS: dict[tuple[str, ...], list[str]] = {
     ("sandbox",): ["--host", "192.0.2.1"],  # not loopback, no --allow-public
     ("metrics",): ["--host", "192.0.2.1"],
+    ("web",): ["--host", "192.0.2.1"],
     ("demo",): [],  # --workdir: a folder with a file that is not a demo's (see cli_env)
 }
-NOT_FUZZED = {("sandbox",): {"--host"}, ("metrics",): {"--host"}, ("demo",): {"--workdir"}}
+NOT_FUZZED = {
+    ("sandbox",): {"--host"},
+    ("metrics",): {"--host"},
+    ("web",): {"--host"},
+    ("demo",): {"--workdir"},
+}
 #: What a command needs besides the value under test (required options and arguments).
 NEEDS: dict[tuple[str, ...], list[str]] = {
     ("cancel",): ["--reason", "fuzz"],

@@ -1,20 +1,33 @@
 """``billing worker`` and ``billing beat``: the Celery processes, started with the project's
 settings after the plans file has been validated (an invalid file stops them with the
-same named errors as ``billing plans check``)."""
+same named errors as ``billing plans check``).
+
+``billing worker`` with no options uses the machine: one Celery worker process per core,
+each with a pool of threads, under one supervisor that passes signals on and keeps them
+running (``billing.supervisor``). ``billing beat`` becomes ``celery -A tasks beat``.
+Both start Celery as separate programs: ``billing`` never imports the task layer.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Annotated
 
 import typer
 
 from billing.cli import params
+from billing.errors import InvalidInput
 from billing.plans import load_plans
 from billing.settings import get_settings
+from billing.supervisor import DEFAULT_THREADS, Supervisor, celery_worker_specs, default_processes
 
 CELERY_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 #: The largest pool a worker is started with: far more than the cores of any machine here.
 MAX_CONCURRENCY = 1024
+#: The most worker processes one supervisor starts.
+MAX_PROCESSES = 256
+POOLS = ("threads", "prefork", "solo", "gevent")
 
 LogLevel = Annotated[str, params.option("--loglevel", params.TEXT, "-l", help="Celery log level.")]
 
@@ -26,34 +39,46 @@ def _validated() -> None:
 
 def worker(
     ctx: typer.Context,
+    processes: Annotated[
+        int,
+        params.option(
+            "--processes",
+            params.count(0, MAX_PROCESSES),
+            help="Worker processes (0: one per core; with --pool prefork, 1).",
+        ),
+    ] = 0,
     pool: Annotated[
         str,
-        params.option("--pool", params.TEXT, help="Celery pool: prefork, threads, solo, gevent."),
-    ] = "prefork",
+        params.option(
+            "--pool", params.TEXT, help="Celery pool of each process: " + ", ".join(POOLS)
+        ),
+    ] = "threads",
     concurrency: Annotated[
         int,
         params.option(
             "--concurrency",
             params.count(0, MAX_CONCURRENCY),
             "-c",
-            help="Pool size (0: CPU count).",
+            help=f"Pool size of each process (0: {DEFAULT_THREADS} threads; prefork: a core each).",
         ),
     ] = 0,
     loglevel: LogLevel = "INFO",
 ) -> None:
-    """Run a worker that charges, retries and sweeps. Extra arguments go to Celery."""
+    """Run the workers that charge, retry and sweep. Extra arguments go to Celery."""
+    if pool not in POOLS:
+        raise InvalidInput(f"--pool: {pool!r} is not one of {', '.join(POOLS)}")
     _validated()
-    from tasks.app import app
-
-    argv = [
-        "worker",
-        f"--pool={pool}",
-        f"--loglevel={loglevel}",
-        f"--queues={get_settings().queue}",
-    ]
-    if concurrency:
-        argv.append(f"--concurrency={concurrency}")
-    app.worker_main(argv + list(ctx.args))
+    count = processes or (1 if pool == "prefork" else default_processes())
+    size = concurrency or (DEFAULT_THREADS if pool in ("threads", "gevent") else 0)
+    specs = celery_worker_specs(
+        count,
+        pool=pool,
+        concurrency=size or default_processes(),
+        queue=get_settings().queue,
+        loglevel=loglevel,
+        extra=list(ctx.args),
+    )
+    raise typer.Exit(Supervisor(specs).run())
 
 
 def beat(
@@ -70,13 +95,11 @@ def beat(
     (a no-op the second time) and the dispatch is serialised in the database.
     """
     _validated()
-    from tasks.app import app
-
-    argv = ["beat", f"--loglevel={loglevel}"]
+    argv = [sys.executable, "-m", "celery", "-A", "tasks", "beat", f"--loglevel={loglevel}"]
     if redbeat:
-        app.conf.redbeat_redis_url = get_settings().effective_redis_url
         argv.append("--scheduler=redbeat.RedBeatScheduler")
-    app.start(argv + list(ctx.args))
+    # Beat is one process: it becomes Celery's, so signals reach it directly.
+    os.execv(sys.executable, [*argv, *ctx.args])
 
 
 def register(app: typer.Typer) -> None:
