@@ -111,7 +111,9 @@ def _lock_subscription(session: Session, sub_id: int) -> None:
     if sub_id in locked_subscriptions(session):
         return
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(select(Subscription.id).where(Subscription.id == sub_id).with_for_update())
+        session.connection().execute(
+            select(Subscription.id).where(Subscription.id == sub_id).with_for_update()
+        )
     locked_subscriptions(session).add(sub_id)
 
 
@@ -137,22 +139,26 @@ def emit(
         "charge": charge_part(charge),
         "data": data,
     }
-    row_id = session.execute(
-        insert(Event)
-        .values(
-            event_id=event_id,
-            type=type_.value,
-            subscription_id=subscription.id,
-            external_ref=subscription.external_ref,
-            charge_id=charge.id if charge is not None else None,
-            payload=payload,
-            created_at=at,
-            status=EventStatus.PENDING,
-            next_attempt_at=at,
-            attempts=0,
+    row_id = (
+        session.connection()
+        .execute(
+            insert(Event)
+            .values(
+                event_id=event_id,
+                type=type_.value,
+                subscription_id=subscription.id,
+                external_ref=subscription.external_ref,
+                charge_id=charge.id if charge is not None else None,
+                payload=payload,
+                created_at=at,
+                status=EventStatus.PENDING,
+                next_attempt_at=at,
+                attempts=0,
+            )
+            .returning(Event.id)
         )
-        .returning(Event.id)
-    ).scalar_one()
+        .scalar_one()
+    )
     deliveries = [
         {
             "event_id": row_id,
@@ -165,7 +171,7 @@ def emit(
         for name, patterns in endpoint_filters(session)
         if type_matches(patterns, type_.value)
     ]
-    session.execute(insert(EventDelivery), deliveries)
+    session.connection().execute(insert(EventDelivery), deliveries)
     return event_id
 
 
@@ -224,7 +230,7 @@ def endpoint_filters(session: Session) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def _read_endpoint_filters(session: Session) -> list[tuple[str, tuple[str, ...]]]:
-    rows = session.execute(
+    rows = session.connection().execute(
         select(WebhookEndpointRecord.name, WebhookEndpointRecord.events)
         .where(WebhookEndpointRecord.removed_at.is_(None))
         .order_by(WebhookEndpointRecord.name)

@@ -61,33 +61,37 @@ def append(
     """Insert one ledger row in ``session``'s transaction (it lands when that commits);
     returns its ID. ``subscription`` defaults to an ORM charge's own; ``at`` to now."""
     sub = subscription if subscription is not None else getattr(charge, "subscription", None)
-    return session.execute(
-        insert(LedgerEntry)
-        .values(
-            at=at or utcnow(),
-            outcome=str(outcome),
-            operation=str(operation),
-            actor=widths.fit(actor, widths.ACTOR),
-            charge_id=charge.id if charge is not None else None,
-            attempt_id=attempt_id,
-            subscription_id=sub.id if sub is not None else None,
-            external_ref=sub.external_ref if sub is not None else None,
-            plan=charge.plan if charge is not None else sub.plan if sub is not None else None,
-            period=charge.period if charge is not None else period,
-            amount=amount,
-            currency=currency or (charge.currency if charge is not None else ""),
-            merchant_id=merchant_id or (charge.merchant_id if charge is not None else ""),
-            tx=widths.fit(tx, widths.TX),
-            alias_masked=mask_alias(sub.alias) if sub is not None else None,
-            code=widths.fit(code, widths.CODE),
-            message=_text(message, secrets),
-            raw=_text(raw, secrets),
-            http_status=http_status,
-            reason=_text(reason, secrets),
-            details=details,
+    return (
+        session.connection()
+        .execute(
+            insert(LedgerEntry)
+            .values(
+                at=at or utcnow(),
+                outcome=str(outcome),
+                operation=str(operation),
+                actor=widths.fit(actor, widths.ACTOR),
+                charge_id=charge.id if charge is not None else None,
+                attempt_id=attempt_id,
+                subscription_id=sub.id if sub is not None else None,
+                external_ref=sub.external_ref if sub is not None else None,
+                plan=charge.plan if charge is not None else sub.plan if sub is not None else None,
+                period=charge.period if charge is not None else period,
+                amount=amount,
+                currency=currency or (charge.currency if charge is not None else ""),
+                merchant_id=merchant_id or (charge.merchant_id if charge is not None else ""),
+                tx=widths.fit(tx, widths.TX),
+                alias_masked=mask_alias(sub.alias) if sub is not None else None,
+                code=widths.fit(code, widths.CODE),
+                message=_text(message, secrets),
+                raw=_text(raw, secrets),
+                http_status=http_status,
+                reason=_text(reason, secrets),
+                details=details,
+            )
+            .returning(LedgerEntry.id)
         )
-        .returning(LedgerEntry.id)
-    ).scalar_one()
+        .scalar_one()
+    )
 
 
 def append_outcome(

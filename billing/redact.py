@@ -24,7 +24,7 @@ import functools
 import json
 import re
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit
@@ -129,6 +129,72 @@ def _json_unescape(text: str) -> str:
         return {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}.get(escape, escape)
 
     return re.sub(r'\\(u[0-9a-fA-F]{4}|["\\/bfnrt])', one, text)
+
+
+_ESCAPE_DECODE = re.compile(r"\\(u[0-9a-fA-F]{4}|x[0-9a-fA-F]{2}|[\"'\\/bfnrt])")
+
+
+def _escape_decode(text: str) -> str:
+    """Every backslash escape a JSON or Python writer makes (``\u0041``, ``\x41``,
+    ``\\/``, ``\"``, ``\'``...) decoded."""
+
+    def one(match: re.Match[str]) -> str:
+        escape = match.group(1)
+        if escape[0] in "ux" and len(escape) > 1:
+            return chr(int(escape[1:], 16))
+        return {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}.get(escape, escape)
+
+    return _ESCAPE_DECODE.sub(one, text) if "\\" in text else text
+
+
+def _views(text: str) -> set[str]:
+    """``text`` as a reader that decodes it up to two layers would read it (percent-
+    encoding in either case, backslash escapes, in either order): where any encoded form of
+    a secret reads as the secret itself."""
+    once = {text, unquote(text) if "%" in text else text, _escape_decode(text)}
+    views = set(once)
+    for view in once:
+        if "%" in view:
+            views.add(unquote(view))
+        views.add(_escape_decode(view))
+    return views
+
+
+def _plain_forms(secret: str) -> tuple[str, ...]:
+    """The secret as it reads once decoded, form-decoded too (``+`` read as a space)."""
+    forms = {
+        variant
+        for form in decoded_forms(secret)
+        for variant in (form, form.replace("+", " "), form.replace(" ", "+"))
+    }
+    return tuple(form for form in forms if len(form) >= MIN_SECRET_LENGTH)
+
+
+def _scrubbed(text: str, secrets: Iterable[str], mark: Callable[[str], str]) -> str:
+    """``text`` with each secret replaced by ``mark(secret)``, in every encoding.
+
+    The common case costs string operations only: the secret's plain forms are replaced,
+    then the text is read decoded (:func:`_views`); only a secret still found there is
+    looked for with its full pattern (one per secret, compiled once), since an encoded
+    form of it remains.
+    """
+    wanted = list(secrets)
+    if not wanted:
+        return text
+    for secret in wanted:
+        for form in _plain_forms(secret):
+            if form in text:
+                text = text.replace(form, mark(secret))
+    views = _views(text)
+    for secret in wanted:
+        if any(form in view for form in _plain_forms(secret) for view in views):
+            # A function, not a replacement string: that would read backslashes as escapes.
+            text = _secret_regex(secret).sub(functools.partial(_constant, mark(secret)), text)
+    return text
+
+
+def _constant(value: str, _: re.Match[str]) -> str:
+    return value
 
 
 def decoded_forms(secret: str) -> list[str]:
@@ -402,14 +468,8 @@ def mask_alias(alias: str | None) -> str:
 
 def mask_aliases(text: str, aliases: Iterable[str | None]) -> str:
     """``text`` with each alias, in any encoding, replaced by its masked form."""
-    for alias in {a for a in aliases if a and len(a) >= MIN_SECRET_LENGTH}:
-        # A replacement string would read backslashes in the alias as escapes.
-        text = _secret_regex(alias).sub(functools.partial(_constant, mask_alias(alias)), text)
-    return text
-
-
-def _constant(value: str, _: re.Match[str]) -> str:
-    return value
+    found = sorted({a for a in aliases if a and len(a) >= MIN_SECRET_LENGTH}, key=len)
+    return _scrubbed(text, reversed(found), mask_alias)
 
 
 def secrets_in_url(url: str | None) -> tuple[str, ...]:
@@ -440,9 +500,7 @@ def redact(text: str | None, *, secrets: Iterable[str | None] = ()) -> str:
     fields and card numbers (in any grouping and encoding) blanked."""
     if not text:
         return ""
-    out = text
-    for secret in _usable(secrets):
-        out = _secret_regex(secret).sub(SECRET_MARK, out)
+    out = _scrubbed(text, _usable(secrets), lambda _secret: SECRET_MARK)
     return _redact_pans(_redact_fields(out))
 
 

@@ -193,18 +193,22 @@ class Calls:
             held = self._hold_reason(moved, sub, now)
             if held is not None:
                 return self._hold(session, moved, sub, held, now)
-            attempt_id = session.execute(
-                insert(Attempt)
-                .values(
-                    charge_id=charge_id,
-                    number=moved.attempts,
-                    operation=Operation.DUPLICATE,
-                    amount=moved.amount,
-                    worker=widths.fit(self.ctx.actor, widths.ACTOR),
-                    started_at=now,
+            attempt_id = (
+                session.connection()
+                .execute(
+                    insert(Attempt)
+                    .values(
+                        charge_id=charge_id,
+                        number=moved.attempts,
+                        operation=Operation.DUPLICATE,
+                        amount=moved.amount,
+                        worker=widths.fit(self.ctx.actor, widths.ACTOR),
+                        started_at=now,
+                    )
+                    .returning(Attempt.id)
                 )
-                .returning(Attempt.id)
-            ).scalar_one()
+                .scalar_one()
+            )
             return Claim(moved, sub, attempt_id, plan, private_key)
 
     def _hold_reason(self, charge: ChargeRow, sub: SubRow, now: datetime) -> str | None:
@@ -278,9 +282,11 @@ class Calls:
         """Under a rate limit, wait for the account's slot *before* claiming: time spent
         waiting must not count as time in flight, which the stuck sweep measures."""
         with session_scope(self.ctx.url) as session:
-            found = session.execute(
-                select(Charge.state, Charge.currency).where(Charge.id == charge_id)
-            ).one_or_none()
+            found = (
+                session.connection()
+                .execute(select(Charge.state, Charge.currency).where(Charge.id == charge_id))
+                .one_or_none()
+            )
         if found is None:
             raise NotFound(f"charge {charge_id} does not exist")
         if found.state != ChargeState.QUEUED:
@@ -306,7 +312,7 @@ class Calls:
         now = now or utcnow()
         retry_in: float | None = None
         with session_scope(self.ctx.url) as session:
-            session.execute(
+            session.connection().execute(
                 update(Attempt)
                 .where(Attempt.id == claim.attempt_id)
                 .values(
@@ -598,7 +604,7 @@ class Calls:
         # (one of those values may be what the database refused).
         evidence = Unknown(reason=why, http_status=result.http_status, raw=result.raw)
         with session_scope(self.ctx.url) as session:
-            session.execute(
+            session.connection().execute(
                 update(Attempt)
                 .where(Attempt.id == claim.attempt_id)
                 .values(finished_at=now, outcome="unknown")
@@ -692,7 +698,7 @@ def late_approval(
     )  # fmt: skip
     if isinstance(stopped, ChargeRow):
         return stopped
-    booked = session.scalar(
+    booked = session.connection().scalar(
         select(
             exists().where(
                 LedgerEntry.charge_id == charge_id,

@@ -32,7 +32,11 @@ def _lock_dispatch(session: Session) -> bool:
     """Serialise dispatchers on PostgreSQL; SQLite serialises writers by itself."""
     if session.get_bind().dialect.name != "postgresql":
         return True
-    return bool(session.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": DISPATCH_LOCK}))
+    return bool(
+        session.connection().scalar(
+            text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": DISPATCH_LOCK}
+        )
+    )
 
 
 class Dispatch:
@@ -46,7 +50,7 @@ class Dispatch:
         with session_scope(self.ctx.url) as session:
             if not _lock_dispatch(session):
                 return 0  # another process is dispatching right now; it fills the room
-            busy = session.scalar(
+            busy = session.connection().scalar(
                 select(func.count())
                 .select_from(Charge)
                 .where(Charge.state.in_((ChargeState.QUEUED, ChargeState.IN_FLIGHT)))
@@ -87,7 +91,7 @@ class Dispatch:
         cutoff = now - timedelta(seconds=self.ctx.settings.requeue_after_seconds)
         with session_scope(self.ctx.url) as session:
             ids = sorted(
-                session.scalars(
+                session.connection().scalars(
                     update(Charge)
                     .where(Charge.state == ChargeState.QUEUED, Charge.queued_at < cutoff)
                     .values(queued_at=now, updated_at=now)

@@ -37,7 +37,7 @@ log = logging.getLogger("billing.engine")
 
 def attempt_id_of(session: Session, charge: ChargeRow) -> int | None:
     """The ID of the charge's current attempt (numbered ``charge.attempts``)."""
-    return session.scalar(
+    return session.connection().scalar(
         select(Attempt.id).where(Attempt.charge_id == charge.id, Attempt.number == charge.attempts)
     )
 

@@ -202,7 +202,7 @@ def move(
     conditions = [Charge.id == charge_id, *where]
     if attempt is not None:
         conditions.append(Charge.attempts == attempt)
-    row = session.execute(_statement(event, to, now, conditions, values)).one_or_none()
+    row = session.connection().execute(_statement(event, to, now, conditions, values)).one_or_none()
     return ChargeRow.of(row) if row is not None else Lost(charge_id, event)
 
 
@@ -216,7 +216,7 @@ def move_many(
     values: Mapping[str, Any] | None = None,
 ) -> list[ChargeRow]:
     """Move every charge matching ``where`` (in a source state of ``event``); returns them."""
-    rows = session.execute(_statement(event, to, now, where, values)).all()
+    rows = session.connection().execute(_statement(event, to, now, where, values)).all()
     return sorted((ChargeRow.of(row) for row in rows), key=lambda charge: charge.id)
 
 
@@ -266,12 +266,16 @@ def flags_of(review: str | None) -> tuple[Review, ...]:
 def flag(session: Session, charge_id: int, review: Any, *, now: datetime) -> ChargeRow | Lost:
     """Set the charge's review flags (an SQL expression of the row, see :func:`add_flag`),
     whatever its state: a person must look at it. The state does not change."""
-    row = session.execute(
-        update(Charge)
-        .where(Charge.id == charge_id)
-        .values(review=review, updated_at=now)
-        .returning(*CHARGE_COLUMNS)
-    ).one_or_none()
+    row = (
+        session.connection()
+        .execute(
+            update(Charge)
+            .where(Charge.id == charge_id)
+            .values(review=review, updated_at=now)
+            .returning(*CHARGE_COLUMNS)
+        )
+        .one_or_none()
+    )
     return ChargeRow.of(row) if row is not None else Lost(charge_id, "flag")
 
 
@@ -280,12 +284,16 @@ def clear_review(
 ) -> ChargeRow | Lost:
     """A person reconciled the charge: the flags ``review`` (as they saw them) go; a flag
     added meanwhile makes this lose, so the person sees it first."""
-    row = session.execute(
-        update(Charge)
-        .where(Charge.id == charge_id, Charge.review == review)
-        .values(review=None, updated_at=now)
-        .returning(*CHARGE_COLUMNS)
-    ).one_or_none()
+    row = (
+        session.connection()
+        .execute(
+            update(Charge)
+            .where(Charge.id == charge_id, Charge.review == review)
+            .values(review=None, updated_at=now)
+            .returning(*CHARGE_COLUMNS)
+        )
+        .one_or_none()
+    )
     return ChargeRow.of(row) if row is not None else Lost(charge_id, "review")
 
 
@@ -374,12 +382,16 @@ def move_subscription(
     current = load_subscription(session, sub_id, lock=True)
     if current.status not in transition.sources:
         return Lost(None, event)
-    row = session.execute(
-        update(Subscription)
-        .where(Subscription.id == sub_id, Subscription.status == current.status)
-        .values(status=to.value, updated_at=now, **dict(values or {}))
-        .returning(*SUB_COLUMNS)
-    ).one_or_none()
+    row = (
+        session.connection()
+        .execute(
+            update(Subscription)
+            .where(Subscription.id == sub_id, Subscription.status == current.status)
+            .values(status=to.value, updated_at=now, **dict(values or {}))
+            .returning(*SUB_COLUMNS)
+        )
+        .one_or_none()
+    )
     if row is None:
         return Lost(None, event)
     return SubMove(current.status, SubRow.of(row))
@@ -395,12 +407,16 @@ def rewrite_subscription(
     guards = [
         same(Subscription.__table__.c[name], getattr(before, name)) for name in sorted(values)
     ]
-    row = session.execute(
-        update(Subscription)
-        .where(Subscription.id == before.id, *guards)
-        .values(**values, updated_at=now)
-        .returning(*SUB_COLUMNS)
-    ).one_or_none()
+    row = (
+        session.connection()
+        .execute(
+            update(Subscription)
+            .where(Subscription.id == before.id, *guards)
+            .values(**values, updated_at=now)
+            .returning(*SUB_COLUMNS)
+        )
+        .one_or_none()
+    )
     return SubRow.of(row) if row is not None else Lost(None, "rewrite")
 
 
@@ -429,16 +445,20 @@ def advance_subscription(
         changes["next_charge_at"] = schedule_of(current, plan).due(period + 1)
     if current.status in CHARGEABLE or (revive and current.status == St.SUSPENDED):
         changes["status"] = SUB_TRANSITIONS["paid"].targets[0].value
-    row = session.execute(
-        update(Subscription)
-        .where(
-            Subscription.id == sub_id,
-            Subscription.status == current.status,
-            Subscription.next_period == current.next_period,
+    row = (
+        session.connection()
+        .execute(
+            update(Subscription)
+            .where(
+                Subscription.id == sub_id,
+                Subscription.status == current.status,
+                Subscription.next_period == current.next_period,
+            )
+            .values(**changes)
+            .returning(*SUB_COLUMNS)
         )
-        .values(**changes)
-        .returning(*SUB_COLUMNS)
-    ).one()  # the row is locked: it cannot have moved since it was read
+        .one()
+    )  # the row is locked: it cannot have moved since it was read
     return SubMove(current.status, SubRow.of(row))
 
 
@@ -448,16 +468,20 @@ def pass_period(session: Session, sub_id: int, plan: Plan, period: int, now: dat
     current = load_subscription(session, sub_id, lock=True)
     if current.next_period != period:
         return current
-    row = session.execute(
-        update(Subscription)
-        .where(Subscription.id == sub_id, Subscription.next_period == period)
-        .values(
-            next_period=period + 1,
-            next_charge_at=schedule_of(current, plan).due(period + 1),
-            updated_at=now,
+    row = (
+        session.connection()
+        .execute(
+            update(Subscription)
+            .where(Subscription.id == sub_id, Subscription.next_period == period)
+            .values(
+                next_period=period + 1,
+                next_charge_at=schedule_of(current, plan).due(period + 1),
+                updated_at=now,
+            )
+            .returning(*SUB_COLUMNS)
         )
-        .returning(*SUB_COLUMNS)
-    ).one()
+        .one()
+    )
     return SubRow.of(row)
 
 
@@ -466,7 +490,7 @@ def lock_open_charges(
 ) -> None:
     """Lock a subscription's open charges (or its charges in ``states``) before the
     subscription itself (the lock order)."""
-    session.execute(
+    session.connection().execute(
         select(Charge.id)
         .where(Charge.subscription_id == sub_id, Charge.state.in_([s.value for s in states]))
         .order_by(Charge.id)

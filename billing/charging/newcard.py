@@ -110,7 +110,7 @@ def try_again(session: Session, charge: ChargeRow, plan: Plan | None, now: datet
 def alias_changed(session: Session, sub_id: int, alias: str) -> bool:
     """Whether the subscription's alias is no longer ``alias`` (read under its lock, after
     the charge's: the lock order), i.e. a new card came while the call was made."""
-    current = session.scalar(
+    current = session.connection().scalar(
         select(Subscription.alias).where(Subscription.id == sub_id).with_for_update()
     )
     return current is not None and current != alias
@@ -118,7 +118,7 @@ def alias_changed(session: Session, sub_id: int, alias: str) -> bool:
 
 def _charges(session: Session, sub_id: int) -> list[ChargeRow]:
     """The subscription's charges that are open or wait for a person, latest period first."""
-    rows = session.execute(
+    rows = session.connection().execute(
         select(*CHARGE_COLUMNS)
         .where(
             Charge.subscription_id == sub_id,

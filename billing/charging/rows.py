@@ -154,7 +154,7 @@ def load_charge(session: Session, charge_id: int, *, lock: bool = False) -> Char
     query = _locked(
         select(*CHARGE_COLUMNS).where(Charge.id == checked_id(charge_id, "charge")), lock
     )
-    row = session.execute(query).one_or_none()
+    row = session.connection().execute(query).one_or_none()
     if row is None:
         raise NotFound(f"charge {charge_id} does not exist")
     return ChargeRow.of(row)
@@ -169,7 +169,7 @@ def load_subscription(session: Session, sub_id: int, *, lock: bool = False) -> S
     before either could lock the row for update.
     """
     query = _locked(select(*SUB_COLUMNS).where(Subscription.id == sub_id), lock)
-    row = session.execute(query).one_or_none()
+    row = session.connection().execute(query).one_or_none()
     if row is None:
         raise NotFound(f"subscription {sub_id} does not exist")
     if lock:

@@ -221,7 +221,7 @@ class Settlement:
                 .limit(self.ctx.settings.max_in_flight)
             )
             ids = list(
-                session.scalars(
+                session.connection().scalars(
                     update(Charge)
                     .where(Charge.id.in_(due.scalar_subquery()), Charge.operation.is_(None))
                     .values(next_attempt_at=lease)
@@ -234,7 +234,7 @@ class Settlement:
         """Cancel, never validate, what is still authorized for cancelled subscriptions."""
         with session_scope(self.ctx.url) as session:
             ids = list(
-                session.scalars(
+                session.connection().scalars(
                     select(Charge.id)
                     .join(Subscription, Subscription.id == Charge.subscription_id)
                     .where(
@@ -355,18 +355,22 @@ class Settlement:
                     "validation or cancellation, or less left now): look again with "
                     f"`billing failed show {charge_id}`"
                 )
-            attempt_id = session.execute(
-                insert(Attempt)
-                .values(
-                    charge_id=charge_id,
-                    number=claimed.attempts,
-                    operation=kind.value,
-                    amount=amount_d,
-                    worker=widths.fit(actor, widths.ACTOR),
-                    started_at=now,
+            attempt_id = (
+                session.connection()
+                .execute(
+                    insert(Attempt)
+                    .values(
+                        charge_id=charge_id,
+                        number=claimed.attempts,
+                        operation=kind.value,
+                        amount=amount_d,
+                        worker=widths.fit(actor, widths.ACTOR),
+                        started_at=now,
+                    )
+                    .returning(Attempt.id)
                 )
-                .returning(Attempt.id)
-            ).scalar_one()
+                .scalar_one()
+            )
             return SettlementClaim(
                 claimed, sub, kind, amount_d, attempt_id, actor, reason, automatic, private_key
             )
@@ -381,7 +385,7 @@ class Settlement:
         kind = claim.kind
         retry_in: float | None = None
         with session_scope(self.ctx.url) as session:
-            session.execute(
+            session.connection().execute(
                 update(Attempt)
                 .where(Attempt.id == claim.attempt_id)
                 .values(
@@ -496,7 +500,7 @@ class Settlement:
         says money moved and the books do not hold it, the charge is flagged (its row first,
         then the subscription locked, then the evidence: the lock order)."""
         if isinstance(result, Approved):
-            booked = session.scalar(
+            booked = session.connection().scalar(
                 select(
                     exists().where(
                         LedgerEntry.attempt_id == claim.attempt_id,
@@ -566,16 +570,20 @@ def _answered_otherwise(result: Approved, asked: Decimal) -> bool:
 
 def _refuse_repeat(session: Session, charge: ChargeRow, amount: Decimal) -> None:
     """The same refund twice is most often the same command run twice by mistake."""
-    earlier = session.execute(
-        select(LedgerEntry.at, LedgerEntry.actor)
-        .where(
-            LedgerEntry.charge_id == charge.id,
-            LedgerEntry.outcome == LedgerOutcome.REFUNDED,
-            LedgerEntry.amount == amount,
+    earlier = (
+        session.connection()
+        .execute(
+            select(LedgerEntry.at, LedgerEntry.actor)
+            .where(
+                LedgerEntry.charge_id == charge.id,
+                LedgerEntry.outcome == LedgerOutcome.REFUNDED,
+                LedgerEntry.amount == amount,
+            )
+            .order_by(LedgerEntry.id.desc())
+            .limit(1)
         )
-        .order_by(LedgerEntry.id.desc())
-        .limit(1)
-    ).one_or_none()
+        .one_or_none()
+    )
     if earlier is not None:
         raise StateError(
             f"charge {charge.id} already had a refund of {amount} {charge.currency} at "
@@ -594,11 +602,15 @@ def resolve_unknown(
     if charge.reason not in SETTLEMENT_UNKNOWN:
         raise StateError(f"charge {charge_id} is not waiting on a lost validation or cancellation")
     kind = FailureReason(charge.reason).call
-    attempt = session.execute(
-        select(Attempt.id, Attempt.amount).where(
-            Attempt.charge_id == charge_id, Attempt.number == charge.attempts
+    attempt = (
+        session.connection()
+        .execute(
+            select(Attempt.id, Attempt.amount).where(
+                Attempt.charge_id == charge_id, Attempt.number == charge.attempts
+            )
         )
-    ).one()
+        .one()
+    )
     if approved:
         to, values = approved_move(kind, attempt.amount, now)
         if to == KEEP:

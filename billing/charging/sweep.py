@@ -99,7 +99,7 @@ class Sweeper:
         while True:
             with session_scope(self.ctx.url) as session:
                 hold_terms(session)
-                rows = session.execute(self._due_query(plan.name, now, last_id)).all()
+                rows = session.connection().execute(self._due_query(plan.name, now, last_id)).all()
                 if not rows:
                     break
                 last_id = rows[-1].id
@@ -258,7 +258,7 @@ class Sweeper:
         if latest is None or latest <= period:
             return PeriodToCharge(period, due, due, 0)
         new_due = schedule.due(latest)
-        moved = session.scalar(
+        moved = session.connection().scalar(
             update(Subscription)
             .where(Subscription.id == row.id, Subscription.next_period == period)
             .values(next_period=latest, next_charge_at=new_due, updated_at=now)
@@ -295,7 +295,7 @@ def _insert_new_charges(session: Session, rows: list[dict[str, Any]]) -> int:
         .on_conflict_do_nothing(index_elements=["subscription_id", "period"])
         .returning(Charge.id)
     )
-    return len(session.execute(stmt, rows).all())
+    return len(session.connection().execute(stmt, rows).all())
 
 
 __all__ = ["SweepResult", "Sweeper", "shortest_period"]

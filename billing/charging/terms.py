@@ -67,7 +67,7 @@ def hold_terms(session: Session, *, exclusive: bool = False) -> None:
     if session.get_bind().dialect.name != "postgresql":
         return
     function = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
-    session.execute(text(f"SELECT {function}(:key)"), {"key": TERMS_LOCK})
+    session.connection().execute(text(f"SELECT {function}(:key)"), {"key": TERMS_LOCK})
 
 
 def pending_change(sub_id: Any, *, due_by: Any | None = None) -> ColumnElement[bool]:
@@ -142,7 +142,7 @@ def plan_of(plans: PlanSet, sub: SubRow) -> Plan:
 def terms_at(session: Session, plans: PlanSet, sub: SubRow, moment: datetime) -> Terms:
     """The terms the subscription will be on at ``moment``: its own, or those of the last
     change scheduled to take effect by then (as the sweep picks it)."""
-    last = session.scalars(
+    last = session.scalars(  # ORM objects: through the session
         select(SubscriptionChange)
         .where(
             SubscriptionChange.subscription_id == sub.id,
@@ -200,7 +200,7 @@ def to_schedule(
     schedule = lifecycle.schedule_of(sub, current)
     after = now if moment is None else moment - timedelta.resolution
     first = max(sub.next_period, schedule.first_after(after))
-    while session.scalar(  # a period whose charge exists keeps it
+    while session.connection().scalar(  # a period whose charge exists keeps it
         select(exists().where(Charge.subscription_id == sub.id, Charge.period == first))
     ):
         first += 1
@@ -232,18 +232,22 @@ def store(
     session: Session, plans: PlanSet, sub: SubRow, change: Scheduled, *, by: str, reason: str
 ) -> Scheduled:
     """Store the change for the sweep, with its ledger row and the shop's event."""
-    change_id = session.execute(
-        insert(SubscriptionChange)
-        .values(
-            subscription_id=sub.id,
-            plan=change.terms.plan.name,
-            amount_override=change.terms.amount_override,
-            effective_at=change.effective_at,
-            created_by=by,
-            reason=reason,
+    change_id = (
+        session.connection()
+        .execute(
+            insert(SubscriptionChange)
+            .values(
+                subscription_id=sub.id,
+                plan=change.terms.plan.name,
+                amount_override=change.terms.amount_override,
+                effective_at=change.effective_at,
+                created_by=by,
+                reason=reason,
+            )
+            .returning(SubscriptionChange.id)
         )
-        .returning(SubscriptionChange.id)
-    ).scalar_one()
+        .scalar_one()
+    )
     stored = replace(change, change_id=change_id)
     outcome = (
         LedgerOutcome.SUBSCRIPTION_PLAN_CHANGED
@@ -282,7 +286,7 @@ def apply_due(
     left the plans file (logged; the charge is created once the plan is back)."""
     before = load_subscription(session, sub_id)
     changes = list(
-        session.scalars(
+        session.scalars(  # ORM objects: through the session
             select(SubscriptionChange)
             .where(
                 SubscriptionChange.subscription_id == sub_id,
@@ -308,7 +312,7 @@ def apply_due(
         values |= {"anchor_at": due_at, "anchor_period": period}
     if isinstance(lifecycle.rewrite_subscription(session, before, values, now=now), Lost):
         return None
-    session.execute(
+    session.connection().execute(
         update(SubscriptionChange)
         .where(
             SubscriptionChange.id.in_([change.id for change in changes]),
