@@ -39,10 +39,10 @@ from billing import (
 from billing.accounts import SignedIn
 from billing.charging import settlement
 from billing.charging.settlement import SettlementResult
-from billing.db import session_scope
+from billing.db import checked_id, session_scope
 from billing.durations import parse_delay
 from billing.engine import Engine
-from billing.errors import BillingError, InvalidInput, StateError
+from billing.errors import BillingError, InvalidInput, NotFound, StateError
 from billing.events import EVENT_TYPES
 from billing.models import (
     ATTENTION_STATES,
@@ -720,8 +720,16 @@ class SubscriptionPage:
     ledger: list[LedgerEntry]
 
 
+def subscription_by_id(session: Session, sub_id: int) -> Subscription:
+    """The subscription whose id is ``sub_id``, never one whose reference reads so."""
+    sub = session.get(Subscription, checked_id(sub_id, "subscription"))
+    if sub is None:
+        raise NotFound(f"subscription {sub_id} does not exist")
+    return sub
+
+
 def subscription_page(session: Session, sub_id: int) -> SubscriptionPage:
-    sub = subscriptions.get_subscription(session, str(sub_id))
+    sub = subscription_by_id(session, sub_id)
     rows = list(reports.ledger_rows(session, subscription=sub.external_ref, last=50))
     return SubscriptionPage(
         sub=SubscriptionRow.of(sub),
@@ -730,10 +738,14 @@ def subscription_page(session: Session, sub_id: int) -> SubscriptionPage:
     )
 
 
+def _ref(session: Session, sub_id: int) -> str:
+    return subscription_by_id(session, sub_id).external_ref
+
+
 def pause(backend: Backend, user: SignedIn, sub_id: int, *, reason: str | None) -> Done:
     why = _reason(reason, required=True, what="pause it")
     with backend.session() as session:
-        ref = subscriptions.get_subscription(session, str(sub_id)).external_ref
+        ref = _ref(session, sub_id)
         sub = subscriptions.pause(session, ref, by=actor(user), reason=why)
         return Done(f"subscription {sub.external_ref} paused")
 
@@ -742,7 +754,7 @@ def resume(backend: Backend, user: SignedIn, sub_id: int, *, reason: str | None)
     why = _reason(reason, required=True, what="resume it")
     plans = backend.plans()
     with backend.session() as session:
-        ref = subscriptions.get_subscription(session, str(sub_id)).external_ref
+        ref = _ref(session, sub_id)
         sub = subscriptions.resume(session, ref, plans, by=actor(user), reason=why)
         return Done(
             f"subscription {sub.external_ref} resumed; next charge (period {sub.next_period}) "
@@ -755,7 +767,7 @@ def cancel_subscription(
 ) -> Done:
     why = _reason(reason, required=True, what="cancel it")
     with backend.session() as session:
-        ref = subscriptions.get_subscription(session, str(sub_id)).external_ref
+        ref = _ref(session, sub_id)
         sub = subscriptions.cancel(session, ref, by=actor(user), reason=why)
         return Done(f"subscription {sub.external_ref} cancelled")
 
