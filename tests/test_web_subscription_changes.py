@@ -460,3 +460,14 @@ def test_a_card_number_typed_in_a_refused_form_is_not_shown_back(console: Consol
         assert CARD not in page and spaced not in page
         no_alias_in(page, CARD, NEW)
     assert 'value="card [redacted-pan]"' in answer.text
+
+
+def test_a_change_needs_a_post_and_a_huge_one_is_refused_unread(console: Console) -> None:
+    sub_id = later_sub(console)
+    web = console.as_role("admin")
+    before = written(console, sub_id)
+    query = {"alias": NEW, "reason": "x", "csrf_token": web.csrf}
+    assert web.get(f"/subscriptions/{sub_id}/card", params=query).status_code == 405
+    huge = web.post(f"/subscriptions/{sub_id}/card", {"alias": NEW, "reason": "x" * 400_000})
+    assert huge.status_code == 403 and "too large" in huge.text
+    assert written(console, sub_id) == before
