@@ -4,7 +4,8 @@ The fast test serves the console with uvicorn on loopback over the ``console`` f
 (real PostgreSQL, the engine calling the sandbox over HTTP, no worker process) and does
 what the person on call does: sign in, find the unknown charge from the queue, read the
 back-office box, try Retry without the confirmation (refused) and with it (queued, the
-ledger names them), bulk-discard a filtered selection, export the CSV, sign out. It saves
+ledger names them), bulk-discard a filtered selection, export the CSV, give the charge
+left a new card from its subscription's page (re-opened and sent), sign out. It saves
 screenshots of the overview, the queue and a charge page to ``SCREENSHOTS_DIR`` (the
 README's are made with ``SCREENSHOTS_DIR=docs/screenshots``).
 
@@ -55,6 +56,7 @@ CHROMIUM_ARGS = [
 ]  # fmt: skip
 REQUIRE = os.environ.get("BILLING_REQUIRE_BROWSER") == "1"
 BILLING = str(Path(sys.executable).with_name("billing"))
+NEW_ALIAS = "zz98yy76xx54ww32"
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +234,19 @@ def test_the_person_on_call_in_a_browser(
     download.value.save_as(saved)
     rows = list(csv.DictReader(io.StringIO(saved.read_text())))
     assert [int(r["charge_id"]) for r in rows] == [spent]
+
+    # A new card for the spent charge's subscription: re-opened for one try, and sent.
+    page.goto(f"{served}/charges/{spent}")
+    page.get_by_role("link", name="shop-300", exact=True).click()
+    card = page.locator("form[action$='/card']")
+    card.get_by_label(re.compile("^New alias")).fill(NEW_ALIAS)
+    card.get_by_label(re.compile("^Reason")).fill("customer gave a new card")
+    card.get_by_role("button", name="Update card").click()
+    flash = page.locator(".flash").inner_text()
+    assert "re-opened for one try" in flash and "sent to the workers" in flash, flash
+    assert console.charge(spent).state == ChargeState.QUEUED
+    assert NEW_ALIAS not in page.content()
+    page.screenshot(path=str(shots / "subscription.png"), full_page=True)
 
     # Sign out ends the session: the queue is behind the sign-in page again.
     page.get_by_role("button", name="Sign out").click()

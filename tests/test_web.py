@@ -269,8 +269,19 @@ def _seed_sub(console: Console, status: str) -> int:
 
 
 def _sub_status(console: Console) -> str:
+    return str(_sub_field(console, "status"))
+
+
+def _sub_field(console: Console, name: str) -> Any:
     with session_scope(console.url) as session:
-        return session.scalars(select(Subscription.status)).one()
+        return session.scalars(select(getattr(Subscription, name))).one()
+
+
+def _plan_change_stored(console: Console) -> bool:
+    from billing.models import SubscriptionChange
+
+    with session_scope(console.url) as session:
+        return session.scalars(select(SubscriptionChange.plan)).all() == ["strict"]
 
 
 def _charge_path(action: str, **fields: Any) -> Callable[[Console], str]:
@@ -360,6 +371,15 @@ CASES: dict[Action, Case] = {
     Action.RESUME: Case(
         lambda c: f"/subscriptions/{_seed_sub(c, 'paused')}/resume", {"reason": "back"},
         lambda c: _sub_status(c) == "active",
+    ),
+    Action.CHANGE_CARD: Case(
+        lambda c: f"/subscriptions/{_seed_sub(c, 'active')}/card",
+        {"alias": "zz98yy76xx54ww32", "reason": "card expired"},
+        lambda c: _sub_field(c, "alias") == "zz98yy76xx54ww32",
+    ),
+    Action.CHANGE_PLAN: Case(
+        lambda c: f"/subscriptions/{_seed_sub(c, 'active')}/terms",
+        {"plan": "strict", "reason": "cheaper plan"}, _plan_change_stored,
     ),
     Action.CANCEL_SUBSCRIPTION: Case(
         lambda c: f"/subscriptions/{_seed_sub(c, 'active')}/cancel", {"reason": "asked to"},

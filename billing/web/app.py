@@ -42,6 +42,7 @@ from billing.accounts import SignedIn
 from billing.durations import format_delay
 from billing.errors import BillingError, InvalidInput, NotFound
 from billing.money import format_amount
+from billing.redact import redact
 from billing.settings import Settings
 from billing.web import service
 from billing.web.chart import day_chart
@@ -147,20 +148,22 @@ class Console:
         *,
         visit: Visit | None = None,
         status: int = 200,
+        flash: Mapping[str, str] | None = None,
     ) -> HTMLResponse:
-        flash = self._read_flash(request)
+        """``name`` rendered; ``flash`` is shown instead of the one a redirect left."""
+        left = self._read_flash(request)
         full = {
             "request": request,
             "user": visit.user if visit else None,
             "csrf": self.keys.csrf(visit.token) if visit else "",
             "csrf_field": CSRF_FIELD,
             "can": (lambda action: may(visit.user, Action(action))) if visit else (lambda a: False),
-            "flash": flash,
+            "flash": flash if flash is not None else left,
             "path": request.url.path,
             **context,
         }
         response = HTMLResponse(self.env.get_template(name).render(full), status_code=status)
-        if flash is not None:
+        if left is not None:
             response.delete_cookie(FLASH_COOKIE, path="/")
         return response
 
@@ -270,12 +273,11 @@ class Console:
 
     def billing_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, BillingError)
-        status = 404 if isinstance(exc, NotFound) else 400 if isinstance(exc, InvalidInput) else 409
         return self.page(
             request,
             "error.html",
             {"title": "Cannot show this", "message": str(exc)},
-            status=status,
+            status=error_status(exc),
         )
 
     def http_error(self, request: Request, exc: Exception) -> Response:
@@ -293,6 +295,11 @@ class Console:
             "Something went wrong on the console's side; the error is in its log.",
             status_code=500,
         )
+
+
+def error_status(exc: BillingError) -> int:
+    """The answer's status for a refusal of the service layer: 404, 400 or 409."""
+    return 404 if isinstance(exc, NotFound) else 400 if isinstance(exc, InvalidInput) else 409
 
 
 def _text(form: FormData, name: str) -> str:
@@ -313,6 +320,27 @@ def _ids(form: FormData) -> list[int]:
             raise InvalidInput(f'charge "{value}" is not a charge id')
         out.append(int(value))
     return out
+
+
+@dataclass(frozen=True)
+class SubChange:
+    """A form of the subscription page that changes it (``billing.changes``): the action
+    it needs, the fields it reads (named as ``changes.FIELDS`` names them) and the service."""
+
+    action: Action
+    fields: tuple[str, ...]
+    run: Callable[..., service.Done]
+
+
+#: ``POST /subscriptions/{id}/NAME``: one line adds a form's route.
+SUB_CHANGES: dict[str, SubChange] = {
+    "card": SubChange(Action.CHANGE_CARD, ("alias", "customer_ip", "reason"), service.change_card),
+    "terms": SubChange(
+        Action.CHANGE_PLAN, ("plan", "amount", "effective_from", "reason"), service.change_plan
+    ),
+}
+#: Fields a page never shows back, not even to the person who typed them.
+WRITE_ONLY = frozenset({"alias"})
 
 
 # --- the routes ---------------------------------------------------------------------------
@@ -627,14 +655,32 @@ def routes(c: Console) -> list[Route | Mount]:
 
     async def subscription(request: Request) -> Response:
         visit = await c.visit(request)
-        number = int(request.path_params["sub_id"])
+        return await subscription_page(request, visit, int(request.path_params["sub_id"]))
+
+    async def subscription_page(
+        request: Request,
+        visit: Visit,
+        number: int,
+        *,
+        error: BillingError | None = None,
+        kept: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> Response:
+        """The page; after a refused change, with the error and the form as it was typed
+        (``kept``: by form, without the alias, which is never shown back)."""
 
         def read() -> service.SubscriptionPage:
             with b.session() as session:
-                return service.subscription_page(session, number)
+                return service.subscription_page(session, number, b.plans())
 
         data = await run_in_threadpool(read)
-        return c.page(request, "subscription.html", {"p": data, "s": data.sub}, visit=visit)
+        return c.page(
+            request,
+            "subscription.html",
+            {"p": data, "s": data.sub, "kept": kept or {}},
+            visit=visit,
+            status=error_status(error) if error is not None else 200,
+            flash={"kind": "error", "text": str(error)} if error is not None else None,
+        )
 
     def sub_action(action: Action, run: Callable[..., service.Done]) -> Handler:
         async def handle(request: Request) -> Response:
@@ -649,6 +695,28 @@ def routes(c: Console) -> list[Route | Mount]:
                 return c.redirect_with(request, back, error=str(exc))
             log.info("console: %s did %s on subscription %s", visit.user.name, action, number)
             return c.redirect_with(request, back, done)
+
+        return handle
+
+    def sub_change(name: str, change: SubChange) -> Handler:
+        async def handle(request: Request) -> Response:
+            visit, form = await c.acting(request, change.action)
+            number = int(request.path_params["sub_id"])
+            fields = {field: _text(form, field) for field in change.fields}
+            try:
+                done = await run_in_threadpool(change.run, b, visit.user, number, **fields)
+            except BillingError as exc:
+                # Shown on the page it came from, its status saying it was refused (the
+                # change wrote nothing), the form as typed: but for the alias, and with any
+                # card number a person typed by mistake blanked.
+                typed = {k: redact(v) for k, v in fields.items() if k not in WRITE_ONLY}
+                return await subscription_page(
+                    request, visit, number, error=exc, kept={name: typed}
+                )
+            log.info(
+                "console: %s did %s on subscription %s", visit.user.name, change.action, number
+            )
+            return c.redirect_with(request, f"/subscriptions/{number}", done)
 
         return handle
 
@@ -857,6 +925,10 @@ def routes(c: Console) -> list[Route | Mount]:
         *(
             _post(f"/subscriptions/{{sub_id:int}}/{name}", sub_action(action, run))
             for name, (action, run) in sub_actions.items()
+        ),
+        *(
+            _post(f"/subscriptions/{{sub_id:int}}/{name}", sub_change(name, change))
+            for name, change in SUB_CHANGES.items()
         ),
         _get("/deadletters", letters),
         _get("/deadletters/{letter_id:int}", letter),

@@ -61,6 +61,8 @@ class Action(enum.StrEnum):
     REVIEW = "review"
     PAUSE = "pause"
     RESUME = "resume"
+    CHANGE_CARD = "change_card"
+    CHANGE_PLAN = "change_plan"
     REQUEUE = "requeue"
     REDELIVER = "redeliver"
     CAPTURE = "capture"
@@ -69,8 +71,9 @@ class Action(enum.StrEnum):
     MANAGE_USERS = "manage_users"
 
 
-#: The role each action needs (the issue's table: operators act on the queue, admins move
-#: money back or for good and manage accounts).
+#: The role each action needs (the issue's table: operators act on the queue and change a
+#: subscription's card, plan or price; admins move money back or for good and manage
+#: accounts).
 NEEDS: dict[Action, Role] = {
     Action.RETRY: Role.OPERATOR,
     Action.RESOLVE: Role.OPERATOR,
@@ -78,6 +81,8 @@ NEEDS: dict[Action, Role] = {
     Action.REVIEW: Role.OPERATOR,
     Action.PAUSE: Role.OPERATOR,
     Action.RESUME: Role.OPERATOR,
+    Action.CHANGE_CARD: Role.OPERATOR,
+    Action.CHANGE_PLAN: Role.OPERATOR,
     Action.REQUEUE: Role.OPERATOR,
     Action.REDELIVER: Role.OPERATOR,
     Action.CAPTURE: Role.ADMIN,

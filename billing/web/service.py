@@ -25,10 +25,12 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import IO, Any, TextIO, cast
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from billing import (
     broker,
+    changes,
     deadletters,
     metrics,
     ops,
@@ -39,10 +41,10 @@ from billing import (
 from billing.accounts import SignedIn
 from billing.charging import settlement
 from billing.charging.settlement import SettlementResult
-from billing.db import session_scope
+from billing.db import checked_id, session_scope
 from billing.durations import parse_delay
 from billing.engine import Engine
-from billing.errors import BillingError, InvalidInput, StateError
+from billing.errors import BillingError, InvalidInput, NotFound, StateError
 from billing.events import EVENT_TYPES
 from billing.models import (
     ATTENTION_STATES,
@@ -54,13 +56,20 @@ from billing.models import (
     EventStatus,
     LedgerEntry,
     Subscription,
+    SubscriptionChange,
     SubscriptionStatus,
 )
 from billing.money import format_amount
 from billing.plans import PlanSet, get_plans
 from billing.redact import mask_alias
 from billing.settings import Settings
-from billing.vocabulary import SETTLEMENT_FAILED, SETTLEMENT_UNKNOWN, Call, FailureReason
+from billing.vocabulary import (
+    SETTLEMENT_FAILED,
+    SETTLEMENT_UNKNOWN,
+    Call,
+    FailureReason,
+    LedgerOutcome,
+)
 from billing.web.config import BULK_MAX, CHART_DAYS
 
 
@@ -714,27 +723,99 @@ def find_subscriptions(
 
 
 @dataclass(frozen=True)
+class CardChange:
+    """One new card of a subscription, as the ledger row of the change keeps it: masked."""
+
+    at: datetime
+    previous_alias: str
+    alias: str
+    previous_ip: str | None
+    customer_ip: str | None
+    by: str
+    reason: str | None
+    #: The charge the new card tried at once, if any.
+    retried_charge: int | None
+
+    @classmethod
+    def of(cls, row: LedgerEntry) -> CardChange:
+        details = row.details or {}
+        retry = details.get("retry")
+        # The row holds masked aliases; masking again (a no-op on a masked one) keeps a
+        # page safe even from a row that someone wrote by hand.
+        return cls(
+            at=row.at,
+            previous_alias=mask_alias(str(details.get("previous_alias") or "")),
+            alias=mask_alias(str(details.get("alias") or "")),
+            previous_ip=details.get("previous_customer_ip"),
+            customer_ip=details.get("customer_ip"),
+            by=row.actor,
+            reason=row.reason,
+            retried_charge=retry.get("charge_id") if isinstance(retry, dict) else None,
+        )
+
+
+@dataclass(frozen=True)
 class SubscriptionPage:
     sub: SubscriptionRow
     charges: list[Charge]
     ledger: list[LedgerEntry]
+    #: What the next charge costs now: the subscription's own price, else its plan's.
+    price: str
+    own_price: bool
+    #: Plan and price changes, as asked (``billing subscriptions show`` lists the same).
+    scheduled: list[SubscriptionChange]
+    #: The new cards, newest first, aliases masked.
+    cards: list[CardChange]
+    #: The plans a change may move it to: the plans of its currency.
+    plan_choices: list[str]
 
 
-def subscription_page(session: Session, sub_id: int) -> SubscriptionPage:
-    sub = subscriptions.get_subscription(session, str(sub_id))
+def subscription_by_id(session: Session, sub_id: int) -> Subscription:
+    """The subscription whose id is ``sub_id``, never one whose reference reads so."""
+    sub = session.get(Subscription, checked_id(sub_id, "subscription"))
+    if sub is None:
+        raise NotFound(f"subscription {sub_id} does not exist")
+    return sub
+
+
+def subscription_page(session: Session, sub_id: int, plans: PlanSet) -> SubscriptionPage:
+    sub = subscription_by_id(session, sub_id)
     rows = list(reports.ledger_rows(session, subscription=sub.external_ref, last=50))
+    cards = reports.ledger_rows(
+        session, subscription=sub.external_ref, outcome=LedgerOutcome.SUBSCRIPTION_CARD_UPDATED
+    )
+    scheduled = session.scalars(
+        select(SubscriptionChange)
+        .where(SubscriptionChange.subscription_id == sub.id)
+        .order_by(SubscriptionChange.effective_at, SubscriptionChange.id)
+    )
+    plan = plans.plans.get(sub.plan)
+    amount = sub.amount_override
+    if amount is None and plan is not None:
+        amount = plan.amount
+    currency = plan.currency if plan is not None else ""
     return SubscriptionPage(
         sub=SubscriptionRow.of(sub),
         charges=sorted(sub.charges, key=lambda c: c.period, reverse=True),
         ledger=rows,
+        price=f"{format_amount(amount)} {currency}" if amount is not None else "?",
+        own_price=sub.amount_override is not None,
+        scheduled=list(scheduled),
+        cards=[CardChange.of(row) for row in cards][::-1],
+        plan_choices=sorted(
+            name for name, p in plans.plans.items() if plan is None or p.currency == currency
+        ),
     )
+
+
+def _ref(session: Session, sub_id: int) -> str:
+    return subscription_by_id(session, sub_id).external_ref
 
 
 def pause(backend: Backend, user: SignedIn, sub_id: int, *, reason: str | None) -> Done:
     why = _reason(reason, required=True, what="pause it")
     with backend.session() as session:
-        ref = subscriptions.get_subscription(session, str(sub_id)).external_ref
-        sub = subscriptions.pause(session, ref, by=actor(user), reason=why)
+        sub = subscriptions.pause(session, _ref(session, sub_id), by=actor(user), reason=why)
         return Done(f"subscription {sub.external_ref} paused")
 
 
@@ -742,7 +823,7 @@ def resume(backend: Backend, user: SignedIn, sub_id: int, *, reason: str | None)
     why = _reason(reason, required=True, what="resume it")
     plans = backend.plans()
     with backend.session() as session:
-        ref = subscriptions.get_subscription(session, str(sub_id)).external_ref
+        ref = _ref(session, sub_id)
         sub = subscriptions.resume(session, ref, plans, by=actor(user), reason=why)
         return Done(
             f"subscription {sub.external_ref} resumed; next charge (period {sub.next_period}) "
@@ -755,9 +836,51 @@ def cancel_subscription(
 ) -> Done:
     why = _reason(reason, required=True, what="cancel it")
     with backend.session() as session:
-        ref = subscriptions.get_subscription(session, str(sub_id)).external_ref
-        sub = subscriptions.cancel(session, ref, by=actor(user), reason=why)
+        sub = subscriptions.cancel(session, _ref(session, sub_id), by=actor(user), reason=why)
         return Done(f"subscription {sub.external_ref} cancelled")
+
+
+def change_card(
+    backend: Backend, user: SignedIn, sub_id: int, *, alias: str, customer_ip: str, reason: str
+) -> Done:
+    """A new card, at once; a declined charge it re-opens goes to the workers as Retry's."""
+    return _change(backend, user, sub_id, {"alias": alias, "customer_ip": customer_ip}, reason)
+
+
+def change_plan(
+    backend: Backend,
+    user: SignedIn,
+    sub_id: int,
+    *,
+    plan: str,
+    amount: str,
+    effective_from: str,
+    reason: str,
+) -> Done:
+    """Another plan and/or a new price, from the next period or the first due from a day."""
+    asked = {"plan": plan, "amount": amount, "effective_from": effective_from}
+    return _change(backend, user, sub_id, asked, reason)
+
+
+def _change(
+    backend: Backend, user: SignedIn, sub_id: int, asked: dict[str, str], reason: str
+) -> Done:
+    """One call to ``changes.update_subscription`` with the fields of one form (the others
+    are left as they are; it names every bad field at once), then the charge the new card
+    re-opened is dispatched after commit."""
+    _reason(reason, required=False, what="change it")  # the console's 500 characters
+    with backend.session() as session:
+        done = changes.update_subscription(
+            session, backend.plans(), _ref(session, sub_id), by=actor(user), reason=reason,
+            alias=asked.get("alias"), customer_ip=asked.get("customer_ip"),
+            plan=asked.get("plan"), amount=asked.get("amount"),
+            effective_from=asked.get("effective_from"),
+        )  # fmt: skip
+    lines = done.lines()
+    retried = done.card.retried if done.card is not None else None
+    if retried is not None:
+        lines.append(f"charge {retried.charge.id}: {backend.send_retried(retried.charge.id)}")
+    return Done("\n".join(lines))
 
 
 # --- dead letters -------------------------------------------------------------------------
