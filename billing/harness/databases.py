@@ -72,16 +72,6 @@ class PostgresDatabase:
         dispose_all()
         return self.url
 
-    def cut_connections(self) -> int:
-        """``pg_terminate_backend`` every connection to the database but this one's."""
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            rows = conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = %s AND pid <> pg_backend_pid()",
-                (self.name,),
-            ).fetchall()
-        return sum(1 for (done,) in rows if done)
-
     def drop(self) -> None:
         """Drop the database, whoever is still connected (``WITH (FORCE)``)."""
         dispose_all()

@@ -184,6 +184,10 @@ class SandboxProcess:
         self._control: SandboxControl | None = None
 
     @property
+    def started(self) -> bool:
+        return self._process is not None
+
+    @property
     def process(self) -> Popen[str]:
         if self._process is None:
             raise HarnessError("the sandbox process has not been started")
@@ -275,5 +279,5 @@ class SandboxProcess:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._process is not None:
+        if self.started:
             self.stop()
