@@ -27,10 +27,10 @@ from rich.console import Console
 from sqlalchemy import func, select
 
 from billing.db import session_scope
-from billing.harness.base import HarnessError, wait_for
+from billing.harness.base import HarnessError, billing_command, wait_for
 from billing.harness.ports import port_or_free
 from billing.harness.sandbox import SandboxControl, SandboxProcess
-from billing.harness.workers import Managed, Processes, billing_command
+from billing.harness.workers import Managed, Processes
 from billing.models import Charge, ChargeState, utcnow
 from billing.settings import get_settings
 

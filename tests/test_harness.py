@@ -73,6 +73,15 @@ def test_the_sandbox_process_logs_to_its_file_and_stops_cleanly(tmp_path: Path) 
     assert EUR_KEY not in text
 
 
+def test_a_sandbox_started_again_on_the_same_log_is_found_at_its_new_url(tmp_path: Path) -> None:
+    log = tmp_path / "sandbox.log"
+    with SandboxProcess(ACCOUNTS, log=log) as first:
+        first.control.seed_aliases(EUR_MERCHANT, 1)
+    # The first sandbox's "listening on" line is still in the log; its URL answers no more.
+    with SandboxProcess(ACCOUNTS, log=log).start(timeout=20) as second:
+        assert second.control.seed_aliases(EUR_MERCHANT, 1)
+
+
 def test_a_sandbox_that_cannot_start_says_why_at_once(tmp_path: Path) -> None:
     log = tmp_path / "sandbox.log"
     started = time.monotonic()

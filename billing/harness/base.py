@@ -1,4 +1,5 @@
-"""What every module of the harness shares: its error, waiting, and stopping a process.
+"""What every module of the harness shares: its error, the ``billing`` command, waiting,
+and stopping a process.
 
 Each harness process is started in a session (and so a process group) of its own:
 a signal meant for one group (a SIGKILL for a prefork worker and its children) reaches
@@ -12,6 +13,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +32,11 @@ TAIL_LINES = 40
 
 class HarnessError(BillingError):
     """A service of a run could not be started or driven; the message says which and why."""
+
+
+def billing_command(*args: str) -> list[str]:
+    """``billing ARGS``, run by this interpreter (the same code as the installed script)."""
+    return [sys.executable, "-m", "billing.cli", *args]
 
 
 def wait_for(

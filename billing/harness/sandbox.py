@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import selectors
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 
 import requests
 
-from billing.harness.base import HarnessError, stop, tail, wait_for
+from billing.harness.base import HarnessError, billing_command, stop, tail, wait_for
 
 #: Seconds a control call may take (seeding 100,000 aliases takes a few; callers that
 #: seed more pass a longer one).
@@ -157,7 +156,7 @@ def sandbox_command(
     accounts: Mapping[str, str], latency_ms: float = 0.0, extra: Sequence[str] = ()
 ) -> list[str]:
     """``billing sandbox --port 0`` with the accounts (none: the sandbox's demo accounts)."""
-    args = [sys.executable, "-m", "billing.cli", "sandbox", "--port", "0"]
+    args = billing_command("sandbox", "--port", "0")
     if latency_ms:
         args += ["--latency-ms", f"{latency_ms:g}"]
     for merchant_id, key in accounts.items():
@@ -216,12 +215,13 @@ class SandboxProcess:
             )
             url = self._url_from_pipe(timeout)
         else:
+            offset = self.log.stat().st_size if self.log.exists() else 0
             with open(self.log, "a") as out:
                 self._process = Popen(
                     self.args, stdout=out, stderr=STDOUT, text=True, env=env,
                     start_new_session=True,
                 )  # fmt: skip
-            url = self._url_from_log(self.log, timeout)
+            url = self._url_from_log(self.log, offset, timeout)
         self._control = SandboxControl(url, timeout=self.control_timeout)
         try:
             self._control.wait_ready(timeout)
@@ -249,11 +249,15 @@ class SandboxProcess:
                 lines.append(line)
         return line.split(LISTENING, 1)[1].strip()
 
-    def _url_from_log(self, log: Path, timeout: float) -> str:
+    def _url_from_log(self, log: Path, offset: int, timeout: float) -> str:
+        """The URL from what this start appended to ``log`` (not an earlier start's line)."""
         found: list[str] = []
 
         def listening() -> bool:
-            for line in log.read_text(errors="replace").splitlines():
+            with open(log, "rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
+            for line in text.splitlines():
                 if LISTENING in line:
                     found.append(line.split(LISTENING, 1)[1].strip())
                     return True

@@ -19,7 +19,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from billing.harness.base import STOP_TIMEOUT, HarnessError, reap, signal_group, tail, wait_for
+from billing.harness.base import (
+    STOP_TIMEOUT,
+    HarnessError,
+    reap,
+    signal_group,
+    tail,
+    wait_for,
+)
 
 #: The ``celery`` program of this interpreter's environment.
 CELERY = str(Path(sys.executable).with_name("celery"))
@@ -44,11 +51,6 @@ FAST_RECOVERY = {
     "BILLING_NOT_SENT_BACKOFF_CAP": "2",
     "BILLING_MIN_CHARGE_GAP_HOURS": "0",
 }
-
-
-def billing_command(*args: str) -> list[str]:
-    """``billing ARGS``, run by this interpreter (the same code as the installed script)."""
-    return [sys.executable, "-m", "billing.cli", *args]
 
 
 def celery_worker_command(queue: str, node: str, pool: str, concurrency: int) -> list[str]:
