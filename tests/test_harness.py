@@ -78,8 +78,11 @@ def test_a_sandbox_started_again_on_the_same_log_is_found_at_its_new_url(tmp_pat
     with SandboxProcess(ACCOUNTS, log=log) as first:
         first.control.seed_aliases(EUR_MERCHANT, 1)
     # The first sandbox's "listening on" line is still in the log; its URL answers no more.
-    with SandboxProcess(ACCOUNTS, log=log).start(timeout=20) as second:
+    with SandboxProcess(ACCOUNTS, log=log).start(timeout=20) as second:  # started once
         assert second.control.seed_aliases(EUR_MERCHANT, 1)
+        with pytest.raises(HarnessError, match="running already"):
+            second.start()
+    assert second.process.poll() is not None
 
 
 def test_a_sandbox_that_cannot_start_says_why_at_once(tmp_path: Path) -> None:

@@ -53,6 +53,8 @@ class RedisServer:
 
     def start(self, timeout: float = START_TIMEOUT) -> RedisServer:
         """Start the server and return once it answers PING."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise HarnessError(f"{REDIS_SERVER} on port {self.port} is running already")
         binary = shutil.which(REDIS_SERVER)
         if binary is None:
             raise HarnessError(f"{REDIS_SERVER} is not installed; the run needs a Redis of its own")
@@ -99,7 +101,7 @@ class RedisServer:
             stop(self.proc, timeout=10)
 
     def __enter__(self) -> RedisServer:
-        return self.start()
+        return self if self.proc is not None else self.start()
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -208,6 +208,8 @@ class SandboxProcess:
 
     def start(self, timeout: float = START_TIMEOUT) -> SandboxProcess:
         """Start it, read the URL it prints, wait until its control API answers."""
+        if self._process is not None and self._process.poll() is None:
+            raise HarnessError(f"the sandbox at {self.url} is running already")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if self.log is None:
             self._process = Popen(
@@ -278,7 +280,7 @@ class SandboxProcess:
         return stop(self.process, timeout)
 
     def __enter__(self) -> SandboxProcess:
-        return self.start()
+        return self if self.started else self.start()
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
