@@ -35,6 +35,8 @@ import psycopg
 import requests
 from requests.adapters import HTTPAdapter
 
+from billing.harness.sandbox import SandboxControl
+
 #: The yardsticks' own table: the worker's schema is not theirs to use.
 TABLE_DDL = """
 CREATE TABLE IF NOT EXISTS bench_floor_charges (
@@ -61,6 +63,8 @@ UPDATE = (
 TIMEOUT = (5.0, 30.0)
 #: Errors kept verbatim in the result; the rest are only counted.
 MAX_ERRORS = 5
+#: Seconds the sandbox may take to seed the aliases (100,000 of them at N = 100,000).
+SEED_TIMEOUT = 120.0
 
 Post = Callable[..., requests.Response]
 
@@ -270,14 +274,8 @@ def run_sequential(
 
 def seed_aliases(target: Target, count: int) -> list[str]:
     """Fresh aliases of the merchant, so no yardstick charges a card the worker charged."""
-    response = requests.post(
-        f"{target.gateway_url.rstrip('/')}/_sandbox/aliases",
-        json={"merchant_id": target.merchant_id, "count": count},
-        timeout=120,
-    )
-    response.raise_for_status()
-    aliases: list[str] = response.json()["aliases"]
-    return aliases
+    control = SandboxControl(target.gateway_url, timeout=SEED_TIMEOUT)
+    return control.seed_aliases(target.merchant_id, count)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

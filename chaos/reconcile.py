@@ -26,10 +26,10 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-import requests
 from sqlalchemy import func, select
 
 from billing.db import session_scope
+from billing.harness.sandbox import SandboxControl
 from billing.ledger import COLLECTED, REFUNDED
 from billing.models import Attempt, Charge, LedgerEntry, Subscription
 from billing.money import format_amount
@@ -327,16 +327,12 @@ def load_gateway(
     sandbox_url: str, timeout: float = 60.0
 ) -> tuple[list[GatewayCall], dict[str, Decimal]]:
     """The sandbox's call log and each merchant's money there (collected less refunded)."""
-    base = sandbox_url.rstrip("/")
-    calls = requests.get(f"{base}/_sandbox/calls", timeout=timeout)
-    calls.raise_for_status()
-    totals = requests.get(f"{base}/_sandbox/totals", timeout=timeout)
-    totals.raise_for_status()
+    control = SandboxControl(sandbox_url, timeout=timeout)
     money = {
         merchant: Decimal(values["collected"]) - Decimal(values["refunded"])
-        for merchant, values in totals.json()["merchants"].items()
+        for merchant, values in control.totals().items()
     }
-    return [GatewayCall.from_json(c) for c in calls.json()["calls"]], money
+    return [GatewayCall.from_json(c) for c in control.calls()], money
 
 
 def load_database(url: str) -> tuple[list[ChargeRecord], list[LedgerRecord]]:

@@ -45,6 +45,11 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.exc import DBAPIError
 
 from billing.db import dispose_all, session_scope
+from billing.harness.base import HarnessError
+from billing.harness.databases import DEFAULT_ADMIN_URL, PostgresDatabase
+from billing.harness.redis import RedisServer
+from billing.harness.sandbox import SandboxProcess
+from billing.harness.workers import BEAT_READY, WORKER_READY, Processes
 from billing.models import (
     OPEN_STATES,
     Charge,
@@ -53,16 +58,11 @@ from billing.models import (
     SubscriptionStatus,
     utcnow,
 )
-from chaos import reconcile, scan, sockets
-from chaos.harness import (
-    HarnessError,
-    OwnDatabase,
-    OwnRedis,
-    Processes,
-    SandboxProcess,
-)
+from chaos import harness, reconcile, scan, sockets
 
 T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 #: The run's merchant accounts: (plan, currency, merchant ID, private key, amount).
 MERCHANTS = (
@@ -137,7 +137,7 @@ class Config:
             keep_logs=env.get("CHAOS_KEEP_LOGS", "") not in ("", "0"),
             pg_admin_url=env.get("CHAOS_PG_ADMIN_URL")
             or env.get("TEST_PG_ADMIN_URL")
-            or "postgresql://postgres@127.0.0.1:5432/postgres",
+            or DEFAULT_ADMIN_URL,
         )
 
 
@@ -177,15 +177,15 @@ class Run:
         self.stats = Stats()
         self.workdir = config.logdir or Path(tempfile.mkdtemp(prefix="chaos-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.db = OwnDatabase(config.pg_admin_url)
-        self.redis = OwnRedis(self.workdir)
+        self.db = PostgresDatabase(config.pg_admin_url, prefix="chaos")
+        self.redis = RedisServer(self.workdir)
         self.sandbox = SandboxProcess(
-            self.workdir,
             {merchant_id: key for _, _, merchant_id, key, _ in MERCHANTS},
             latency_ms=config.latency_ms,
+            log=self.workdir / "sandbox.log",
+            control_timeout=30,
         )
         self.processes: Processes | None = None
-        self.db_created = False
         self.due: list[tuple[int, int]] = []
         self.listeners: list[sockets.Listener] = []
 
@@ -229,7 +229,6 @@ class Run:
         config = self.config
         t0 = time.monotonic()
         self.db.create()
-        self.db_created = True
         self.say(f"database {self.db.name} created at the newest revision")
         self.redis.start()
         self.sandbox.start()
@@ -242,7 +241,7 @@ class Run:
         rows: list[dict[str, Any]] = []
         share = [config.n // 2, config.n - config.n // 2]
         for (plan, _, merchant_id, _, _), count in zip(MERCHANTS, share, strict=True):
-            for alias in self.sandbox.seed_aliases(merchant_id, count):
+            for alias in self.sandbox.control.seed_aliases(merchant_id, count):
                 rows.append(
                     {
                         "external_ref": f"chaos-{len(rows) + 1}",
@@ -263,37 +262,23 @@ class Run:
                 session.execute(insert(Subscription), rows[start : start + 1000])
             ids = list(session.scalars(select(Subscription.id)))
         self.due = [(sub_id, 0) for sub_id in ids]
-        faults = self.sandbox.set_faults(FAULTS, seed=config.seed)
+        faults = self.sandbox.control.faults(seed=config.seed, **FAULTS)
         self.say(f"{len(ids)} due subscriptions; sandbox faults {faults}")
 
-        env = {
-            **os.environ,
-            "BILLING_DATABASE_URL": self.db.url,
-            "BILLING_BROKER_URL": self.redis.url,
-            "BILLING_QUEUE": "chaos",
-            "BILLING_PLANS_FILE": str(plans),
-            "BILLING_GATEWAY_URL": self.sandbox.url,
-            "BILLING_CONNECT_TIMEOUT": "2",
-            "BILLING_READ_TIMEOUT": "3",
-            "BILLING_STUCK_MARGIN_SECONDS": "1",
-            "BILLING_REQUEUE_AFTER_SECONDS": "8",
-            "BILLING_ENGINE_SWEEP_SECONDS": "1",
-            "BILLING_VISIBILITY_TIMEOUT": "20",
-            "BILLING_NOT_SENT_BACKOFF_BASE": "0.5",
-            "BILLING_NOT_SENT_BACKOFF_CAP": "2",
-            "BILLING_MAX_IN_FLIGHT": "120",
-            "BILLING_MIN_CHARGE_GAP_HOURS": "0",
-            "PYTHONUNBUFFERED": "1",
-        }
-        for _, currency, _, key, _ in MERCHANTS:
-            env[f"KLIKANDPAY_KEY_{currency}"] = key
-        self.processes = Processes(env, self.workdir)
+        keys = {f"KLIKANDPAY_KEY_{currency}": key for _, currency, _, key, _ in MERCHANTS}
+        env = harness.worker_env(self.db.url, self.redis.url, self.sandbox.url, plans, keys)
+        self.processes = Processes(env, self.workdir, cwd=ROOT)
+        # Started side by side, then waited for: three workers start in the time of one.
         for number, (pool, concurrency) in enumerate(WORKERS, start=1):
-            self.processes.worker(f"worker-{number}", pool=pool, concurrency=concurrency)
-        self.processes.wait_log(self.worker_names, "ready.", timeout=60)
-        for number in range(1, BEATS + 1):
-            self.processes.beat(f"beat-{number}")
-        self.processes.wait_log(self.beat_names, "beat: Starting", timeout=60)
+            self.processes.worker(
+                f"worker-{number}", pool=pool, concurrency=concurrency, wait=False
+            )
+        for name in self.worker_names:
+            self.processes.wait_log(name, WORKER_READY)
+        for name in self.beat_names:
+            self.processes.beat(name, wait=False)
+        for name in self.beat_names:
+            self.processes.wait_log(name, BEAT_READY)
         self.stats.phases["set up"] = time.monotonic() - t0
         self.say(f"{len(WORKERS)} workers and {BEATS} beats running")
         self.listeners = self.check_listeners()
@@ -304,8 +289,8 @@ class Run:
         if not sockets.available():
             self.say("no /proc/net/tcp: listening addresses not checked")
             return []
-        groups = [m.proc.pid for m in self.processes.managed.values()]
-        groups += [p.pid for p in (self.sandbox.proc, self.redis.proc) if p is not None]
+        groups = [m.pid for m in self.processes.managed.values()]
+        groups += [self.sandbox.pid] + ([self.redis.proc.pid] if self.redis.proc else [])
         found = sockets.listeners(sockets.group_members(groups))
         self.say("listening: " + (", ".join(str(item) for item in found) or "nothing"))
         return found
@@ -349,12 +334,12 @@ class Run:
                 done_redis = True
                 self.say(f"redis restarted: every message lost (progress {progress:.0%})")
             if not done_outage and (progress >= 0.4 or elapsed >= 0.4 * self.config.duration):
-                self.sandbox.outage(1.0)
+                self.sandbox.control.outage(1.0)
                 self.stats.outages += 1
                 done_outage = True
                 self.say(f"sandbox stopped listening for 1 s (progress {progress:.0%})")
             if not done_pg and (progress >= 0.5 or elapsed >= 0.5 * self.config.duration):
-                cut = self.db.cut_connections()
+                cut = harness.cut_connections(self.db)
                 self.stats.pg_connections_cut += cut
                 self.stats.pg_cuts += 1
                 done_pg = True
@@ -432,10 +417,11 @@ class Run:
     def tear_down(self, ok: bool) -> None:
         if self.processes is not None:
             self.processes.stop_all(timeout=10)
-        self.sandbox.stop()
+        if self.sandbox.started:
+            self.sandbox.stop()
         self.redis.stop()
         dispose_all()
-        if self.db_created:
+        if self.db.created:
             try:
                 self.db.drop()
             except Exception as exc:  # the verdict stands; say what was left behind

@@ -25,7 +25,6 @@ import os
 import re
 import selectors
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -42,6 +41,7 @@ from sqlalchemy import select
 
 from billing import ledger
 from billing.db import session_scope
+from billing.harness.ports import free_port
 from billing.models import ChargeState, LedgerEntry
 from tests.fixtures.sandbox import EUR_MERCHANT, SandboxControl
 from tests.fixtures.web import PASSWORDS, Console, failed_charge
@@ -90,16 +90,10 @@ def shots(tmp_path: Path) -> Path:
     return folder
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def served(console: Console) -> Iterator[str]:
     """The console app on a real loopback port (uvicorn in a thread)."""
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(
         console.app, host="127.0.0.1", port=port, log_config=None, access_log=False,
         lifespan="off",
@@ -264,7 +258,7 @@ def test_make_console_lets_a_person_handle_every_failed_charge_of_the_demo(
 ) -> None:
     process = subprocess.Popen(
         [BILLING, "demo", "--serve", "--workdir", str(tmp_path / "demo"),
-         "--console-port", str(_free_port())],
+         "--console-port", str(free_port())],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env={**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}, start_new_session=True,
     )  # fmt: skip

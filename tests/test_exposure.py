@@ -21,6 +21,7 @@ import pytest
 
 from billing import defaults
 from billing.errors import ConfigError
+from billing.harness.ports import free_port
 from billing.sandbox import Sandbox
 from billing.settings import Settings
 from chaos import sockets
@@ -28,12 +29,6 @@ from tests.fixtures.sandbox import start_sandbox_process, stop_sandbox_process
 
 BILLING = str(Path(sys.executable).with_name("billing"))
 needs_proc = pytest.mark.skipif(not sockets.available(), reason="needs Linux /proc/net/tcp")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_listening(pid: int, timeout: float = 60.0) -> list[sockets.Listener]:
@@ -88,7 +83,7 @@ def metrics_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
     url = f"sqlite:///{tmp_path_factory.mktemp('metrics') / 'billing.db'}"
     migrate.upgrade(url)
-    return {"BILLING_DATABASE_URL": url, "BILLING_METRICS_PORT": str(_free_port())}
+    return {"BILLING_DATABASE_URL": url, "BILLING_METRICS_PORT": str(free_port())}
 
 
 def test_a_public_address_is_refused_without_the_flag(metrics_env: dict[str, str]) -> None:

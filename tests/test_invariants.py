@@ -4,10 +4,7 @@ PostgreSQL and the gateway gateway over HTTP (issue 4's seven invariants)."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import time
 from collections import Counter
 from datetime import datetime, timedelta
@@ -15,12 +12,13 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-import redis
 from celery import Celery
 from sqlalchemy import select
 
 from billing.db import session_scope
 from billing.engine import Engine
+from billing.harness import redis as redis_server
+from billing.harness.redis import RedisServer
 from billing.models import Charge, ChargeState, LedgerEntry, Subscription, utcnow
 from billing.plans import load_plans
 from billing.settings import Settings
@@ -178,45 +176,13 @@ def test_5_connections_refused_for_a_while_then_charged_exactly_once(cluster, ga
     assert outcomes["approved"] == 5 and outcomes["not_sent"] >= 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def own_redis(tmp_path: Path):
     """A Redis server of this test's own, so that restarting it disturbs nobody else."""
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if not redis_server.available():
         pytest.skip("redis-server is not installed")
-    port = _free_port()
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(tmp_path)]  # fmt: skip
-
-    def start() -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-        wait_until(lambda: _redis_ok(port), timeout=10, step=0.05)
-        return proc
-
-    state = {"proc": start()}
-
-    def restart() -> None:
-        state["proc"].kill()
-        state["proc"].wait()
-        time.sleep(1.0)
-        state["proc"] = start()
-
-    yield f"redis://127.0.0.1:{port}/0", restart
-    state["proc"].kill()
-    state["proc"].wait()
-
-
-def _redis_ok(port: int) -> bool:
-    try:
-        return bool(redis.Redis(port=port).ping())
-    except redis.ConnectionError:
-        return False
+    with RedisServer(tmp_path) as server:
+        yield server.url, server.restart
 
 
 def test_6_redis_restarted_mid_run_charges_nothing_twice_and_loses_nothing(

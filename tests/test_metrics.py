@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from billing.db import session_scope
+from billing.harness.ports import free_port
 from billing.metrics import FailedQueueCollector, build_registry
 from billing.models import ChargeState
 from tests.test_ops import add_charge, add_subscription
@@ -39,12 +39,6 @@ def _seed(url: str, unknown_age: timedelta) -> None:
         )
         c = add_subscription(session, "m-paid")
         add_charge(session, c, state=ChargeState.APPROVED)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -148,7 +142,7 @@ def test_endpoint_serves_queue_gauges_and_worker_counters(sqlite_url: str, tmp_p
         timeout=60,
     )
 
-    port = _free_port()
+    port = free_port()
     for url in _serve(env, port):
         text = requests.get(url, timeout=5).text
         samples = _samples(text)
@@ -167,7 +161,7 @@ def test_endpoint_serves_queue_gauges_and_worker_counters(sqlite_url: str, tmp_p
 
 
 def test_endpoint_without_multiprocess_dir_serves_its_own_registry(sqlite_url: str) -> None:
-    port = _free_port()
+    port = free_port()
     for url in _serve(_env(sqlite_url), port, "--host", "localhost"):
         samples = _samples(requests.get(url, timeout=5).text)
         assert samples[("billing_oldest_unknown_charge_age_seconds", ())] == 0
@@ -177,7 +171,7 @@ def test_endpoint_without_multiprocess_dir_serves_its_own_registry(sqlite_url: s
 
 def test_endpoint_refuses_a_public_address(sqlite_url: str) -> None:
     done = subprocess.run(
-        [BILLING, "metrics", "--host", "0.0.0.0", "--port", str(_free_port())],
+        [BILLING, "metrics", "--host", "0.0.0.0", "--port", str(free_port())],
         cwd=ROOT,
         env=_env(sqlite_url),
         capture_output=True,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,10 @@ from pathlib import Path
 import requests
 
 from billing import migrate
+from billing.harness.ports import free_port
 
 BILLING = str(Path(sys.executable).with_name("billing"))
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -46,7 +40,7 @@ def test_a_public_address_is_refused_without_the_flag(tmp_path: Path) -> None:
 
 
 def test_the_console_serves_on_loopback_and_stops_on_sigterm(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [BILLING, "web", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env=_env(tmp_path),
@@ -95,7 +89,7 @@ def _listeners(pid: int) -> list[str]:
 def test_a_database_without_the_console_tables_is_named_at_start(tmp_path: Path) -> None:
     env = {**_env(tmp_path), "BILLING_DATABASE_URL": f"sqlite:///{tmp_path / 'empty.db'}"}
     done = subprocess.run(
-        [BILLING, "web", "--port", str(_free_port())], capture_output=True, text=True,
+        [BILLING, "web", "--port", str(free_port())], capture_output=True, text=True,
         timeout=60, env=env,
     )  # fmt: skip
     assert done.returncode == 1
