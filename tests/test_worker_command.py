@@ -18,7 +18,6 @@ from billing.models import ChargeState, LedgerEntry
 from billing.supervisor import default_processes
 from tests.fixtures.engine import ENGINE_PLANS
 from tests.fixtures.processes import Cluster, wait_until
-from tests.fixtures.sandbox import BILLING
 from tests.test_invariants import _states, _subscribe
 
 pytestmark = pytest.mark.slow
@@ -48,28 +47,15 @@ def _alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
 
 
-def _start(cluster: Cluster, gateway, tmp_path: Path) -> subprocess.Popen[bytes]:
+def _start(cluster: Cluster, gateway) -> subprocess.Popen[bytes]:
     cluster.env.update(BILLING_GATEWAY_URL=gateway.url, BILLING_PLANS_FILE=str(ENGINE_PLANS))
-    log = open(tmp_path / "billing-worker.log", "ab")  # noqa: SIM115 (closed with the process)
-    supervisor = subprocess.Popen(
-        [BILLING, "worker"], env=cluster.env, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
-    cluster.procs.append(("billing-worker", supervisor))
-    wanted = default_processes()
-    wait_until(
-        lambda: (
-            (tmp_path / "billing-worker.log").read_text(errors="replace").count(" ready.") >= wanted
-        ),
-        timeout=60,
-    )
-    return supervisor
+    return cluster.billing_worker("bw")
 
 
 def test_the_default_worker_runs_a_process_per_core_and_sigterm_lets_calls_finish(
     cluster, gateway, pg_url, tmp_path
 ):
-    supervisor = _start(cluster, gateway, tmp_path)
+    supervisor = _start(cluster, gateway)
     assert len(_children(supervisor.pid)) == default_processes()
     aliases = gateway.seed_aliases("1234567", 4)
     for alias in aliases:
@@ -91,7 +77,7 @@ def test_the_default_worker_runs_a_process_per_core_and_sigterm_lets_calls_finis
 def test_a_worker_that_dies_is_started_again_and_a_killed_supervisor_takes_them_along(
     cluster, gateway, pg_url, tmp_path
 ):
-    supervisor = _start(cluster, gateway, tmp_path)
+    supervisor = _start(cluster, gateway)
     first = _children(supervisor.pid)
     os.kill(first[0], signal.SIGKILL)
     wait_until(
@@ -101,8 +87,7 @@ def test_a_worker_that_dies_is_started_again_and_a_killed_supervisor_takes_them_
         ),
         timeout=30,
     )
-    log = (tmp_path / "billing-worker.log").read_text(errors="replace")
-    assert "exited by itself" in log
+    assert "exited by itself" in cluster.log("bw")
 
     workers = _children(supervisor.pid)
     os.kill(supervisor.pid, signal.SIGKILL)  # the supervisor lost: no worker runs on

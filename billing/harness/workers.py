@@ -63,6 +63,12 @@ def celery_worker_command(queue: str, node: str, pool: str, concurrency: int) ->
     ]  # fmt: skip
 
 
+def billing_worker_command(*extra: str) -> list[str]:
+    """``billing worker``: what a user starts (with no options, a worker process per core
+    under a supervisor; see ``billing.supervisor``)."""
+    return [sys.executable, "-m", "billing.cli", "worker", *extra]
+
+
 def celery_beat_command(schedule: Path) -> list[str]:
     """``celery -A tasks beat`` with its schedule file at ``schedule``."""
     return [CELERY, "-A", "tasks", "beat", "--loglevel=INFO", "-s", str(schedule)]
@@ -122,6 +128,31 @@ class Processes:
         if wait:
             self.wait_log(name, WORKER_READY)
         return managed
+
+    def billing_worker(
+        self, name: str, *extra: str, processes: int | None = None, wait: bool = True
+    ) -> Managed:
+        """``billing worker`` (the default command unless ``extra`` says otherwise); with
+        ``wait``, once each of its ``processes`` workers (default: one per core) is ready."""
+        from billing.supervisor import default_processes
+
+        managed = self.start(name, billing_worker_command(*extra))
+        if wait:
+            wanted = processes if processes is not None else default_processes()
+            wait_for(
+                lambda: self._ready_count(name, managed) >= wanted,
+                READY_TIMEOUT,
+                f"{name} ({wanted} workers ready)",
+            )
+        return managed
+
+    def _ready_count(self, name: str, managed: Managed) -> int:
+        if managed.proc.poll() is not None:
+            raise HarnessError(
+                f"{name} exited ({managed.proc.returncode}) before its workers were ready:\n"
+                f"{self.tail(name)}"
+            )
+        return self.log(name).count(f" {WORKER_READY}")
 
     def beat(self, name: str, *, wait: bool = True) -> Managed:
         """Celery beat with a schedule file of its own; with ``wait``, once it schedules."""
