@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from billing.cli import params
+from billing.durations import quote
 from billing.errors import InvalidInput
 from billing.plans import load_plans
 from billing.settings import get_settings
@@ -29,7 +30,21 @@ MAX_CONCURRENCY = 1024
 MAX_PROCESSES = 256
 POOLS = ("threads", "prefork", "solo", "gevent")
 
-LogLevel = Annotated[str, params.option("--loglevel", params.TEXT, "-l", help="Celery log level.")]
+#: The levels Celery's ``--loglevel`` accepts, in any case.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL")
+
+
+def _loglevel(value: str, where: str) -> str:
+    level = params.checked_text(value, where).strip().upper()
+    if level not in LOG_LEVELS:
+        known = ", ".join(LOG_LEVELS)
+        raise InvalidInput(f"{where}: {quote(value)} is not one of {known}")
+    return level
+
+
+#: Checked here, so a bad level is one error line of ours and not Celery's usage text.
+LOG_LEVEL = params.Kind("LEVEL", _loglevel)
+LogLevel = Annotated[str, params.option("--loglevel", LOG_LEVEL, "-l", help="Celery log level.")]
 
 
 def _validated() -> None:
