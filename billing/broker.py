@@ -8,16 +8,34 @@ sends tasks by name. The workers' own sends (a sweep's dispatch) pass their app 
 
 A retried charge is sent after its database change committed, so a broker that is down
 loses nothing: the engine sweep sends every due pending charge at its next run.
+
+Two brokers, one set of guarantees (:func:`celery_config`):
+
+- **Redis** (``redis://``): Kombu's defaults, a visibility timeout, and the task base class
+  counting deliveries that never finished (Redis counts nothing itself).
+- **RabbitMQ** (``amqp://``): what RabbitMQ does better. The billing queue is a *quorum*
+  queue (replicated, durable: a message the broker accepted survives a broker restart),
+  sends wait for the broker's *publisher confirm*, and the queue itself dead-letters a
+  message delivered :data:`~billing.defaults.DELIVERY_LIMIT` times without being
+  acknowledged (``x-delivery-limit``) into :func:`dead_letter_queue` instead of handing it
+  out for ever. Countdowns on quorum queues travel through Celery's *native delayed
+  delivery* (a ladder of TTL queues in the broker, not a timer in the worker), which
+  Celery skips for ``direct`` exchanges — a countdown would then be held by the worker
+  that received it, blocking one of its prefetch slots until its time (the warning in
+  ``celery/app/base.py``). So the billing queue is bound to a *topic* exchange.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 from celery import Celery
+from kombu.connection import Connection
+from kombu.entity import Exchange, Queue
 from kombu.exceptions import OperationalError
 
 from billing.db import read_scope
@@ -32,12 +50,97 @@ CHARGE_TASK = "billing.charge"
 CAPTURE_TASK = "billing.capture"
 #: Seconds a person's command waits for the broker before saying it is unreachable.
 CONNECT_TIMEOUT = 5.0
+#: RabbitMQ: the topic exchange the billing queue is bound to (routing key: the queue's
+#: name), and the exchange its dead letters go to.
+EXCHANGE = "billing"
+DEAD_LETTER_EXCHANGE = "billing.dead"
+#: URL schemes of RabbitMQ (py-amqp, Celery's default AMQP transport).
+AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
+
+
+def is_amqp(broker_url: str) -> bool:
+    """Whether the broker is RabbitMQ (and so counts deliveries and dead-letters itself)."""
+    return broker_url.startswith(AMQP_SCHEMES)
+
+
+def dead_letter_queue(queue: str) -> str:
+    """RabbitMQ: the queue that holds the poison messages of ``queue``."""
+    return f"{queue}.dead"
+
+
+def billing_queue(settings: Settings) -> Queue:
+    """RabbitMQ: the billing queue, a quorum queue on the topic exchange, dead-lettering a
+    message past the delivery limit.
+
+    ``at-least-once`` dead-lettering (with ``reject-publish`` overflow, which it requires)
+    keeps a poison message in the billing queue until the dead-letter queue confirmed it,
+    instead of RabbitMQ's default ``at-most-once``, which may drop it on the way.
+    """
+    return Queue(  # type: ignore[no-untyped-call]
+        settings.queue,
+        Exchange(EXCHANGE, type="topic", durable=True),  # type: ignore[no-untyped-call]
+        routing_key=settings.queue,
+        durable=True,
+        queue_arguments={
+            "x-queue-type": "quorum",
+            "x-delivery-limit": settings.delivery_limit,
+            "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+            "x-dead-letter-routing-key": settings.queue,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        },
+    )
+
+
+def dead_letters_queue(settings: Settings) -> Queue:
+    """RabbitMQ: the dead-letter queue of the billing queue (quorum too: it holds what
+    nobody may lose), on its own direct exchange."""
+    return Queue(  # type: ignore[no-untyped-call]
+        dead_letter_queue(settings.queue),
+        Exchange(DEAD_LETTER_EXCHANGE, type="direct", durable=True),  # type: ignore[no-untyped-call]
+        routing_key=settings.queue,
+        durable=True,
+        queue_arguments={"x-queue-type": "quorum"},
+    )
+
+
+def declare_dead_letters(connection: Connection, settings: Settings) -> None:
+    """Declare the dead-letter exchange and queue (a worker does before consuming: a
+    dead-letter exchange that does not exist drops what is sent to it)."""
+    with connection.channel() as channel:  # type: ignore[no-untyped-call]
+        dead_letters_queue(settings).bind(channel).declare()  # type: ignore[no-untyped-call]
+
+
+def countdown(seconds: float) -> int:
+    """A retry's countdown in whole seconds, rounded up and at least 1.
+
+    RabbitMQ's native delayed delivery takes whole seconds: Celery truncates (2.7 s would
+    arrive 0.7 s early, and be held by the worker until its ETA) and refuses less than one
+    second (``calculate_routing_key`` raises for 0.5 s). Rounding up costs under a second.
+    """
+    return max(1, math.ceil(seconds))
+
+
+def _rabbitmq_config(settings: Settings) -> dict[str, Any]:
+    return {
+        # A send returns once the broker has the message (quorum: on a majority of nodes).
+        "broker_transport_options": {"confirm_publish": True},
+        "task_queues": [billing_queue(settings)],
+        "task_default_exchange": EXCHANGE,
+        "task_default_exchange_type": "topic",
+        "task_default_routing_key": settings.queue,
+        # Any queue Celery creates on its own is a quorum queue too.
+        "task_default_queue_type": "quorum",
+        # Quorum queues refuse a global QoS: Celery sets it per consumer once it sees one.
+        "worker_detect_quorum_queues": True,
+        "broker_native_delayed_delivery_queue_type": "quorum",
+    }
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The configuration every Celery app of the project runs with (see ``tasks/app.py``
-    for why each value)."""
-    return {
+    for why each value); on RabbitMQ, the quorum queue and its dead letters on top."""
+    config = {
         "broker_url": settings.broker_url,
         "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
         "broker_connection_retry_on_startup": True,
@@ -53,22 +156,32 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": settings.queue,
         "worker_hijack_root_logger": False,
     }
+    if is_amqp(settings.broker_url):
+        config.update(_rabbitmq_config(settings))
+    return config
 
 
 @functools.cache
-def _sending_app(broker_url: str, queue: str, visibility_timeout: int) -> Celery:
+def _sending_app(
+    broker_url: str, queue: str, visibility_timeout: int, delivery_limit: int
+) -> Celery:
     app = Celery("klikandpay_billing_sender")
     app.conf.update(
         celery_config(
-            Settings(broker_url=broker_url, queue=queue, visibility_timeout=visibility_timeout)
+            Settings(
+                broker_url=broker_url, queue=queue, visibility_timeout=visibility_timeout,
+                delivery_limit=delivery_limit,
+            )
         )
-    )
+    )  # fmt: skip
     return app
 
 
 def sending_app(settings: Settings) -> Celery:
     """A Celery app that only sends, configured like the workers' (one per broker)."""
-    return _sending_app(settings.broker_url, settings.queue, settings.visibility_timeout)
+    return _sending_app(
+        settings.broker_url, settings.queue, settings.visibility_timeout, settings.delivery_limit
+    )
 
 
 def send_many(app: Celery, name: str, charge_ids: Sequence[int]) -> None:
@@ -139,9 +252,17 @@ def charge_state(number: int, url: str) -> tuple[str, str]:
 __all__ = [
     "CAPTURE_TASK",
     "CHARGE_TASK",
+    "DEAD_LETTER_EXCHANGE",
+    "EXCHANGE",
+    "billing_queue",
     "celery_config",
+    "countdown",
+    "dead_letter_queue",
+    "dead_letters_queue",
+    "declare_dead_letters",
     "dispatched_state",
     "ensure_reachable",
+    "is_amqp",
     "send_many",
     "send_retried",
     "send_task",

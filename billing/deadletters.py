@@ -11,6 +11,12 @@ and aliases are masked, and the exception text and traceback are scrubbed of the
 that were removed. A letter whose arguments were changed so says (``masked``), and
 :func:`mark_requeued` refuses it: re-sending a masked alias would fail or, worse, act on
 the wrong card. The person is told what to do instead.
+
+Each letter says who gave up on it (``source``): ``task`` — the task raised; ``redis`` —
+the message's deliveries kept dying (its task killed the worker process) past the delivery
+limit, counted by the workers (``billing.deliveries``); ``rabbitmq`` — RabbitMQ's own
+delivery limit sent it to the dead-letter queue, and it was moved here from there
+(``billing.broker.drain_dead_letters``). All three are listed, shown and requeued alike.
 """
 
 from __future__ import annotations
@@ -40,6 +46,15 @@ ALIAS_KEYS = frozenset({"alias"})
 #: Values removed from a letter's arguments that are also looked for, in every encoding,
 #: in its exception text: a message of thousands of unknown fields must not cost minutes.
 MAX_SCRUBBED_VALUES = 32
+#: Who gave up on a letter (its ``source``), and what that means, for a person.
+SOURCE_TASK = "task"
+SOURCE_REDIS = "redis"
+SOURCE_RABBITMQ = "rabbitmq"
+SOURCES = {
+    SOURCE_TASK: "the task raised",
+    SOURCE_REDIS: "delivery limit (counted by the workers on Redis)",
+    SOURCE_RABBITMQ: "delivery limit (RabbitMQ's dead-letter queue)",
+}
 #: What a person does instead of requeueing a letter whose arguments were masked.
 RESEND = "send the task again from where it came, with its real arguments"
 
@@ -185,6 +200,7 @@ def record(
     kwargs: dict[str, Any],
     exc: BaseException,
     traceback: str | None = None,
+    source: str = SOURCE_TASK,
 ) -> int:
     """Store one failed task, its arguments as :func:`stored_arguments` keeps them and its
     exception scrubbed of the values removed; return its dead-letter ID."""
@@ -198,6 +214,7 @@ def record(
             exc_type=type(exc).__qualname__[:128],
             exc_message=_scrubbed(str(exc), kept)[:MESSAGE_LIMIT],
             traceback=_scrubbed(text, kept)[-TRACEBACK_LIMIT:],
+            source=source,
         )
         session.add(letter)
         session.flush()

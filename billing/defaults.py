@@ -67,6 +67,15 @@ NOT_SENT_BACKOFF_CAP = 300.0
 #: Queue the charge tasks travel on.
 QUEUE = "billing"
 
+#: Deliveries of one message that may end without its task finishing (the worker process
+#: died: out of memory, a segfault in a driver) before the message is dead-lettered
+#: instead of delivered again. RabbitMQ counts them itself (``x-delivery-limit`` of the
+#: quorum queue; RabbitMQ 4 defaults to 20 and drops without a dead-letter exchange); on
+#: Redis the task base class counts them. A worker killed by a deploy or a crash counts
+#: once, so 5 is far above what a healthy message meets and low enough that a poison
+#: message kills five worker processes, not hundreds.
+DELIVERY_LIMIT = 5
+
 #: Minimum hours between two successful engine charges of one subscription.
 MIN_CHARGE_GAP_HOURS = 20.0
 

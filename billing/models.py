@@ -306,6 +306,10 @@ class DeadLetter(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     requeued_at: Mapped[datetime | None]
     requeued_by: Mapped[str | None] = mapped_column(String(128))
+    #: Who gave up on the message: ``task`` (it raised), ``redis`` (its deliveries died
+    #: past the delivery limit, counted by the workers), ``rabbitmq`` (RabbitMQ's delivery
+    #: limit; moved here from the dead-letter queue). See ``billing.deadletters``.
+    source: Mapped[str] = mapped_column(String(32), default="task", server_default="task")
 
 
 @event.listens_for(Session, "before_flush")

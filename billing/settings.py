@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     not_sent_backoff_base: float = Field(defaults.NOT_SENT_BACKOFF_BASE, gt=0)
     not_sent_backoff_cap: float = Field(defaults.NOT_SENT_BACKOFF_CAP, gt=0)
     queue: str = defaults.QUEUE
+    delivery_limit: int = Field(defaults.DELIVERY_LIMIT, gt=0)
     min_charge_gap_hours: float = Field(defaults.MIN_CHARGE_GAP_HOURS, ge=0)
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"

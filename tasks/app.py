@@ -14,23 +14,47 @@ Why these settings:
 
 from __future__ import annotations
 
-from celery import Celery
+import os
+from typing import Any
+
+from celery import Celery, bootsteps
 from celery.signals import setup_logging
 
-from billing.broker import celery_config
+from billing.broker import celery_config, declare_dead_letters, is_amqp
 from billing.logs import celery_setup_logging
 from billing.plans import get_plans
 from billing.settings import Settings, get_settings
 from schedules.beat import build_beat_schedule
 
 
+class DeadLetterQueue(bootsteps.StartStopStep):
+    """RabbitMQ: declare the dead-letter exchange and queue before the worker consumes, so
+    the first poison message has somewhere to go (an exchange that does not exist drops)."""
+
+    requires = ("celery.worker.consumer.connection:Connection",)
+
+    def include_if(self, parent: Any) -> bool:
+        return is_amqp(parent.app.conf.broker_url)
+
+    def start(self, parent: Any) -> None:
+        declare_dead_letters(parent.connection, get_settings())
+
+
+#: Set to ``1`` in a worker's environment to load ``tasks.diagnostics`` (tests only).
+DIAGNOSTICS_ENV = "BILLING_DIAGNOSTIC_TASKS"
+
+
 def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    app = Celery("klikandpay_billing", include=["tasks.charges", "tasks.events"])
+    include = ["tasks.charges", "tasks.events"]
+    if os.environ.get(DIAGNOSTICS_ENV) == "1":  # tests only: tasks that kill their worker
+        include.append("tasks.diagnostics")
+    app = Celery("klikandpay_billing", include=include)
     app.conf.update(celery_config(settings))
     app.conf.beat_schedule = build_beat_schedule(get_plans(settings), settings)
     # Read only by ``billing beat --redbeat`` (RedBeat's scheduler): Redis holds its lock.
     app.conf.redbeat_redis_url = settings.effective_redis_url
+    app.steps["consumer"].add(DeadLetterQueue)
     return app
 
 

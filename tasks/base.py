@@ -1,7 +1,13 @@
-"""The base every task runs on: one engine per process, dead letters, clean forks.
+"""The base every task runs on: one engine per process, dead letters, clean forks, and
+(on Redis) a bound on deliveries that kill their worker.
 
 Task bodies stay a few lines: they unpack arguments and call the engine; what goes wrong
 unexpectedly lands in the dead-letter table here, once, for every task.
+
+A message whose task kills its worker process every time is redelivered for ever under
+``task_acks_late`` + ``task_reject_on_worker_lost``. RabbitMQ stops it itself (the quorum
+queue's delivery limit); on Redis each start is counted (``billing.deliveries``) and,
+past the same limit, the message becomes a dead letter instead of running again.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from celery.signals import worker_process_init, worker_process_shutdown
 
 from billing import broker, deadletters
 from billing.db import dispose_all
+from billing.deliveries import DeliveryCounter, PoisonMessage, dead_letters_after
 from billing.engine import Engine
 from billing.settings import get_settings
 from tasks.app import app
@@ -25,6 +32,7 @@ log = logging.getLogger("billing.tasks")
 
 _engine: Engine | None = None
 _engine_pid: int | None = None
+_counter: tuple[int, DeliveryCounter | None] | None = None
 
 
 @worker_process_init.connect
@@ -54,6 +62,16 @@ def send_captures(charge_ids: Sequence[int]) -> None:
     broker.send_many(app, broker.CAPTURE_TASK, charge_ids)
 
 
+def delivery_counter() -> DeliveryCounter | None:
+    """The process's counter of unfinished deliveries: on Redis only (RabbitMQ counts)."""
+    global _counter
+    if _counter is None or _counter[0] != os.getpid():
+        settings = get_settings()
+        url = None if broker.is_amqp(settings.broker_url) else settings.effective_redis_url
+        _counter = (os.getpid(), DeliveryCounter(url, settings.delivery_limit) if url else None)
+    return _counter[1]
+
+
 def get_engine() -> Engine:
     """The process's engine, built on first use (after any fork)."""
     global _engine, _engine_pid
@@ -73,6 +91,51 @@ class BillingTask(Task):
     @property
     def engine(self) -> Engine:
         return get_engine()
+
+    def before_start(self, task_id: str, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
+        """On Redis: count this delivery; past the delivery limit, dead-letter the message
+        (acknowledged, not run). Redis being unreachable only skips the count: running a
+        task twice is safe, every task claims its work in the database."""
+        counter = delivery_counter()
+        if counter is None or self.request.called_directly:
+            return
+        retries = int(self.request.retries or 0)
+        try:
+            count = counter.started(task_id, retries)
+        except Exception as exc:
+            log.warning("task %s[%s]: deliveries not counted: %s", self.name, task_id, exc)
+            return
+        if not dead_letters_after(count, counter.limit):
+            return
+        poison = PoisonMessage(count - 1, counter.limit, "the workers (Redis delivery count)")
+        letter = deadletters.record(
+            get_settings().database_url, task_name=self.name, task_id=task_id,
+            args=list(args), kwargs=dict(kwargs), exc=poison, source=deadletters.SOURCE_REDIS,
+        )  # fmt: skip
+        counter.finished(task_id, retries)
+        log.error(
+            "task %s[%s] killed its worker %d times; dead letter %d (billing deadletters show %d)",
+            self.name, task_id, count - 1, letter, letter,
+        )  # fmt: skip
+        raise Ignore()
+
+    def after_return(
+        self,
+        status: str,
+        retval: Any,
+        task_id: str,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        einfo: Any,
+    ) -> None:
+        """The task ended (success, failure or retry): this delivery did not kill its worker."""
+        counter = delivery_counter()
+        if counter is None or self.request.called_directly:
+            return
+        try:
+            counter.finished(task_id, int(self.request.retries or 0))
+        except Exception as exc:  # the counter expires on its own
+            log.warning("task %s[%s]: delivery count not cleared: %s", self.name, task_id, exc)
 
     def on_failure(
         self,

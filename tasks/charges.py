@@ -37,7 +37,7 @@ def charge(self: BillingTask, charge_id: int) -> str:
     try:
         # Safe to send again: the engine asks for a retry only when the request provably
         # never reached the gateway, and the charge is back to ``queued`` for the next claim.
-        raise self.retry(countdown=result.retry_in, max_retries=None)
+        raise self.retry(countdown=broker.countdown(result.retry_in or 0), max_retries=None)
     except OperationalError:
         # The broker is down: the charge stays ``queued`` and the engine sweep re-sends it.
         log.warning("charge %s: broker unavailable for the retry; the engine sweep will", charge_id)
@@ -54,7 +54,7 @@ def capture(self: BillingTask, charge_id: int) -> str:
         return result.outcome
     try:
         # Safe to send again: the validation request never reached the gateway.
-        raise self.retry(countdown=result.retry_in, max_retries=None)
+        raise self.retry(countdown=broker.countdown(result.retry_in or 0), max_retries=None)
     except OperationalError:
         # The broker is down: the lease on the charge expires and the engine sweep re-sends.
         return "retry_deferred"

@@ -1,0 +1,184 @@
+"""Both brokers, with real worker processes: what each does with a message that kills its
+worker every time, and (RabbitMQ) how a countdown travels on a quorum queue.
+
+- A poison message (a task that kills its worker process on every delivery) ends as a dead
+  letter after the delivery limit — RabbitMQ's quorum queue counts, on Redis the task base
+  class does — and is not delivered again, while the worker keeps charging everything else.
+- On RabbitMQ a not-sent charge's retry countdown travels through Celery's native delayed
+  delivery (the topic exchange): it arrives on time, more than twice in a row (celery#10111:
+  the routing key used to grow with each retry until the message was stuck), is not lost
+  (celery#9912: messages stuck in a ``celery_delayed_*`` queue when nothing bound the
+  billing queue to the delivery exchange), and does not hold a worker meanwhile: a worker
+  with one thread keeps charging others while the retry waits.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import timedelta
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from billing import broker
+from billing.db import session_scope
+from billing.harness.rabbitmq import RabbitVhost
+from billing.models import ChargeState, DeadLetter, LedgerEntry, Subscription, utcnow
+from billing.settings import Settings
+from tasks.app import DIAGNOSTICS_ENV
+from tasks.diagnostics import EXIT_PROCESS
+from tests.fixtures.processes import Cluster, wait_until
+from tests.test_invariants import _env_for, _one_call_per_alias, _states, _subscribe
+
+pytestmark = pytest.mark.slow
+
+LIMIT = 2
+
+
+def _send(cluster: Cluster, name: str, *args: object) -> str:
+    settings = Settings(
+        broker_url=cluster.env["BILLING_BROKER_URL"],
+        queue=cluster.env["BILLING_QUEUE"],
+        delivery_limit=int(cluster.env.get("BILLING_DELIVERY_LIMIT", "5")),
+    )
+    return broker.send_task(settings, name, list(args), {})
+
+
+def _runs(marker: Path) -> int:
+    return len(marker.read_text().splitlines()) if marker.exists() else 0
+
+
+def test_a_poison_message_is_dead_lettered_after_the_limit_and_charging_goes_on(
+    broker_url, cluster, gateway, pg_url, tmp_path, request
+):
+    _env_for(
+        cluster, gateway, BILLING_BROKER_URL=broker_url, BILLING_DELIVERY_LIMIT=str(LIMIT),
+        **{DIAGNOSTICS_ENV: "1"},
+    )  # fmt: skip
+    aliases = gateway.seed_aliases("1234567", 20)
+    gateway.set_latency(50)
+    cluster.worker("w1", pool="prefork", concurrency=2)
+    marker = tmp_path / "poison-runs"
+    task_id = _send(cluster, EXIT_PROCESS, str(marker))
+    _subscribe(pg_url, aliases)
+    cluster.beat("b1")
+
+    wait_until(lambda: _states(pg_url)[ChargeState.APPROVED] == 20, timeout=90)
+    wait_until(lambda: _dead_letters(pg_url, broker_url), timeout=60)
+    runs = _runs(marker)
+    time.sleep(4)  # nothing delivers it again
+
+    # Delivered once, then again after each of LIMIT deaths: LIMIT + 1 worker processes.
+    assert runs == _runs(marker) == LIMIT + 1
+    assert cluster.log("w1").count("WorkerLostError") >= LIMIT + 1
+    _one_call_per_alias(gateway, aliases)
+    if broker.is_amqp(broker_url):
+        vhost: RabbitVhost = request.getfixturevalue("rabbit")
+        queue = cluster.env["BILLING_QUEUE"]
+        assert vhost.messages(broker.dead_letter_queue(queue)) == 1
+        assert vhost.messages(queue) == 0
+    else:
+        (letter,) = _letters(pg_url)
+        assert (letter.task_name, letter.task_id, letter.source) == (EXIT_PROCESS, task_id, "redis")
+        assert letter.args == {"args": [str(marker)], "kwargs": {}}
+        assert f"{LIMIT + 1} deliveries" in letter.exc_message
+
+
+def _letters(url: str) -> list[DeadLetter]:
+    with session_scope(url) as session:
+        return list(session.scalars(select(DeadLetter).order_by(DeadLetter.id)))
+
+
+def _dead_letters(url: str, broker_url: str) -> bool:
+    if broker.is_amqp(broker_url):
+        return True  # checked in the dead-letter queue itself, below
+    return bool(_letters(url))
+
+
+def _not_sent_env(cluster: Cluster, gateway, rabbit: RabbitVhost, backoff: str) -> None:
+    _env_for(
+        cluster, gateway, BILLING_BROKER_URL=rabbit.url,
+        BILLING_NOT_SENT_BACKOFF_BASE=backoff, BILLING_NOT_SENT_BACKOFF_CAP=backoff,
+        # Only the delayed message can bring a retry back: no sweep re-sends it meanwhile.
+        BILLING_REQUEUE_AFTER_SECONDS="300",
+    )  # fmt: skip
+
+
+def _gaps(entries: list[LedgerEntry]) -> list[float]:
+    return [(later.at - earlier.at).total_seconds() for earlier, later in pairwise(entries)]
+
+
+def test_a_retry_s_countdown_does_not_hold_the_worker_meanwhile(rabbit, cluster, gateway, pg_url):
+    """One worker thread: a countdown held by the worker (what Celery does for a quorum
+    queue on a direct exchange) would stop every other charge until it is due."""
+    _not_sent_env(cluster, gateway, rabbit, backoff="10")  # a countdown of 5 to 10 s
+    (slow, *others) = gateway.seed_aliases("1234567", 11)
+    gateway.set_behaviour(slow, unavailable=1)  # one call not sent (503), then approved
+    (slow_sub,) = _subscribe(pg_url, [slow])
+    cluster.worker("w1", concurrency=1)
+    cluster.beat("b1")
+    wait_until(lambda: _outcomes(pg_url, slow_sub) == ["not_sent"], timeout=30, step=0.05)
+    _subscribe_more(pg_url, others)
+
+    wait_until(lambda: _states(pg_url)[ChargeState.APPROVED] == 11, timeout=60)
+
+    entries = _ledger(pg_url)
+    retried = [e for e in entries if e.subscription_id == slow_sub]
+    assert [e.outcome for e in retried] == ["not_sent", "approved"]
+    (gap,) = _gaps(retried)
+    assert 5 <= gap <= 10 + 5, gap  # on time: not early, not lost (no re-send for 300 s)
+    others_at = [e.at for e in entries if e.subscription_id != slow_sub]
+    assert len(others_at) == 10
+    # The ten others were charged while the retry waited, by the worker's only thread.
+    assert max(others_at) < retried[-1].at
+    assert len(gateway.calls(alias=slow, script="duplicate")) == 2
+    log = cluster.log("w1")
+    assert "re-sending" not in log
+    assert "direct exchange" not in log.lower()
+
+
+def test_five_retries_in_a_row_each_arrive_after_their_countdown(rabbit, cluster, gateway, pg_url):
+    """celery#10111: each retry used to add a delay prefix to the routing key until it
+    was stuck. Countdowns under a second (0.5-1 s here) are rounded up to one: Celery's
+    delayed delivery refuses less and truncates fractions (``broker.countdown``)."""
+    _not_sent_env(cluster, gateway, rabbit, backoff="1")
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    gateway.set_behaviour(alias, unavailable=5)
+    (sub_id,) = _subscribe(pg_url, [alias])
+    cluster.worker("w1", concurrency=2)
+    cluster.beat("b1")
+
+    wait_until(lambda: _states(pg_url)[ChargeState.APPROVED] == 1, timeout=60)
+
+    retried = _ledger(pg_url)
+    assert [e.outcome for e in retried] == ["not_sent"] * 5 + ["approved"]
+    assert all(0.95 <= gap <= 6 for gap in _gaps(retried)), _gaps(retried)
+    assert len(gateway.calls(alias=alias, script="duplicate")) == 6
+    assert "re-sending" not in cluster.log("w1")
+    assert sub_id == retried[-1].subscription_id
+
+
+def _subscribe_more(url: str, aliases: list[str]) -> None:
+    """More due subscriptions, with references of their own (``_subscribe`` numbers its)."""
+    due = utcnow() - timedelta(minutes=1)
+    with session_scope(url) as session:
+        session.add_all(
+            Subscription(
+                external_ref=f"other-{uuid.uuid4().hex[:8]}", plan="monthly", alias=alias,
+                customer_ip="203.0.113.9", anchor_at=due, next_period=0, next_charge_at=due,
+                status="active",
+            )
+            for alias in aliases
+        )  # fmt: skip
+
+
+def _ledger(url: str) -> list[LedgerEntry]:
+    with session_scope(url) as session:
+        return list(session.scalars(select(LedgerEntry).order_by(LedgerEntry.id)))
+
+
+def _outcomes(url: str, sub_id: int) -> list[str]:
+    return [e.outcome for e in _ledger(url) if e.subscription_id == sub_id]
