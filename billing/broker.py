@@ -38,7 +38,9 @@ from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 from kombu.exceptions import OperationalError
 
+from billing import deadletters
 from billing.db import read_scope
+from billing.deliveries import PoisonMessage
 from billing.durations import format_delay
 from billing.engine import Engine
 from billing.errors import BillingError
@@ -109,6 +111,79 @@ def declare_dead_letters(connection: Connection, settings: Settings) -> None:
     dead-letter exchange that does not exist drops what is sent to it)."""
     with connection.channel() as channel:  # type: ignore[no-untyped-call]
         dead_letters_queue(settings).bind(channel).declare()  # type: ignore[no-untyped-call]
+
+
+#: Dead letters moved from RabbitMQ's dead-letter queue per drain at most, so that one
+#: drain (an engine sweep, a person's ``billing deadletters list``) never runs for long.
+DRAIN_BATCH = 500
+
+
+def drain_dead_letters(settings: Settings, app: Celery | None = None) -> list[int]:
+    """RabbitMQ: move the messages of the dead-letter queue into the dead-letter table
+    (``source = rabbitmq``), so that one view lists, shows and requeues every letter.
+
+    Each message is acknowledged only after its letter committed: a drain that dies in
+    between leaves the message for the next one, which does not store it twice (a letter
+    of the same task ID from RabbitMQ is kept once). Returns the new letters' IDs; nothing
+    on Redis, which has no dead-letter queue (its workers write their letters directly).
+    """
+    if not is_amqp(settings.broker_url):
+        return []
+    moved: list[int] = []
+    with (app or sending_app(settings)).connection_for_write() as connection:
+        connection.ensure_connection(
+            max_retries=1, interval_start=0, interval_step=0, interval_max=0,
+            timeout=CONNECT_TIMEOUT,
+        )  # fmt: skip
+        with connection.channel() as channel:
+            queue = dead_letters_queue(settings).bind(channel)  # type: ignore[no-untyped-call]
+            queue.declare()
+            for _ in range(DRAIN_BATCH):
+                message = queue.get(no_ack=False, accept=["json"])
+                if message is None:
+                    break
+                letter = _store_broker_letter(settings, message)
+                message.ack()
+                if letter is not None:
+                    moved.append(letter)
+    return moved
+
+
+def move_dead_letters(settings: Settings) -> str | None:
+    """:func:`drain_dead_letters` for a person's command: what to tell them (None:
+    nothing moved), a warning when the broker could not be read (the table is listed)."""
+    try:
+        moved = drain_dead_letters(settings)
+    except (OperationalError, OSError) as exc:
+        return f"warning: RabbitMQ's dead-letter queue was not read ({exc}); listed: the table"
+    return f"{len(moved)} letter(s) moved from RabbitMQ's dead-letter queue" if moved else None
+
+
+def _store_broker_letter(settings: Settings, message: Any) -> int | None:
+    """One message of the dead-letter queue as a letter (None: stored by an earlier drain)."""
+    headers = dict(message.headers or {})
+    task_id = str(headers.get("id") or "")[:64] or None
+    task_name = str(headers.get("task") or "unknown")
+    if task_id is not None and deadletters.has_letter(
+        settings.database_url, task_id, deadletters.SOURCE_RABBITMQ
+    ):
+        return None
+    try:
+        body = message.decode()
+        args, kwargs = (body[0], body[1]) if isinstance(body, list | tuple) else ([], {})
+    except Exception:  # not JSON, not Celery's protocol 2: keep what the headers say
+        args, kwargs = [], {}
+    deaths = headers.get("x-death") or [{}]
+    reason = str(headers.get("x-first-death-reason") or deaths[0].get("reason") or "unknown")
+    deliveries = int(headers.get("x-delivery-count") or settings.delivery_limit + 1)
+    exc = PoisonMessage(deliveries, settings.delivery_limit, f"RabbitMQ ({reason})")
+    return deadletters.record(
+        settings.database_url, task_name=task_name, task_id=task_id,
+        args=list(args) if isinstance(args, list | tuple) else [args],
+        kwargs=dict(kwargs) if isinstance(kwargs, dict) else {},
+        exc=exc, source=deadletters.SOURCE_RABBITMQ,
+        traceback=f"dead-lettered by RabbitMQ from queue {settings.queue!r}: {reason}\n",
+    )  # fmt: skip
 
 
 def countdown(seconds: float) -> int:
@@ -261,8 +336,10 @@ __all__ = [
     "dead_letters_queue",
     "declare_dead_letters",
     "dispatched_state",
+    "drain_dead_letters",
     "ensure_reachable",
     "is_amqp",
+    "move_dead_letters",
     "send_many",
     "send_retried",
     "send_task",

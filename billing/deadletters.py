@@ -221,6 +221,15 @@ def record(
         return letter.id
 
 
+def has_letter(url: str, task_id: str, source: str) -> bool:
+    """Whether a letter of task ``task_id`` from ``source`` is stored already."""
+    with session_scope(url) as session:
+        found = session.scalars(
+            select(DeadLetter.id).where(DeadLetter.task_id == task_id, DeadLetter.source == source)
+        ).first()
+        return found is not None
+
+
 def list_letters(session: Session, *, include_requeued: bool = False) -> list[DeadLetter]:
     query = select(DeadLetter).order_by(DeadLetter.id)
     if not include_requeued:

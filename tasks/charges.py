@@ -26,7 +26,21 @@ def sweep_plan(self: BillingTask, plan: str) -> dict[str, Any]:
 
 @app.task(base=BillingTask, bind=True, name=ENGINE_SWEEP)
 def engine_sweep(self: BillingTask) -> dict[str, Any]:
-    return asdict(self.engine.engine_sweep())
+    result = asdict(self.engine.engine_sweep())
+    drain_dead_letters()
+    return result
+
+
+def drain_dead_letters() -> None:
+    """RabbitMQ: move poison messages from the dead-letter queue into the dead-letter
+    table, where ``billing deadletters`` lists them (nothing to do on Redis)."""
+    try:
+        moved = broker.drain_dead_letters(get_settings(), app)
+    except (OperationalError, OSError) as exc:
+        log.warning("dead-letter queue not read: %s; the next engine sweep tries again", exc)
+        return
+    for letter in moved:
+        log.error("poison message dead-lettered by RabbitMQ: billing deadletters show %d", letter)
 
 
 @app.task(base=BillingTask, bind=True, name=broker.CHARGE_TASK, max_retries=None)

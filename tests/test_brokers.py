@@ -14,6 +14,8 @@ worker every time, and (RabbitMQ) how a countdown travels on a quorum queue.
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 import uuid
 from datetime import timedelta
@@ -25,6 +27,7 @@ from sqlalchemy import select
 
 from billing import broker
 from billing.db import session_scope
+from billing.harness.base import billing_command
 from billing.harness.rabbitmq import RabbitVhost
 from billing.models import ChargeState, DeadLetter, LedgerEntry, Subscription, utcnow
 from billing.settings import Settings
@@ -58,16 +61,17 @@ def test_a_poison_message_is_dead_lettered_after_the_limit_and_charging_goes_on(
         cluster, gateway, BILLING_BROKER_URL=broker_url, BILLING_DELIVERY_LIMIT=str(LIMIT),
         **{DIAGNOSTICS_ENV: "1"},
     )  # fmt: skip
+    source = "rabbitmq" if broker.is_amqp(broker_url) else "redis"
     aliases = gateway.seed_aliases("1234567", 20)
     gateway.set_latency(50)
     cluster.worker("w1", pool="prefork", concurrency=2)
     marker = tmp_path / "poison-runs"
     task_id = _send(cluster, EXIT_PROCESS, str(marker))
     _subscribe(pg_url, aliases)
-    cluster.beat("b1")
+    cluster.beat("b1")  # its engine sweep also moves RabbitMQ's dead letters to the table
 
     wait_until(lambda: _states(pg_url)[ChargeState.APPROVED] == 20, timeout=90)
-    wait_until(lambda: _dead_letters(pg_url, broker_url), timeout=60)
+    wait_until(lambda: len(_letters(pg_url)) == 1, timeout=60)
     runs = _runs(marker)
     time.sleep(4)  # nothing delivers it again
 
@@ -75,27 +79,44 @@ def test_a_poison_message_is_dead_lettered_after_the_limit_and_charging_goes_on(
     assert runs == _runs(marker) == LIMIT + 1
     assert cluster.log("w1").count("WorkerLostError") >= LIMIT + 1
     _one_call_per_alias(gateway, aliases)
-    if broker.is_amqp(broker_url):
+    (letter,) = _letters(pg_url)
+    assert (letter.task_name, letter.task_id, letter.source) == (EXIT_PROCESS, task_id, source)
+    assert letter.args == {"args": [str(marker)], "kwargs": {}}
+    assert f"dead-lettered by {'RabbitMQ' if source == 'rabbitmq' else 'the workers'}" in (
+        letter.exc_message
+    )
+    if source == "rabbitmq":
         vhost: RabbitVhost = request.getfixturevalue("rabbit")
-        queue = cluster.env["BILLING_QUEUE"]
-        assert vhost.messages(broker.dead_letter_queue(queue)) == 1
-        assert vhost.messages(queue) == 0
-    else:
-        (letter,) = _letters(pg_url)
-        assert (letter.task_name, letter.task_id, letter.source) == (EXIT_PROCESS, task_id, "redis")
-        assert letter.args == {"args": [str(marker)], "kwargs": {}}
-        assert f"{LIMIT + 1} deliveries" in letter.exc_message
+        dead = broker.dead_letter_queue(cluster.env["BILLING_QUEUE"])
+        assert vhost.messages(dead) == 0  # moved to the table, not copied
+
+    # One view: the letter is listed with where it came from, and requeued like any other.
+    listed = json.loads(_billing(cluster, "deadletters", "list", "--json"))
+    assert [(row["id"], row["source"]) for row in listed] == [(letter.id, source)]
+    assert "delivery limit" in listed[0]["from"]
+    assert f"dead letter {letter.id}: {EXIT_PROCESS} sent again" in _billing(
+        cluster, "deadletters", "requeue", str(letter.id), "--by", "tester"
+    )
+    # Sent again, it kills its workers again, LIMIT + 1 times, and is dead-lettered again.
+    wait_until(lambda: len(_letters(pg_url)) == 2, timeout=60)
+    assert _runs(marker) == 2 * (LIMIT + 1)
+    again = _letters(pg_url)[1]
+    assert (again.task_name, again.source) == (EXIT_PROCESS, source)
+    assert again.task_id != task_id
+
+
+def _billing(cluster: Cluster, *args: str) -> str:
+    done = subprocess.run(
+        billing_command(*args), env=cluster.env, capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def _letters(url: str) -> list[DeadLetter]:
     with session_scope(url) as session:
         return list(session.scalars(select(DeadLetter).order_by(DeadLetter.id)))
-
-
-def _dead_letters(url: str, broker_url: str) -> bool:
-    if broker.is_amqp(broker_url):
-        return True  # checked in the dead-letter queue itself, below
-    return bool(_letters(url))
 
 
 def _not_sent_env(cluster: Cluster, gateway, rabbit: RabbitVhost, backoff: str) -> None:

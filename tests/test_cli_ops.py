@@ -324,6 +324,7 @@ def test_deadletters_list_and_show(run: Run) -> None:
         (letter, "billing.charge", [17])
     ]
     assert "4012888888881881" not in json.dumps(rows)
+    assert (rows[0]["source"], rows[0]["from"]) == ("task", "the task raised")
     assert "billing.charge" in run.ok("deadletters", "list").stdout
     shown = run.ok("deadletters", "show", str(letter)).stdout
     assert "RuntimeError: boom [redacted-pan]" in shown
@@ -353,6 +354,20 @@ def test_deadletters_requeue(cli: Cli) -> None:
         assert session.get_one(DeadLetter, letter).requeued_by == "bob"
     cli.refused("deadletters", "requeue", str(letter), needle="already requeued")
     assert len(cli.messages()) == 1
+
+
+def test_deadletters_list_says_when_rabbitmq_s_dead_letter_queue_was_not_read(cli: Cli) -> None:
+    letter = deadletters.record(
+        cli.url, task_name="billing.charge", task_id="t-2", args=[18], kwargs={},
+        exc=RuntimeError("boom"),
+    )  # fmt: skip
+    listed = cli(
+        "deadletters", "list", "--json", BILLING_BROKER_URL="amqp://guest:guest@127.0.0.1:1//"
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "warning: RabbitMQ's dead-letter queue was not read" in listed.stderr
+    assert "Traceback" not in listed.stderr
+    assert [row["id"] for row in json.loads(listed.stdout)] == [letter]
 
 
 # --- ledger and report ----------------------------------------------------------------

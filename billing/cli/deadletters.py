@@ -5,6 +5,11 @@ fixed, ``requeue`` sends the same task again. That is safe for charges: a charge
 claims its charge atomically and does nothing when the charge has moved on. A letter whose
 arguments were masked before they were stored (an alias, fields the task does not take)
 is listed with what was masked and is not requeued: the error says what to do instead.
+
+One view for every broker: on RabbitMQ, the poison messages the quorum queue dead-lettered
+(its delivery limit) are moved from the dead-letter queue into the table first (the engine
+sweep does so too), so that they are listed, shown and requeued like the others; each
+letter says where it came from (``from``: the task raised, or which delivery limit).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ letters_app = typer.Typer(
     help="Tasks that failed unexpectedly, kept for a person to requeue.", no_args_is_help=True
 )
 out = Console(highlight=False, soft_wrap=True)
+err = Console(highlight=False, soft_wrap=True, stderr=True)
 
 LetterId = Annotated[
     int,
@@ -59,6 +65,8 @@ def _summary(letter: DeadLetter) -> dict[str, Any]:
         "created_at": _time(letter.created_at),
         "requeued_at": _time(letter.requeued_at),
         "requeued_by": letter.requeued_by,
+        "source": letter.source,
+        "from": deadletters.SOURCES.get(letter.source, letter.source),
     }
 
 
@@ -74,21 +82,25 @@ def list_(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
 ) -> None:
-    """Dead letters not yet requeued, oldest first."""
+    """Dead letters not yet requeued, oldest first: tasks that raised and poison messages."""
+    note = broker.move_dead_letters(get_settings())
     with session_scope(get_settings().database_url) as session:
         rows = [
             _summary(letter)
             for letter in deadletters.list_letters(session, include_requeued=include_requeued)
         ]
+    if note:
+        err.print(note, markup=False)
     if as_json:
         typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
         return
-    table = Table("id", "created (UTC)", "task", "args", "error", "requeued")
+    table = Table("id", "created (UTC)", "task", "from", "args", "error", "requeued")
     for row in rows:
         table.add_row(
             str(row["id"]),
             row["created_at"][:19].replace("T", " "),
             escape(row["task_name"]),
+            escape(row["source"]),
             escape(_args_cell(row)),
             escape(f"{row['exc_type']}: {row['exc_message']}"[:120]),
             escape(f"{row['requeued_at'][:16]} by {row['requeued_by']}")
@@ -104,7 +116,10 @@ def show(
     letter: LetterId,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of text.")] = False,
 ) -> None:
-    """One dead letter with its full traceback."""
+    """One dead letter with its full traceback and where it came from."""
+    note = broker.move_dead_letters(get_settings())
+    if note:
+        err.print(note, markup=False)
     with session_scope(get_settings().database_url) as session:
         found = deadletters.get(session, letter)
         data = {**_summary(found), "traceback": redact(found.traceback)}
