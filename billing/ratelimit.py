@@ -7,8 +7,12 @@ and sleeps until it: slots are ``1 / rate`` seconds apart, whoever asks.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import Protocol
 
 import redis
+
+from billing.errors import ConfigError
 
 #: Keys live under this prefix; each expires once no slot is reserved far ahead.
 KEY_PREFIX = "klikandpay-billing:rate:"
@@ -23,6 +27,26 @@ local ttl_ms = math.ceil((slot - now_us + interval) / 1000) + 1000
 redis.call('SET', KEYS[1], tostring(slot + interval), 'PX', ttl_ms)
 return slot - now_us
 """
+
+
+class _Limited(Protocol):
+    @property
+    def max_charges_per_second(self) -> float | None: ...
+
+
+def require_redis(accounts: Mapping[str, _Limited], redis_url: str | None) -> None:
+    """Refuse to run a plans file with rate limits and no Redis to hold them in.
+
+    On Redis the broker's server holds the limit; on RabbitMQ nothing does unless
+    ``BILLING_REDIS_URL`` is set, and a limit that holds in no process is worse than none:
+    the plans file says the gateway is protected when it is not.
+    """
+    limited = sorted(name for name, account in accounts.items() if account.max_charges_per_second)
+    if limited and not redis_url:
+        raise ConfigError(
+            f"accounts.{limited[0]}: max_charges_per_second needs a Redis shared by every "
+            "worker: set BILLING_REDIS_URL (the broker is not Redis)"
+        )
 
 
 class RateLimiter:

@@ -23,6 +23,7 @@ from celery.signals import setup_logging
 from billing.broker import celery_config, declare_dead_letters, is_amqp
 from billing.logs import celery_setup_logging
 from billing.plans import get_plans
+from billing.ratelimit import require_redis
 from billing.settings import Settings, get_settings
 from schedules.beat import build_beat_schedule
 
@@ -51,7 +52,9 @@ def make_app(settings: Settings | None = None) -> Celery:
         include.append("tasks.diagnostics")
     app = Celery("klikandpay_billing", include=include)
     app.conf.update(celery_config(settings))
-    app.conf.beat_schedule = build_beat_schedule(get_plans(settings), settings)
+    plans = get_plans(settings)
+    require_redis(plans.accounts, settings.effective_redis_url)
+    app.conf.beat_schedule = build_beat_schedule(plans, settings)
     # Read only by ``billing beat --redbeat`` (RedBeat's scheduler): Redis holds its lock.
     app.conf.redbeat_redis_url = settings.effective_redis_url
     app.steps["consumer"].add(DeadLetterQueue)

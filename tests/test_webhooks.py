@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from celery import Celery
 from freezegun import freeze_time
 from sqlalchemy import select
 from sqlalchemy.orm import joinedload
 from typer.testing import CliRunner
 
-from billing import webhooks
+from billing import broker, webhooks
 from billing.cli import app
 from billing.db import session_scope
 from billing.errors import ConfigError, InvalidInput, NotFound, StateError
@@ -407,8 +406,8 @@ def test_a_worker_killed_mid_post_is_redelivered_with_the_same_event_id(
     )
     _subscription(pg_url, "shop-1")
     _set_status(pg_url, "shop-1", SubscriptionStatus.PAST_DUE)
-    sender = Celery(broker=cluster.env["BILLING_BROKER_URL"])
     queue = cluster.env["BILLING_QUEUE"]
+    sender = broker.sending_app(Settings(broker_url=cluster.env["BILLING_BROKER_URL"], queue=queue))
 
     first = cluster.worker("w1")
     sender.send_task(DELIVER_EVENTS, queue=queue)

@@ -20,6 +20,7 @@ from billing.cli import params
 from billing.durations import quote
 from billing.errors import InvalidInput
 from billing.plans import load_plans
+from billing.ratelimit import require_redis
 from billing.settings import get_settings
 from billing.supervisor import DEFAULT_THREADS, Supervisor, celery_worker_specs, default_processes
 
@@ -49,7 +50,7 @@ LogLevel = Annotated[str, params.option("--loglevel", LOG_LEVEL, "-l", help="Cel
 
 def _validated() -> None:
     settings = get_settings()
-    load_plans(settings.plans_file)
+    require_redis(load_plans(settings.plans_file).accounts, settings.effective_redis_url)
 
 
 def worker(
