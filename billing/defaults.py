@@ -73,7 +73,7 @@ QUEUE = "billing"
 #: quorum queue; RabbitMQ 4 defaults to 20 and drops without a dead-letter exchange); on
 #: Redis the task base class counts them. A worker killed by a deploy or a crash counts
 #: once, so 5 is far above what a healthy message meets and low enough that a poison
-#: message kills five worker processes, not hundreds.
+#: message kills six worker processes (the first delivery and five more), not hundreds.
 DELIVERY_LIMIT = 5
 
 #: Minimum hours between two successful engine charges of one subscription.
@@ -109,3 +109,8 @@ WEBHOOK_DELIVER_SECONDS = 10.0
 
 #: Events posted per delivery task at most, so one task never runs for long.
 WEBHOOK_BATCH = 100
+
+#: Seconds after which a delivery task claims no further event: against a shop whose
+#: endpoint hangs, 100 posts of up to twice the timeout would hold the task's message for
+#: over half an hour (RabbitMQ's consumer_timeout); the next run, 10 s later, goes on.
+WEBHOOK_RUN_SECONDS = 60.0

@@ -55,7 +55,7 @@ from sqlalchemy import exists, or_, select, update
 from sqlalchemy.orm import Session, aliased, selectinload
 from urllib3.exceptions import DecodeError, NameResolutionError, ProtocolError
 
-from billing import __version__
+from billing import __version__, defaults
 from billing.db import session_scope
 from billing.errors import ConfigError, InvalidInput, NotFound, StateError
 from billing.events import DEFAULT_ENDPOINT, clear_endpoint_cache
@@ -558,8 +558,11 @@ def _deliver_to(
     posted = delivered = retrying = dead = 0
     own_http = http is None
     http = http or requests.Session()
+    stop_at = time.monotonic() + defaults.WEBHOOK_RUN_SECONDS
     try:
         for _ in range(limit):
+            if time.monotonic() >= stop_at:  # the next run posts the rest
+                break
             claimed = claim_next(url, now or utcnow(), lease, token, name, target.endpoint.url)
             if claimed is None:
                 break

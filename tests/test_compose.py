@@ -4,6 +4,7 @@ the settings the project accepts."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import typer
 import yaml
 
+from billing import broker
 from billing.cli import app
 from billing.settings import Settings
 
@@ -32,13 +34,55 @@ def test_every_part_of_the_service_is_there_with_health_checks():
             assert dependency in SERVICES, f"{name} depends on unknown {dependency}"
 
 
+DEFAULTED = re.compile(r"^\$\{(?P<name>[A-Z0-9_]+):-(?P<default>.*)\}$")
+
+
+def _settings(**shell: str) -> Settings:
+    """The shared settings as compose resolves them, with ``shell`` as the environment."""
+    values = {}
+    for key, value in OURS["worker"]["environment"].items():
+        found = DEFAULTED.match(value)
+        if found:
+            value = shell.get(found["name"]) or found["default"]
+        if key.startswith("BILLING_") and value:
+            values[key.removeprefix("BILLING_").lower()] = value
+    return Settings(**values)
+
+
 def test_the_shared_settings_are_accepted_by_the_project():
     env = OURS["worker"]["environment"]
-    values = {k: v for k, v in env.items() if k.startswith("BILLING_") and not v.startswith("${")}
-    settings = Settings(**{k.removeprefix("BILLING_").lower(): v for k, v in values.items()})
+    settings = _settings()
     assert settings.database_url.startswith("postgresql://")
     assert settings.broker_url == "redis://redis:6379/0"
+    assert settings.effective_redis_url == "redis://redis:6379/0"
     assert all(service["environment"] == env for service in OURS.values())
+
+
+def test_the_rabbitmq_profile_is_what_the_comment_says_to_switch_to():
+    rabbit = SERVICES["rabbitmq"]
+    assert rabbit["profiles"] == ["rabbitmq"]
+    assert "management" in rabbit["image"] and "healthcheck" in rabbit
+    # The management UI on this machine's loopback only, nothing else published.
+    assert rabbit["ports"] == ["127.0.0.1:15672:15672"]
+    text = (ROOT / "docker-compose.yml").read_text()
+    (switch,) = re.findall(
+        r"BILLING_BROKER_URL=(amqp://\S+) docker compose --profile rabbitmq", text
+    )
+    user, password = switch.removeprefix("amqp://").split("@")[0].split(":")
+    assert rabbit["environment"] == {
+        "RABBITMQ_DEFAULT_USER": user,
+        "RABBITMQ_DEFAULT_PASS": password,
+    }
+    settings = _settings(BILLING_BROKER_URL=switch)
+    assert broker.is_amqp(settings.broker_url) and settings.broker_url.split("@")[1].startswith(
+        "rabbitmq:"
+    )
+    # Redis still holds the rate limit and RedBeat's lock, whatever the broker.
+    assert settings.effective_redis_url == "redis://redis:6379/0"
+    for name in ("worker", "beat"):
+        assert SERVICES[name]["depends_on"]["rabbitmq"] == {
+            "condition": "service_healthy", "required": False,
+        }  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(OURS))

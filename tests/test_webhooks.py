@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import joinedload
 from typer.testing import CliRunner
 
-from billing import broker, webhooks
+from billing import broker, defaults, webhooks
 from billing.cli import app
 from billing.db import session_scope
 from billing.errors import ConfigError, InvalidInput, NotFound, StateError
@@ -165,6 +165,25 @@ def _readme_snippet() -> str:
 
 
 # -------------------------------------------------------------------------- tests
+
+
+def test_a_delivery_run_against_a_hanging_endpoint_stops_claiming_after_its_time(
+    pg_url, receiver, monkeypatch
+):
+    """A task holds its message while it runs; RabbitMQ closes a consumer that holds one
+    for 30 minutes, and 100 posts to a shop that never answers would take longer."""
+    monkeypatch.setattr(defaults, "WEBHOOK_RUN_SECONDS", 2.5)
+    receiver.script = ["hang"] * 10
+    for n in range(10):  # one event each: a subscription's events go out in order
+        _subscription(pg_url, f"shop-{n}")
+        _set_status(pg_url, f"shop-{n}", SubscriptionStatus.PAST_DUE)
+
+    started = time.monotonic()
+    result = webhooks.deliver_due(pg_url, _settings(pg_url, receiver, webhook_timeout=1))
+
+    assert result.posted == len(receiver.requests) == 3  # at 0, 1 and 2 s; none at 3 s
+    assert time.monotonic() - started < 5
+    assert webhooks.deliver_due(pg_url, _settings(pg_url, receiver, webhook_timeout=1)).posted
 
 
 def test_the_signature_verifies_with_the_documented_snippet(db_url, receiver):
