@@ -4,10 +4,14 @@ counts nothing itself.
 Why: with ``task_acks_late`` and ``task_reject_on_worker_lost`` a message whose task kills
 its worker process (out of memory, a segfault in a driver) goes back to the queue and is
 delivered again, for ever. RabbitMQ bounds that with the quorum queue's ``x-delivery-limit``
-(``billing.broker``); Redis has no delivery count, so the task base class counts here: a
-start increments the message's counter, a finish (success, failure or retry) deletes it.
-What is left is the number of deliveries that died mid-task. Past the limit the message is
-dead-lettered (a row in ``dead_letters``) instead of run again.
+(``billing.broker``); Redis has no delivery count, so the task base class counts here.
+
+Only redeliveries are counted: Kombu marks every message Redis hands out again
+(``redelivered``: a rejected message requeued after its worker process died, or one
+restored after the visibility timeout), so a first delivery — every message of a healthy
+run — costs no Redis call at all. A redelivery increments the message's counter before the
+task runs and a finish (success, failure or retry) deletes it; past the limit the message
+is dead-lettered (a row in ``dead_letters``) instead of run again.
 
 A message is its task ID *and* its retry number: Celery keeps the task ID across
 ``self.retry``, and each retry is a new message with its own deliveries.
@@ -29,15 +33,15 @@ KEY_PREFIX = "klikandpay-billing:deliveries:"
 KEY_TTL = 7 * 24 * 3600
 
 
-def dead_letters_after(count: int, limit: int) -> bool:
-    """Whether the ``count``-th start of a message is past ``limit``: more than ``limit``
-    earlier deliveries of it died unfinished, the point where RabbitMQ's quorum queue
-    (``x-delivery-limit``) dead-letters too."""
-    return count - 1 > limit
+def dead_letters_after(redeliveries: int, limit: int) -> bool:
+    """Whether a message delivered again for the ``redeliveries``-th time is past
+    ``limit``: more than ``limit`` earlier deliveries of it died unfinished, the point where
+    RabbitMQ's quorum queue (``x-delivery-limit``) dead-letters too."""
+    return redeliveries > limit
 
 
 class DeliveryCounter:
-    """Counts the unfinished deliveries of each message in Redis."""
+    """Counts the redeliveries of each message in Redis, until its task finishes."""
 
     def __init__(self, redis_url: str, limit: int) -> None:
         self._redis = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
@@ -47,8 +51,8 @@ class DeliveryCounter:
     def key(task_id: str, retries: int) -> str:
         return f"{KEY_PREFIX}{task_id}:{retries}"
 
-    def started(self, task_id: str, retries: int) -> int:
-        """Count a start of the message; its number (1: its first delivery)."""
+    def redelivered(self, task_id: str, retries: int) -> int:
+        """Count a redelivery of the message; how many were counted (1: the first)."""
         pipe = self._redis.pipeline()
         pipe.incr(self.key(task_id, retries))
         pipe.expire(self.key(task_id, retries), KEY_TTL)
@@ -59,8 +63,8 @@ class DeliveryCounter:
         """The message's task ended (any way but a dead process): forget its count."""
         self._redis.delete(self.key(task_id, retries))
 
-    def unfinished(self, task_id: str, retries: int) -> int:
-        """Starts counted and not finished (for tests and a person's look)."""
+    def counted(self, task_id: str, retries: int) -> int:
+        """Redeliveries counted and not finished (for tests and a person's look)."""
         return int(self._redis.get(self.key(task_id, retries)) or 0)
 
 

@@ -92,22 +92,30 @@ class BillingTask(Task):
     def engine(self) -> Engine:
         return get_engine()
 
+    def _counted(self) -> DeliveryCounter | None:
+        """The counter, for a redelivered message on Redis (None: nothing to count)."""
+        if self.request.called_directly or not (self.request.delivery_info or {}).get(
+            "redelivered"
+        ):
+            return None
+        return delivery_counter()
+
     def before_start(self, task_id: str, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
-        """On Redis: count this delivery; past the delivery limit, dead-letter the message
-        (acknowledged, not run). Redis being unreachable only skips the count: running a
-        task twice is safe, every task claims its work in the database."""
-        counter = delivery_counter()
-        if counter is None or self.request.called_directly:
+        """On Redis, for a message delivered again: count it; past the delivery limit,
+        dead-letter it (acknowledged, not run). Redis being unreachable only skips the
+        count: running a task again is safe, every task claims its work in the database."""
+        counter = self._counted()
+        if counter is None:
             return
         retries = int(self.request.retries or 0)
         try:
-            count = counter.started(task_id, retries)
+            redeliveries = counter.redelivered(task_id, retries)
         except Exception as exc:
             log.warning("task %s[%s]: deliveries not counted: %s", self.name, task_id, exc)
             return
-        if not dead_letters_after(count, counter.limit):
+        if not dead_letters_after(redeliveries, counter.limit):
             return
-        poison = PoisonMessage(count - 1, counter.limit, "the workers (Redis delivery count)")
+        poison = PoisonMessage(redeliveries, counter.limit, "the workers (Redis delivery count)")
         letter = deadletters.record(
             get_settings().database_url, task_name=self.name, task_id=task_id,
             args=list(args), kwargs=dict(kwargs), exc=poison, source=deadletters.SOURCE_REDIS,
@@ -115,7 +123,7 @@ class BillingTask(Task):
         counter.finished(task_id, retries)
         log.error(
             "task %s[%s] killed its worker %d times; dead letter %d (billing deadletters show %d)",
-            self.name, task_id, count - 1, letter, letter,
+            self.name, task_id, redeliveries, letter, letter,
         )  # fmt: skip
         raise Ignore()
 
@@ -129,8 +137,8 @@ class BillingTask(Task):
         einfo: Any,
     ) -> None:
         """The task ended (success, failure or retry): this delivery did not kill its worker."""
-        counter = delivery_counter()
-        if counter is None or self.request.called_directly:
+        counter = self._counted()
+        if counter is None:
             return
         try:
             counter.finished(task_id, int(self.request.retries or 0))

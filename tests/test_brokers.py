@@ -85,6 +85,7 @@ def test_a_poison_message_is_dead_lettered_after_the_limit_and_charging_goes_on(
     assert f"dead-lettered by {'RabbitMQ' if source == 'rabbitmq' else 'the workers'}" in (
         letter.exc_message
     )
+    assert letter.exc_message.startswith(f"{LIMIT + 1} deliveries ended without the task")
     if source == "rabbitmq":
         vhost: RabbitVhost = request.getfixturevalue("rabbit")
         dead = broker.dead_letter_queue(cluster.env["BILLING_QUEUE"])
