@@ -204,3 +204,37 @@ def _ledger(url: str) -> list[LedgerEntry]:
 
 def _outcomes(url: str, sub_id: int) -> list[str]:
     return [e.outcome for e in _ledger(url) if e.subscription_id == sub_id]
+
+
+def test_a_dead_letter_is_moved_from_rabbitmq_once_even_when_its_message_comes_twice(
+    rabbit, pg_url
+):
+    """The drain acknowledges a message after its letter committed: a drain that died in
+    between leaves it for the next, which must not store it twice."""
+    settings = Settings(
+        broker_url=rabbit.url, database_url=pg_url, queue=f"q-{uuid.uuid4().hex[:6]}"
+    )
+    app = broker.sending_app(settings)
+    headers = {
+        "task": broker.CHARGE_TASK, "id": "dead-1", "retries": 0,
+        "x-first-death-reason": "delivery_limit",
+    }  # fmt: skip
+    with app.connection_for_write() as connection:
+        broker.declare_dead_letters(connection, settings)
+        producer = connection.Producer()
+        for _ in range(2):  # the same message twice
+            producer.publish(
+                [[41], {}, {}], exchange=broker.DEAD_LETTER_EXCHANGE,
+                routing_key=settings.queue, headers=headers, serializer="json",
+            )  # fmt: skip
+
+    moved = broker.drain_dead_letters(settings)
+
+    assert len(moved) == 1 and broker.drain_dead_letters(settings) == []
+    assert rabbit.messages(broker.dead_letter_queue(settings.queue)) == 0
+    (letter,) = _letters(pg_url)
+    assert (letter.id, letter.task_name, letter.task_id) == (moved[0], "billing.charge", "dead-1")
+    assert (letter.source, letter.args) == ("rabbitmq", {"args": [41], "kwargs": {}})
+    assert "dead-lettered by RabbitMQ (delivery_limit)" in letter.exc_message
+    # Redis has no dead-letter queue: nothing to move, no connection made.
+    assert broker.drain_dead_letters(Settings(broker_url="redis://127.0.0.1:1/0")) == []
