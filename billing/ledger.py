@@ -95,9 +95,7 @@ def row(
 
 
 #: The columns :func:`row` fills, in order (a statement prepared once binds them all).
-COLUMNS: tuple[str, ...] = tuple(
-    row(outcome="", operation="", actor="", at=datetime.min).keys()
-)
+COLUMNS: tuple[str, ...] = tuple(row(outcome="", operation="", actor="", at=datetime.min).keys())
 
 
 def append(session: Session, **fields: Any) -> int:
