@@ -8,9 +8,11 @@ module does that on one machine, with nothing of its own faked:
 - a fresh SQLite database at the head migration and ``billing sandbox`` in a process of
   its own (``billing.harness``), with the demo's plans (``schedules/demo.toml``: two
   monthly/yearly EUR plans and a weekly USD one, on two merchant accounts);
-- 30 days of history, written as the rows the engine writes (approved and declined
-  charge calls on each UTC day, a few charges a person discarded, some left waiting for
-  days), so the overview's chart and decline rate have something to show;
+- 30 days of history, inserted directly as the rows the engine and a person would have
+  written (the engine stamps its rows with the time of the call, so it cannot be run in
+  the past): approved and declined charge calls on each UTC day, a few hard declines a
+  person discarded, one still waiting for days, and an answer lost last night, so the
+  overview's chart, decline rate and oldest unknown charge have something to show;
 - this morning's run made by the real engine calling the sandbox over HTTP: approvals in
   both currencies, a deferred authorization, hard declines, a soft decline that ran out
   its retry ladder, and answers lost or garbled after the gateway recorded the charge
