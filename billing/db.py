@@ -57,10 +57,15 @@ def _sqlite_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
-#: Pooled connections kept per process: at least a thread pool's size (Celery -c 64).
-POOL_SIZE = 80
-#: Extra short-lived connections allowed beyond the pool under a burst.
-POOL_OVERFLOW = 20
+#: Connections one process holds at most. A charge holds one only for its claim and its
+#: record (milliseconds), never during the gateway call, so 32 serve the 32 calls a process
+#: makes at once with room to spare; more threads wait their turn for a connection rather
+#: than open more. ``billing worker`` with its defaults needs processes × 32 (+ beat and the
+#: CLI) of PostgreSQL's ``max_connections`` (100 by default).
+POOL_SIZE = 32
+#: No connections beyond the pool: an overflow connection is closed when returned, so a
+#: burst would open and close connections all day.
+POOL_OVERFLOW = 0
 
 #: Largest row ID (PostgreSQL ``integer``). A larger number cannot name a row.
 MAX_ID = 2**31 - 1
@@ -79,9 +84,7 @@ def get_engine(url: str) -> Engine:
             event.listen(engine, "connect", _sqlite_pragmas)
             event.listen(engine, "begin", _sqlite_begin)
         else:
-            # Connections open lazily, so a large pool costs nothing until threads need it;
-            # a pool smaller than the worker's threads would close and reopen connections
-            # all day (overflow connections are discarded when returned).
+            # Connections open lazily: the pool costs nothing until threads need it.
             engine = create_engine(
                 url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW
             )

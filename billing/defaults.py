@@ -49,6 +49,10 @@ MAX_IN_FLIGHT = 500
 #: spends about 1.5 ms of CPU on each message here, as much as a third of a charge).
 CHARGE_BATCH = 8
 
+#: Calls one worker process makes at once for several-charge messages (threads started
+#: only when needed); the charges beyond wait, still queued and unclaimed, for a thread.
+CALLS_PER_PROCESS = 32
+
 #: Subscriptions read and charge rows written per database round trip during a sweep.
 SWEEP_BATCH_SIZE = 1000
 

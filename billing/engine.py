@@ -172,12 +172,12 @@ class Engine:
         return [f.result() for f in futures]
 
     def _calls_pool(self) -> ThreadPoolExecutor:
-        """Threads for the calls of several-charge messages: as many as charges may be in
-        flight at once (started only when needed)."""
+        """Threads for the calls of several-charge messages (``calls_per_process``, started
+        only when needed): a charge waiting for one is still queued, not claimed."""
         with self._pool_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(
-                    max_workers=self.ctx.settings.max_in_flight, thread_name_prefix="charge"
+                    max_workers=self.ctx.settings.calls_per_process, thread_name_prefix="charge"
                 )
             return self._pool
 

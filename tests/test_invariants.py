@@ -333,11 +333,11 @@ def test_10_on_sqlite_the_default_worker_a_beat_and_a_person_charge_each_period_
 def test_11_a_worker_killed_mid_batch_leaves_started_calls_unknown_and_sends_the_rest_once(
     cluster, gateway, pg_url
 ):
-    """One message of four charges, two threads for its calls (``BILLING_MAX_IN_FLIGHT=2``):
+    """One message of four charges, two threads for its calls (``BILLING_CALLS_PER_PROCESS=2``):
     the two slow calls start, the two others wait their turn; SIGKILL then. The started
     calls end unknown and are never made again; the unstarted charges, still queued, are
     made once when the message comes back."""
-    _env_for(cluster, gateway, BILLING_VISIBILITY_TIMEOUT="4", BILLING_MAX_IN_FLIGHT="2")
+    _env_for(cluster, gateway, BILLING_VISIBILITY_TIMEOUT="4", BILLING_CALLS_PER_PROCESS="2")
     aliases = gateway.seed_aliases("1234567", 4)
     slow = aliases[:2]
     for alias in slow:
