@@ -30,6 +30,8 @@ from billing.settings import Settings
 #: Task names, shared by the workers' tasks (``tasks/``) and what sends them.
 CHARGE_TASK = "billing.charge"
 CAPTURE_TASK = "billing.capture"
+#: A task that does nothing: Celery's own cost per message (``make bench``).
+NOOP_TASK = "billing.noop"
 #: Seconds a person's command waits for the broker before saying it is unreachable.
 CONNECT_TIMEOUT = 5.0
 
