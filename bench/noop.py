@@ -23,12 +23,14 @@ import redis
 from bench.config import BenchFailed, console
 from bench.context import Context
 from bench.floor import Meter
-from bench.ours import WORKER, start_worker
+from bench.ours import start_worker
 from billing import broker
 from billing.settings import Settings
 
 #: Seconds between two looks at the queue.
 POLL = 0.02
+#: The no-op worker's name in the harness (its log: ``noop-worker.log``).
+WORKER = "noop-worker"
 #: kombu's Redis transport keeps unacknowledged messages in this hash.
 UNACKED = "unacked"
 
@@ -64,7 +66,7 @@ def measure(ctx: Context) -> dict[str, Any]:
     n = config.noop_n
     queue = f"noop-{uuid.uuid4().hex[:8]}"
     staging = f"{queue}-staging"
-    processes = start_worker(ctx, queue)
+    processes = start_worker(ctx, queue, name=WORKER)
     client = redis.Redis.from_url(ctx.broker_url)
     try:
         console.log(f"sending {n} no-op messages to a staging queue")

@@ -68,9 +68,14 @@ def worker_env(ctx: Context, queue: str) -> dict[str, str]:
     }
 
 
-def start_worker(ctx: Context, queue: str, extra_env: Mapping[str, str] | None = None) -> Processes:
+def start_worker(
+    ctx: Context, queue: str, extra_env: Mapping[str, str] | None = None, name: str = WORKER
+) -> Processes:
     """``billing worker`` as a user starts it (plus ``BENCH_WORKER_ARGS``), on ``queue``,
-    once every one of its Celery processes is ready."""
+    once every one of its Celery processes is ready.
+
+    Each start needs a ``name`` of its own: readiness is counted in ``<name>.log``, and a log
+    that already holds an earlier worker's "ready." lines would be believed at once."""
     config = ctx.config
     shown = " ".join(("billing worker", *config.worker_args))
     console.log(
@@ -79,7 +84,7 @@ def start_worker(ctx: Context, queue: str, extra_env: Mapping[str, str] | None =
     )
     processes = Processes({**worker_env(ctx, queue), **(extra_env or {})}, ctx.workdir, cwd=ROOT)
     try:
-        processes.billing_worker(WORKER, *config.worker_args, processes=config.worker_processes)
+        processes.billing_worker(name, *config.worker_args, processes=config.worker_processes)
     except BaseException:
         processes.stop_all()
         raise
