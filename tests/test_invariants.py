@@ -273,3 +273,57 @@ def test_9_a_thousand_due_subscriptions_end_in_a_thousand_outcomes_matching_the_
     approved_calls = {c["tx"] for c in calls if c["result"] == "approved"}
     assert approved_calls == {e.tx for e in entries if e.outcome == "approved"}
     assert {c["alias"] for c in calls} == set(aliases)
+
+
+def test_10_on_sqlite_the_default_worker_a_beat_and_a_person_charge_each_period_once(
+    cluster, gateway, sqlite_url
+):
+    """The embedded default under the load it is documented for: ``billing worker`` as
+    started with no options (a process per core, 32 threads each), a beat, every message
+    delivered three times, and a person retrying failed charges from the CLI while the
+    workers write. SQLite's ``BEGIN IMMEDIATE`` serialises every writer: each period is
+    charged once, nothing is lost, and no writer gives up with "database is locked"."""
+    import subprocess
+    import sys
+
+    cluster.env["BILLING_DATABASE_URL"] = sqlite_url
+    _env_for(cluster, gateway)
+    gateway.set_latency(20)
+    aliases = gateway.seed_aliases("1234567", 150)
+    hard = aliases[:10]
+    for alias in hard:
+        gateway.set_behaviour(alias, decline="54", times=1)  # then approved when retried
+    _subscribe(sqlite_url, aliases)
+    sent: list[int] = []
+    engine = Engine(
+        Settings(database_url=sqlite_url, gateway_url=gateway.url),
+        plans=load_plans(ENGINE_PLANS), dispatcher=sent.extend, limiter=None,
+    )  # fmt: skip
+    engine.sweep_plan("monthly")
+    cluster.billing_worker("bw")
+    cluster.beat("b1")
+    app = _sender(cluster)
+    for charge_id in sent * 3:
+        app.send_task("billing.charge", args=[charge_id], queue=cluster.env["BILLING_QUEUE"])
+
+    def failed() -> list[int]:
+        with session_scope(sqlite_url) as session:
+            return list(session.scalars(select(Charge.id).where(Charge.state == "failed")))
+
+    wait_until(lambda: len(failed()) == len(hard), timeout=90)
+    for charge_id in failed():  # a person, while the workers still write
+        done = subprocess.run(
+            [sys.executable, "-m", "billing.cli", "failed", "retry", str(charge_id),
+             "--reason", "new card on file", "--by", "alice"],
+            env=cluster.env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    wait_until(lambda: _states(sqlite_url)[ChargeState.APPROVED] == 150, timeout=90)
+    time.sleep(1)
+
+    assert _states(sqlite_url) == Counter({ChargeState.APPROVED: 150})
+    _one_call_per_alias(gateway, aliases)
+    assert len(gateway.calls(script="duplicate")) == 150 + len(hard)
+    logs = cluster.log("bw") + cluster.log("b1")
+    assert "database is locked" not in logs
+    assert "Traceback" not in logs
