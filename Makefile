@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo console test test-slow lint format bench bench-smoke bench-configs bench-scale chaos clean
+.PHONY: demo console screenshots test test-slow lint format bench bench-smoke bench-configs bench-scale chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: $(STAMP)
 # it prints the console's URL and a demo account. Ctrl-C stops everything.
 console: $(STAMP)
 	$(VENV)/bin/billing demo --serve
+
+# The README's pictures of the console (docs/screenshots/), from a seeded database, with
+# Debian's Chromium at /usr/bin/chromium.
+screenshots: $(STAMP)
+	$(PY) -m billing.web.screenshots docs/screenshots
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

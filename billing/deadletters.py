@@ -59,6 +59,7 @@ TASKS: Mapping[str, TaskArguments] = {
     SWEEP_PLAN: TaskArguments(("plan",)),
     ENGINE_SWEEP: TaskArguments(()),
     "billing.charge": TaskArguments(("charge_id",)),
+    "billing.charge_batch": TaskArguments(("charge_ids",)),
     "billing.capture": TaskArguments(("charge_id",)),
     "billing.add_subscription": TaskArguments(
         ("data",),

@@ -108,19 +108,39 @@ def claim_statement() -> Select[Any]:
 
     May go out: its subscription is chargeable, the velocity guard lets it (a manual
     charge is exempt), its plan and its currency's account are in the plans file.
+
+    The charge is locked first (``locked``), then its subscription is read ``FOR KEY
+    SHARE`` (``sub``): a locking read returns the row's latest committed version, not the
+    statement's snapshot, so a pause or a new card that held the charge's lock while this
+    statement waited for it (every change of a subscription locks its open charges first)
+    is what the guards and the call see. A plain join would judge the subscription as it
+    was when the statement began.
     """
     claim = lifecycle.TRANSITIONS["claim"]
+    sources = [state.value for state in claim.sources]
+    locked = (
+        select(C.c.id, C.c.subscription_id)
+        .where(C.c.id == bindparam("p_charge_id"), C.c.state.in_(sources))
+        .with_for_update()
+        .cte("locked")
+    )
+    sub = (
+        select(S)
+        .where(S.c.id == select(locked.c.subscription_id).scalar_subquery())
+        .with_for_update(read=True, key_share=True)
+        .cte("sub")
+    )
     moved = (
         update(C)
         .where(
-            C.c.id == bindparam("p_charge_id"),
-            C.c.state.in_([state.value for state in claim.sources]),
-            S.c.id == C.c.subscription_id,
-            S.c.status.in_([status.value for status in CHARGEABLE]),
+            C.c.id == select(locked.c.id).scalar_subquery(),
+            C.c.state.in_(sources),
+            sub.c.id == C.c.subscription_id,
+            sub.c.status.in_([status.value for status in CHARGEABLE]),
             or_(
                 C.c.manual,
-                S.c.last_charged_at.is_(None),
-                S.c.last_charged_at <= bindparam("p_gap_start", type_=_TIME),
+                sub.c.last_charged_at.is_(None),
+                sub.c.last_charged_at <= bindparam("p_gap_start", type_=_TIME),
             ),
             C.c.plan.in_(bindparam("p_plans", expanding=True)),
             C.c.currency.in_(bindparam("p_currencies", expanding=True)),
@@ -131,7 +151,7 @@ def claim_statement() -> Select[Any]:
             attempts=C.c.attempts + 1,
             updated_at=bindparam("p_now", type_=_TIME),
         )
-        .returning(*CHARGE_COLUMNS, *(S.c[name].label(SUB_PREFIX + name) for name in SUB_FIELDS))
+        .returning(*CHARGE_COLUMNS, *(sub.c[name].label(SUB_PREFIX + name) for name in SUB_FIELDS))
         .cte("claimed")
     )
     attempt = (
