@@ -136,9 +136,16 @@ def wait_for_charges(config: Config, url: str, processes: Processes) -> Progress
             if not processes.alive(WORKER):
                 raise BenchFailed(f"the worker exited during the run:\n{processes.tail(WORKER)}")
             if time.monotonic() - last_change > 60:
+                states = dict(
+                    conn.execute(
+                        "SELECT state, count(*) FROM charges WHERE plan = %s GROUP BY state",
+                        (PLAN,),
+                    ).fetchall()
+                )
                 raise BenchFailed(
                     f"no charge settled for 60 s ({settled} of {config.n} settled, "
-                    f"{created} created):\n{processes.tail(WORKER)}"
+                    f"{created} created; by state {states}; no beat runs in the bench, so "
+                    f"a pending charge waits for a worker's refill):\n{processes.tail(WORKER)}"
                 )
             if time.monotonic() - started > config.timeout:
                 raise BenchFailed(
