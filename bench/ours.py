@@ -136,7 +136,7 @@ def wait_for_charges(config: Config, url: str, processes: Processes) -> Progress
             if not processes.alive(WORKER):
                 raise BenchFailed(f"the worker exited during the run:\n{processes.tail(WORKER)}")
             if time.monotonic() - last_change > 60:
-                states = dict(
+                states: dict[str, int] = dict(
                     conn.execute(
                         "SELECT state, count(*) FROM charges WHERE plan = %s GROUP BY state",
                         (PLAN,),
