@@ -32,6 +32,8 @@ CHARGE_TASK = "billing.charge"
 #: Several charges in one message (see ``send_charges``).
 CHARGE_BATCH_TASK = "billing.charge_batch"
 CAPTURE_TASK = "billing.capture"
+#: A task that does nothing: Celery's own cost per message (``make bench``).
+NOOP_TASK = "billing.noop"
 #: Seconds a person's command waits for the broker before saying it is unreachable.
 CONNECT_TIMEOUT = 5.0
 

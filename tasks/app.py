@@ -26,7 +26,9 @@ from schedules.beat import build_beat_schedule
 
 def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    app = Celery("klikandpay_billing", include=["tasks.charges", "tasks.events"])
+    app = Celery(
+        "klikandpay_billing", include=["tasks.charges", "tasks.events", "tasks.diagnostics"]
+    )
     app.conf.update(celery_config(settings))
     app.conf.beat_schedule = build_beat_schedule(get_plans(settings), settings)
     # Read only by ``billing beat --redbeat`` (RedBeat's scheduler): Redis holds its lock.
