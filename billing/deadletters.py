@@ -60,6 +60,7 @@ TASKS: Mapping[str, TaskArguments] = {
     ENGINE_SWEEP: TaskArguments(()),
     "billing.charge": TaskArguments(("charge_id",)),
     "billing.charge_batch": TaskArguments(("charge_ids",)),
+    "billing.noop": TaskArguments(("charge_id",)),
     "billing.capture": TaskArguments(("charge_id",)),
     "billing.add_subscription": TaskArguments(
         ("data",),
