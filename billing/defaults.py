@@ -45,8 +45,9 @@ MAX_IN_FLIGHT = 500
 
 #: Charge IDs per message at most. A message of several charges is claimed, called and
 #: recorded charge by charge, all at once (``Engine.charge_many``): the broker's and
-#: Celery's cost is paid once per message, not once per charge (``make bench``: Celery
-#: spends about 1.5 ms of CPU on each message here, as much as a third of a charge).
+#: Celery's cost is paid once per message, not once per charge (``make bench``'s no-op
+#: row: Celery spends 1.5-2.8 ms of CPU on each message on a 2-core machine, about a
+#: quarter of a charge).
 CHARGE_BATCH = 8
 
 #: Calls one worker process makes at once for several-charge messages (threads started
