@@ -70,7 +70,31 @@ POOL_OVERFLOW = 0
 #: Largest row ID (PostgreSQL ``integer``). A larger number cannot name a row.
 MAX_ID = 2**31 - 1
 
+#: The longest query (characters) and the most parameters psycopg keeps parsed. Its own
+#: limits (4,096 and 50) leave out the hot path's approval (``billing.charging.hotpath``:
+#: one statement of about 6,500 characters and 66 parameters), which psycopg would then
+#: parse into PostgreSQL's ``$n`` form on every execution: about 1 ms of CPU per charge in
+#: ``BENCH_PROFILE=1 make bench`` (``_query2pg_nocache``). Our statements are few and fixed,
+#: so caching them all costs a few kilobytes.
+PARSED_QUERY_LENGTH = 16_384
+PARSED_QUERY_PARAMS = 128
+
 _ENGINES: dict[str, Engine] = {}
+
+
+def _cache_long_queries() -> None:
+    """Raise psycopg's parse-cache limits to ours (its documented behaviour is unchanged:
+    the cache is an LRU of parsed queries; only which queries may enter it changes)."""
+    from psycopg import _queries
+
+    _queries.MAX_CACHED_STATEMENT_LENGTH = max(
+        _queries.MAX_CACHED_STATEMENT_LENGTH, PARSED_QUERY_LENGTH
+    )
+    _queries.MAX_CACHED_STATEMENT_PARAMS = max(
+        _queries.MAX_CACHED_STATEMENT_PARAMS, PARSED_QUERY_PARAMS
+    )
+
+
 _MAKERS: dict[tuple[str, bool], sessionmaker[Session]] = {}
 
 
@@ -84,6 +108,7 @@ def get_engine(url: str) -> Engine:
             event.listen(engine, "connect", _sqlite_pragmas)
             event.listen(engine, "begin", _sqlite_begin)
         else:
+            _cache_long_queries()
             # Connections open lazily: the pool costs nothing until threads need it.
             engine = create_engine(
                 url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW

@@ -347,3 +347,29 @@ def test_a_new_card_committed_while_the_claim_waited_is_the_card_charged(
     )  # fmt: skip
     assert isinstance(claimed, Claim), claimed
     assert claimed.subscription.alias == new
+
+
+def test_psycopg_keeps_the_hot_statements_parsed(pg_url: str, gateway: Any, make_harness: Any):
+    """psycopg parses a query into PostgreSQL's ``$n`` form once and keeps it, if the query
+    is within its limits of length and parameters; the approval is beyond its defaults
+    (4,096 characters, 50 parameters), so ``billing.db`` raises them."""
+    from psycopg import _queries
+
+    seen: list[tuple[str, int]] = []
+
+    def keep(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        if statement.startswith(("WITH locked", "WITH moved")):
+            seen.append((statement, len(parameters)))
+
+    event.listen(get_engine(pg_url), "before_cursor_execute", keep)
+    try:
+        scenario = Scenario("deferred", "other", False, False, False, (), "nothing")
+        _play(make_harness(pg_url), pg_url, gateway.seed_aliases("1234567", 3), scenario, utcnow())
+    finally:
+        event.remove(get_engine(pg_url), "before_cursor_execute", keep)
+    assert len(seen) == 2
+    assert max(len(statement) for statement, _ in seen) > 4096
+    assert max(count for _, count in seen) > 50
+    for statement, count in seen:  # the test psycopg applies before it caches a query
+        assert len(statement) <= _queries.MAX_CACHED_STATEMENT_LENGTH
+        assert count <= _queries.MAX_CACHED_STATEMENT_PARAMS
