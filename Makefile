@@ -3,13 +3,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo console test test-slow test-rabbitmq lint format bench bench-smoke chaos clean
+.PHONY: demo console screenshots test test-slow test-rabbitmq lint format bench bench-smoke bench-configs bench-scale chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,redbeat]'
 	touch $(STAMP)
+
+# The bench's optional extra (matplotlib, for bench-scale's plot), on top of the above.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,redbeat,bench]'
+	touch $(BENCH_STAMP)
 
 # The README's first command: sandbox, worker and beat as real processes, in under a minute.
 demo: $(STAMP)
@@ -19,6 +25,11 @@ demo: $(STAMP)
 # it prints the console's URL and a demo account. Ctrl-C stops everything.
 console: $(STAMP)
 	$(VENV)/bin/billing demo --serve
+
+# The README's pictures of the console (docs/screenshots/), from a seeded database, with
+# Debian's Chromium at /usr/bin/chromium.
+screenshots: $(STAMP)
+	$(PY) -m billing.web.screenshots docs/screenshots
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
@@ -37,14 +48,24 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy billing tasks schedules chaos bench
 
-# One run on this machine: the worker beside the raw floor and the sequential script.
-# BENCH_N, BENCH_LATENCY_MS, BENCH_CONCURRENCY (and more, see bench/README.md) change it.
+# One run on this machine: the default `billing worker` beside Celery's no-op cost, the
+# same-writes floor, the raw floor and the sequential script. BENCH_N, BENCH_LATENCY_MS,
+# BENCH_WORKER_ARGS, BENCH_PROFILE=1 (and more, see bench/README.md) change it.
 bench: $(STAMP)
 	$(PY) -m bench.run
 
 # The same run, small enough for CI: it fails when the run fails, never on a slow machine.
 bench-smoke: $(STAMP)
 	BENCH_N=300 BENCH_SEQUENTIAL_N=40 BENCH_PROBE_N=40 $(PY) -m bench.run
+
+# The worker under a few `billing worker` option sets (BENCH_CONFIGS), one table.
+bench-configs: $(STAMP)
+	$(PY) -m bench.series configs
+
+# How cost grows: the default worker at N = 2,000 / 20,000 / 100,000 (BENCH_SCALE_NS),
+# one table and a PNG plot beside the JSON in bench/results/.
+bench-scale: $(BENCH_STAMP)
+	$(PY) -m bench.series scale
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

@@ -115,6 +115,37 @@ def process_cpu_seconds(pid: int) -> float:
     return sum(int(value) for value in stat_fields(pid)[11:15]) / CLK_TCK
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every descendant of it alive now (``billing worker``: the supervisor and
+    its Celery processes, and a prefork pool's children under those)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                children.setdefault(int(stat_fields(int(entry.name))[1]), []).append(
+                    int(entry.name)
+                )
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of ``pid`` and its descendants, each with the children it has reaped.
+
+    Summed at two moments, the difference is the tree's CPU in between, even when a child
+    exits meanwhile: its time moves into its parent's reaped-children counters.
+    """
+    total = 0.0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += process_cpu_seconds(member)
+    return total
+
+
 def machine_ticks() -> tuple[int, int]:
     """(busy, total) jiffies of all CPUs since boot; idle and iowait count as not busy."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -125,16 +156,20 @@ def machine_ticks() -> tuple[int, int]:
 
 @dataclass
 class Meter:
-    """CPU of a process (optional) and the machine's busy share between start and stop."""
+    """CPU of a process (optional; with ``tree``, summed over it and its descendants) and
+    the machine's busy share between start and stop."""
 
     pid: int | None = None
+    tree: bool = False
     cpu: float = 0.0
     busy_share: float = 0.0
     _cpu0: float = 0.0
     _ticks0: tuple[int, int] = (0, 0)
 
     def _cpu(self) -> float:
-        return process_cpu_seconds(self.pid) if self.pid is not None else 0.0
+        if self.pid is None:
+            return 0.0
+        return tree_cpu_seconds(self.pid) if self.tree else process_cpu_seconds(self.pid)
 
     def start(self) -> Meter:
         self._cpu0, self._ticks0 = self._cpu(), machine_ticks()
@@ -205,15 +240,22 @@ def pooled_session() -> requests.Session:
     return session
 
 
-def run_floor(
+#: One charge of a threaded yardstick: its connection, its session, what to charge.
+ChargeFn = Callable[[psycopg.Connection[Any], requests.Session, Any], bool]
+
+
+def run_threads(
+    script: str,
     database_url: str,
-    target: Target,
-    aliases: Sequence[str],
+    gateway_url: str,
+    items: Sequence[Any],
     concurrency: int,
+    charge: ChargeFn,
     sandbox_pid: int | None = None,
 ) -> YardstickResult:
-    """C threads sharing the aliases; connections are opened before the clock starts."""
-    result = YardstickResult("floor", concurrency)
+    """C threads sharing ``items``, each charging with its own database connection and
+    keep-alive HTTP session; connections are opened before the clock starts."""
+    result = YardstickResult(script, concurrency)
     lock = threading.Lock()
     indexes = itertools.count()
     start = threading.Barrier(concurrency + 1)
@@ -222,15 +264,15 @@ def run_floor(
     for session in sessions:
         # Open each pooled connection now, one at a time: a pool is warm in steady state,
         # and the sandbox's short listen backlog resets a burst of simultaneous connects.
-        session.get(f"{target.gateway_url.rstrip('/')}/_sandbox/health", timeout=TIMEOUT)
+        session.get(f"{gateway_url.rstrip('/')}/_sandbox/health", timeout=TIMEOUT)
 
     def work(conn: psycopg.Connection[Any], session: requests.Session) -> None:
         charges = approved = 0
         start.wait()
-        while (index := next(indexes)) < len(aliases):
+        while (index := next(indexes)) < len(items):
             charges += 1
             try:
-                approved += charge_once(conn, session.post, target, "floor", aliases[index])
+                approved += charge(conn, session, items[index])
             except Exception as exc:
                 with lock:
                     result.failed(exc)
@@ -257,6 +299,23 @@ def run_floor(
     return result
 
 
+def run_floor(
+    database_url: str,
+    target: Target,
+    aliases: Sequence[str],
+    concurrency: int,
+    sandbox_pid: int | None = None,
+) -> YardstickResult:
+    """The raw floor: insert, POST, update per alias, C threads."""
+
+    def charge(conn: psycopg.Connection[Any], session: requests.Session, alias: Any) -> bool:
+        return charge_once(conn, session.post, target, "floor", alias)
+
+    return run_threads(
+        "floor", database_url, target.gateway_url, aliases, concurrency, charge, sandbox_pid
+    )
+
+
 def run_sequential(
     database_url: str, target: Target, aliases: Sequence[str], sandbox_pid: int | None = None
 ) -> YardstickResult:
@@ -280,13 +339,14 @@ def seed_aliases(target: Target, count: int) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__)
-    parser.add_argument("script", choices=("floor", "sequential"))
+    parser.add_argument("script", choices=("floor", "sequential", "writes"))
     parser.add_argument("--database-url", required=True, help="postgresql://... (psycopg)")
     parser.add_argument("--gateway-url", required=True, help="the sandbox's base URL")
     parser.add_argument("--merchant-id", required=True)
     parser.add_argument("--n", type=int, required=True, help="charges to make")
     parser.add_argument("--concurrency", type=int, default=1, help="threads (floor only)")
     parser.add_argument("--sandbox-pid", type=int, help="sandbox process whose CPU to report")
+    parser.add_argument("--plan", help="writes: the plan whose queued charges to charge")
     args = parser.parse_args(argv)
     private_key = os.environ.get("BENCH_PRIVATE_KEY", "")
     if not private_key:
@@ -294,13 +354,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.n < 1 or args.concurrency < 1:
         parser.error("--n and --concurrency must be at least 1")
     target = Target(args.gateway_url, args.merchant_id, private_key)
-    with psycopg.connect(args.database_url, autocommit=True) as conn:
-        conn.execute(TABLE_DDL)
-    aliases = seed_aliases(target, args.n)
-    if args.script == "floor":
-        result = run_floor(args.database_url, target, aliases, args.concurrency, args.sandbox_pid)
+    if args.script == "writes":
+        from bench import samewrites
+
+        if not args.plan:
+            parser.error("writes needs --plan")
+        result = samewrites.run(
+            args.database_url, target, args.plan, args.n, args.concurrency, args.sandbox_pid
+        )
     else:
-        result = run_sequential(args.database_url, target, aliases, args.sandbox_pid)
+        with psycopg.connect(args.database_url, autocommit=True) as conn:
+            conn.execute(TABLE_DDL)
+        aliases = seed_aliases(target, args.n)
+        if args.script == "floor":
+            result = run_floor(
+                args.database_url, target, aliases, args.concurrency, args.sandbox_pid
+            )
+        else:
+            result = run_sequential(args.database_url, target, aliases, args.sandbox_pid)
     json.dump(asdict(result), sys.stdout)
     sys.stdout.write("\n")
     return 0

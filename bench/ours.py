@@ -1,10 +1,12 @@
 """The "ours" column: the real worker charging N due subscriptions, as in production.
 
-N due subscriptions are loaded, one Celery worker (``celery -A tasks worker --pool threads
--c C``, ``BILLING_MAX_IN_FLIGHT`` = 2C) is started on a queue of its own with the
-harness (``billing.harness.workers``), the bench sends the ``billing.sweep_plan`` message
-beat sends at month start, and waits until every charge has settled. Throughput, CPU,
-sweep speed, Redis memory and PostgreSQL's counters are measured meanwhile.
+N due subscriptions are loaded, ``billing worker`` is started exactly as a user starts it
+(no options: a supervisor and one Celery process per core, each a pool of threads;
+``BENCH_WORKER_ARGS`` adds options) on a queue of its own, with ``BILLING_MAX_IN_FLIGHT`` =
+2C, through the harness (``billing.harness.workers``). The bench sends the
+``billing.sweep_plan`` message beat sends at month start and waits until every charge has
+settled. Throughput, CPU (the supervisor and all its children, from ``/proc``), sweep speed,
+Redis memory and PostgreSQL's counters are measured meanwhile.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import psycopg
 
+from bench import profiling
 from bench.config import (
     KEY_ENV,
     MIN_APPROVED,
@@ -31,7 +35,7 @@ from bench.config import (
     console,
 )
 from bench.context import Context
-from bench.floor import Meter
+from bench.floor import Meter, process_tree
 from bench.measure import (
     PgStats,
     RedisSampler,
@@ -44,11 +48,13 @@ from billing.harness.databases import plain_url
 from billing.harness.workers import Processes
 from billing.models import OPEN_STATES, ChargeState
 
+#: The name the worker command goes by in the harness and its log (``worker.log``).
+WORKER = "worker"
 
-def start_workers(ctx: Context, queue: str) -> tuple[Processes, list[str]]:
-    """``BENCH_WORKERS`` workers sharing the C threads on ``queue``, each once it is ready."""
-    config = ctx.config
-    env = {
+
+def worker_env(ctx: Context, queue: str) -> dict[str, str]:
+    """The worker's environment: the run's services, its own queue, the in-flight bound."""
+    return {
         **os.environ,
         KEY_ENV: PRIVATE_KEY,
         "BILLING_DATABASE_URL": ctx.url,
@@ -57,23 +63,32 @@ def start_workers(ctx: Context, queue: str) -> tuple[Processes, list[str]]:
         "BILLING_QUEUE": queue,
         "BILLING_GATEWAY_URL": ctx.sandbox.url,
         "BILLING_PLANS_FILE": str(ctx.plans),
-        "BILLING_MAX_IN_FLIGHT": str(config.max_in_flight),
+        "BILLING_MAX_IN_FLIGHT": str(ctx.config.max_in_flight),
         "PYTHONUNBUFFERED": "1",
     }
+
+
+def start_worker(
+    ctx: Context, queue: str, extra_env: Mapping[str, str] | None = None, name: str = WORKER
+) -> Processes:
+    """``billing worker`` as a user starts it (plus ``BENCH_WORKER_ARGS``), on ``queue``,
+    once every one of its Celery processes is ready.
+
+    Each start needs a ``name`` of its own: readiness is counted in ``<name>.log``, and a log
+    that already holds an earlier worker's "ready." lines would be believed at once."""
+    config = ctx.config
+    shown = " ".join(("billing worker", *config.worker_args))
     console.log(
-        f"starting {config.workers} worker process(es) (pool {config.pool}, "
-        f"C={config.concurrency} in all)"
+        f"starting {shown}: {config.worker_processes} process(es) x {config.worker_pool_size} "
+        f"({config.pool})"
     )
-    processes = Processes(env, ctx.workdir, cwd=ROOT)
-    concurrency = -(-config.concurrency // config.workers)  # C shared out, rounded up
-    names = [f"worker-{number}" for number in range(1, config.workers + 1)]
+    processes = Processes({**worker_env(ctx, queue), **(extra_env or {})}, ctx.workdir, cwd=ROOT)
     try:
-        for name in names:
-            processes.worker(name, pool=config.pool, concurrency=concurrency)
+        processes.billing_worker(name, *config.worker_args, processes=config.worker_processes)
     except BaseException:
         processes.stop_all()
         raise
-    return processes, names
+    return processes
 
 
 def send_sweep(broker_url: str, queue: str) -> None:
@@ -98,7 +113,7 @@ class Progress:
     polls: int = 0
 
 
-def wait_for_charges(config: Config, url: str, processes: Processes, names: list[str]) -> Progress:
+def wait_for_charges(config: Config, url: str, processes: Processes) -> Progress:
     """Poll the counts until all N charges have settled; fail on a stall or a dead worker."""
     progress = Progress()
     query = "SELECT count(*), count(*) FILTER (WHERE state <> ALL(%s)) FROM charges WHERE plan = %s"
@@ -118,13 +133,19 @@ def wait_for_charges(config: Config, url: str, processes: Processes, names: list
             if settled >= config.n:
                 progress.settled_at = now
                 return progress
-            for name in names:
-                if not processes.alive(name):
-                    raise BenchFailed(f"a worker exited during the run:\n{processes.tail(name)}")
+            if not processes.alive(WORKER):
+                raise BenchFailed(f"the worker exited during the run:\n{processes.tail(WORKER)}")
             if time.monotonic() - last_change > 60:
+                states: dict[str, int] = dict(
+                    conn.execute(
+                        "SELECT state, count(*) FROM charges WHERE plan = %s GROUP BY state",
+                        (PLAN,),
+                    ).fetchall()
+                )
                 raise BenchFailed(
                     f"no charge settled for 60 s ({settled} of {config.n} settled, "
-                    f"{created} created):\n{processes.tail(names[0])}"
+                    f"{created} created; by state {states}; no beat runs in the bench, so "
+                    f"a pending charge waits for a worker's refill):\n{processes.tail(WORKER)}"
                 )
             if time.monotonic() - started > config.timeout:
                 raise BenchFailed(
@@ -168,27 +189,31 @@ def measure(ctx: Context) -> dict[str, Any]:
     ctx.load_due(PLAN, config.n)
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     database = ctx.database.name
-    processes, names = start_workers(ctx, queue)
+    profiler = profiling.WorkerProfile(ctx.workdir) if config.profile else None
+    processes = start_worker(ctx, queue, profiler.env() if profiler else None)
     try:
         idle = idle_memory(broker_url)
         tables0 = table_writes(url)
         settle_stats()
         stats0 = PgStats.read(config.pg_admin_url, database)
         sampler = RedisSampler(broker_url, queue)
-        meters = [Meter(processes.managed[name].pid) for name in names]
+        supervisor = processes.managed[WORKER].pid
+        meter = Meter(supervisor, tree=True)
         sandbox_meter = Meter(ctx.sandbox.pid)
+        if profiler:
+            profiler.start()
         sampler.start()
-        for meter in [*meters, sandbox_meter]:
-            meter.start()
-        pids = ", ".join(str(processes.managed[name].pid) for name in names)
-        console.log(f"worker pid(s) {pids}: sweep sent, charging {config.n}")
+        for each in (meter, sandbox_meter):
+            each.start()
+        pids = ", ".join(str(pid) for pid in process_tree(supervisor)[1:])
+        console.log(f"worker pid {supervisor} (workers {pids}): sweep sent, charging {config.n}")
         sent_at = time.time()
         send_sweep(broker_url, queue)
         try:
-            progress = wait_for_charges(config, url, processes, names)
+            progress = wait_for_charges(config, url, processes)
         finally:
-            for meter in [*meters, sandbox_meter]:
-                meter.stop()
+            for each in (meter, sandbox_meter):
+                each.stop()
             sampler.stop()
         timings = _worker_timings(url)
     finally:
@@ -208,8 +233,8 @@ def measure(ctx: Context) -> dict[str, Any]:
     assert progress.rows_at is not None
     seconds = timings["last_ledger"] - timings["sweep_start"]
     sweep_seconds = max(progress.rows_at - timings["sweep_start"], 1e-6)
-    logs = "".join(processes.log(name) for name in names)
-    cpu = sum(meter.cpu for meter in meters)
+    logs = processes.log(WORKER)
+    cpu = meter.cpu
     peak = max((sample[1] for sample in sampler.samples), default=idle)
     return {
         "charges": n,
@@ -219,7 +244,7 @@ def measure(ctx: Context) -> dict[str, Any]:
         "throughput": n / seconds,
         "cpu_seconds": cpu,
         "cpu_per_charge_ms": cpu / n * 1000,
-        "machine_busy": meters[0].busy_share,
+        "machine_busy": meter.busy_share,
         "sandbox_cpu_per_charge_ms": sandbox_meter.cpu / n * 1000,
         "sweep": {
             "seconds": sweep_seconds,
@@ -241,6 +266,15 @@ def measure(ctx: Context) -> dict[str, Any]:
             "samples": len(sampler.samples),
         },
         "db": db_figures(stats, n, tables),
+        "worker": {
+            "command": " ".join(("billing worker", *config.worker_args)),
+            "processes": config.worker_processes,
+            "pool": config.pool,
+            "pool_size": config.worker_pool_size,
+            "cpu_how": "user + system time of the supervisor and all its children "
+            "(/proc/<pid>/stat of the process tree, reaped children included)",
+        },
+        **({"profile": profiler.report(config.results_dir, n)} if profiler else {}),
     }
 
 

@@ -2,8 +2,9 @@
 
 It starts what it needs (its own Redis, its own PostgreSQL database, the sandbox with a
 latency: ``bench.context``), then takes each measurement of ``MEASUREMENTS`` in turn
-against the same services: the real worker (``bench.ours``), the raw floor and the
-sequential script (``bench.yardsticks`` running ``bench.floor``), and an in-process probe
+against the same services: the real worker (``bench.ours``), Celery's own cost per message
+(``bench.noop``), the raw floor, the same-writes floor and the sequential script
+(``bench.yardsticks`` running ``bench.floor`` and ``bench.samewrites``), and an in-process probe
 that counts the SQL statements of one sweep and one charge (``bench.probe``). It prints a
 table and writes the same to ``bench/results/<time>-n<N>.json`` (``bench.report``).
 ``bench/README.md`` explains each figure.
@@ -21,7 +22,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 
 from rich.console import Console
 
-from bench import context, ours, probe, report, yardsticks
+from bench import context, noop, ours, probe, report, yardsticks
 from bench.config import Config, console, load_config
 from billing.errors import BillingError
 
@@ -46,22 +47,25 @@ class Measurement:
 #: Taken in this order, each against the same Redis, database and sandbox.
 MEASUREMENTS = (
     Measurement("ours", "the worker", ours.measure),
+    Measurement("noop", "Celery's own cost: no-op messages", noop.measure),
     Measurement("floor", "the raw floor", yardsticks.floor),
+    Measurement("writes", "the same-writes floor", yardsticks.same_writes),
     Measurement("sequential", "the sequential script", yardsticks.sequential),
     Measurement("probe", "the in-process probe: SQL statements per charge", probe.measure),
 )
 
 
-def run(config: Config) -> dict[str, Any]:
-    """Every measurement of one run; whatever happens, every process started here is stopped."""
-    started = datetime.now(UTC)
+def measure_all(
+    config: Config, measurements: Sequence[Measurement] = MEASUREMENTS
+) -> dict[str, dict[str, Any]]:
+    """Each measurement against one Redis, database and sandbox, all stopped afterwards."""
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
     parts: dict[str, dict[str, Any]] = {}
     ok = False
     try:
         console.log("starting Redis, PostgreSQL database and sandbox")
         with context.started(config, workdir) as ctx:
-            for measurement in MEASUREMENTS:
+            for measurement in measurements:
                 console.log(measurement.title)
                 part = parts[measurement.key] = measurement.measure(ctx)
                 if "throughput" in part:
@@ -72,7 +76,18 @@ def run(config: Config) -> dict[str, Any]:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             console.log(f"logs kept in {workdir}")
-    return report.summarize(config, parts, started)
+    return parts
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Every measurement of one run, set side by side (``report.summarize``)."""
+    started = datetime.now(UTC)
+    return report.summarize(config, measure_all(config), started)
+
+
+def measurement(key: str) -> Measurement:
+    """The measurement of ``MEASUREMENTS`` stored under ``key``."""
+    return next(m for m in MEASUREMENTS if m.key == key)
 
 
 def main() -> int:

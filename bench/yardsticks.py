@@ -1,6 +1,7 @@
 """The yardstick columns: ``bench.floor``'s scripts, each run in a process of its own.
 
-``bench.floor`` holds what each yardstick does (the raw floor, the sequential script); this
+``bench.floor`` holds what each yardstick does (the raw floor, the sequential script;
+``bench.samewrites`` the "same writes" floor); this
 module starts one against the run's sandbox and database, reads the JSON it prints, and
 adds PostgreSQL's counters for it. A new yardstick is a script in ``bench.floor`` and a
 function here, like ``floor`` and ``sequential``.
@@ -17,9 +18,18 @@ from typing import Any
 
 import psycopg
 
-from bench.config import MERCHANT_ID, MIN_APPROVED, PRIVATE_KEY, ROOT, BenchFailed
+from bench import samewrites
+from bench.config import (
+    MERCHANT_ID,
+    MIN_APPROVED,
+    PRIVATE_KEY,
+    ROOT,
+    WRITES_PLAN,
+    BenchFailed,
+    console,
+)
 from bench.context import Context
-from bench.floor import TABLE_DDL
+from bench.floor import TABLE_DDL, Target
 from bench.measure import PgStats, db_figures, settle_stats
 from billing.harness.databases import plain_url
 
@@ -34,8 +44,31 @@ def sequential(ctx: Context) -> dict[str, Any]:
     return run_yardstick(ctx, "sequential", ctx.config.sequential_n, 1)
 
 
-def run_yardstick(ctx: Context, script: str, n: int, concurrency: int) -> dict[str, Any]:
-    """``python -m bench.floor`` in a process of its own, so that its CPU is its own."""
+def same_writes(ctx: Context) -> dict[str, Any]:
+    """The "same writes" floor: N queued charges of the real schema, C threads, raw SQL."""
+    n = ctx.config.n
+    console.log(f"seeding {n} aliases and queueing {n} charges for the same-writes floor")
+    ctx.load_due(WRITES_PLAN, n)
+    samewrites.prepare(plain_url(ctx.url), WRITES_PLAN, Target.amount, MERCHANT_ID)
+    # Its own query of the charge IDs: one connection, one transaction.
+    return run_yardstick(
+        ctx, "writes", n, ctx.config.concurrency, ("--plan", WRITES_PLAN), overhead=1
+    )
+
+
+def run_yardstick(
+    ctx: Context,
+    script: str,
+    n: int,
+    concurrency: int,
+    extra: tuple[str, ...] = (),
+    overhead: int = 0,
+) -> dict[str, Any]:
+    """``python -m bench.floor`` in a process of its own, so that its CPU is its own.
+
+    ``overhead``: connections (each one transaction) the script opens besides its C
+    charging ones, not counted as the yardstick's.
+    """
     config, url, database = ctx.config, ctx.url, ctx.database.name
     with psycopg.connect(plain_url(url), autocommit=True) as conn:
         conn.execute(TABLE_DDL)  # before the baseline: its catalog rows are not the floor's
@@ -50,6 +83,7 @@ def run_yardstick(ctx: Context, script: str, n: int, concurrency: int) -> dict[s
         "--sandbox-pid": str(ctx.sandbox.pid),
     }
     args = [sys.executable, "-m", "bench.floor", script, *itertools.chain(*options.items())]
+    args.extend(extra)
     done = subprocess.run(
         args,
         cwd=ROOT,
@@ -69,8 +103,8 @@ def run_yardstick(ctx: Context, script: str, n: int, concurrency: int) -> dict[s
         )
     settle_stats()
     stats = PgStats.read(config.pg_admin_url, database).minus(stats0)
-    stats.xact_commit -= 1  # the CREATE TABLE IF NOT EXISTS
-    stats.sessions -= 1  # the connection that ran it
+    stats.xact_commit -= 1 + overhead  # the CREATE TABLE IF NOT EXISTS, and the overhead
+    stats.sessions -= 1 + overhead  # the connection that ran it, and the overhead's
     seconds = result["seconds"]
     return {
         **result,

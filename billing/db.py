@@ -57,15 +57,44 @@ def _sqlite_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
-#: Pooled connections kept per process: at least a thread pool's size (Celery -c 64).
-POOL_SIZE = 80
-#: Extra short-lived connections allowed beyond the pool under a burst.
-POOL_OVERFLOW = 20
+#: Connections one process holds at most. A charge holds one only for its claim and its
+#: record (milliseconds), never during the gateway call, so 32 serve the 32 calls a process
+#: makes at once with room to spare; more threads wait their turn for a connection rather
+#: than open more. ``billing worker`` with its defaults needs processes × 32 (+ beat and the
+#: CLI) of PostgreSQL's ``max_connections`` (100 by default).
+POOL_SIZE = 32
+#: No connections beyond the pool: an overflow connection is closed when returned, so a
+#: burst would open and close connections all day.
+POOL_OVERFLOW = 0
 
 #: Largest row ID (PostgreSQL ``integer``). A larger number cannot name a row.
 MAX_ID = 2**31 - 1
 
+#: The longest query (characters) and the most parameters psycopg keeps parsed. Its own
+#: limits (4,096 and 50) leave out the hot path's approval (``billing.charging.hotpath``:
+#: one statement of about 6,500 characters and 66 parameters), which psycopg would then
+#: parse into PostgreSQL's ``$n`` form on every execution: about 1 ms of CPU per charge in
+#: ``BENCH_PROFILE=1 make bench`` (``_query2pg_nocache``). Our statements are few and fixed,
+#: so caching them all costs a few kilobytes.
+PARSED_QUERY_LENGTH = 16_384
+PARSED_QUERY_PARAMS = 128
+
 _ENGINES: dict[str, Engine] = {}
+
+
+def _cache_long_queries() -> None:
+    """Raise psycopg's parse-cache limits to ours (its documented behaviour is unchanged:
+    the cache is an LRU of parsed queries; only which queries may enter it changes)."""
+    from psycopg import _queries
+
+    _queries.MAX_CACHED_STATEMENT_LENGTH = max(
+        _queries.MAX_CACHED_STATEMENT_LENGTH, PARSED_QUERY_LENGTH
+    )
+    _queries.MAX_CACHED_STATEMENT_PARAMS = max(
+        _queries.MAX_CACHED_STATEMENT_PARAMS, PARSED_QUERY_PARAMS
+    )
+
+
 _MAKERS: dict[tuple[str, bool], sessionmaker[Session]] = {}
 
 
@@ -79,9 +108,8 @@ def get_engine(url: str) -> Engine:
             event.listen(engine, "connect", _sqlite_pragmas)
             event.listen(engine, "begin", _sqlite_begin)
         else:
-            # Connections open lazily, so a large pool costs nothing until threads need it;
-            # a pool smaller than the worker's threads would close and reopen connections
-            # all day (overflow connections are discarded when returned).
+            _cache_long_queries()
+            # Connections open lazily: the pool costs nothing until threads need it.
             engine = create_engine(
                 url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW
             )

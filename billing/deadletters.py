@@ -74,6 +74,8 @@ TASKS: Mapping[str, TaskArguments] = {
     SWEEP_PLAN: TaskArguments(("plan",)),
     ENGINE_SWEEP: TaskArguments(()),
     "billing.charge": TaskArguments(("charge_id",)),
+    "billing.charge_batch": TaskArguments(("charge_ids",)),
+    "billing.noop": TaskArguments(("charge_id",)),
     "billing.capture": TaskArguments(("charge_id",)),
     "billing.add_subscription": TaskArguments(
         ("data",),

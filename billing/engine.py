@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -86,6 +89,8 @@ class Engine:
         self.settlement = Settlement(self.ctx)
         self.housekeeping = Housekeeping(self.ctx)
         self._finished = itertools.count(1)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         self._refill_every = max(1, settings.max_in_flight // 8)
 
     @property
@@ -149,6 +154,32 @@ class Engine:
         if result.status == "done":
             self._refill()
         return result
+
+    def charge_many(self, charge_ids: Sequence[int]) -> list[ChargeResult]:
+        """Each of ``charge_ids`` charged on its own (:meth:`charge`), all at once: a message
+        of several charges takes as long as its slowest call, not the sum of its calls.
+
+        Every call runs to its end and is recorded before this returns, whatever another
+        one raised; then the first error is raised (the message is dead-lettered, and a
+        charge it left queued is sent again by the engine sweep)."""
+        if len(charge_ids) == 1:
+            return [self.charge(charge_ids[0])]
+        futures = [self._calls_pool().submit(self.charge, charge_id) for charge_id in charge_ids]
+        errors = [f.exception() for f in futures]
+        for error in errors:
+            if error is not None:
+                raise error
+        return [f.result() for f in futures]
+
+    def _calls_pool(self) -> ThreadPoolExecutor:
+        """Threads for the calls of several-charge messages (``calls_per_process``, started
+        only when needed): a charge waiting for one is still queued, not claimed."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=self.ctx.settings.calls_per_process, thread_name_prefix="charge"
+                )
+            return self._pool
 
     def claim(self, charge_id: int, now: datetime | None = None) -> Claim | ChargeResult:
         """The claim step alone (for tests and tools that make the call themselves)."""

@@ -25,11 +25,12 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import Connection, insert, select
 from sqlalchemy.orm import Session
 
 from billing.charging.rows import ChargeLike, SubscriptionLike, locked_subscriptions
@@ -117,6 +118,55 @@ def _lock_subscription(session: Session, sub_id: int) -> None:
     locked_subscriptions(session).add(sub_id)
 
 
+@dataclass(frozen=True)
+class EventRow:
+    """One event's ``events`` columns and the endpoints that get a delivery of it."""
+
+    columns: dict[str, Any]
+    endpoints: tuple[str, ...]
+
+    @property
+    def event_id(self) -> str:
+        return str(self.columns["event_id"])
+
+
+def event_row(
+    type_: EventType,
+    *,
+    subscription: SubscriptionLike,
+    charge: ChargeLike | None,
+    data: dict[str, Any],
+    endpoints: Sequence[tuple[str, tuple[str, ...]]],
+    at: datetime | None = None,
+) -> EventRow:
+    """The row of one event (the subscription and charge as they are *after* the change)
+    and, of ``endpoints`` (see :func:`endpoint_filters`), those whose filter takes it."""
+    at = at or utcnow()
+    event_id = str(uuid.uuid4())
+    payload: dict[str, Any] = {
+        "id": event_id,
+        "type": type_.value,
+        "created_at": iso(at),
+        "subscription": subscription_part(subscription),
+        "charge": charge_part(charge),
+        "data": data,
+    }
+    columns = {
+        "event_id": event_id,
+        "type": type_.value,
+        "subscription_id": subscription.id,
+        "external_ref": subscription.external_ref,
+        "charge_id": charge.id if charge is not None else None,
+        "payload": payload,
+        "created_at": at,
+        "status": EventStatus.PENDING.value,
+        "next_attempt_at": at,
+        "attempts": 0,
+    }
+    takers = tuple(name for name, patterns in endpoints if type_matches(patterns, type_.value))
+    return EventRow(columns, takers)
+
+
 def emit(
     session: Session,
     type_: EventType,
@@ -128,35 +178,14 @@ def emit(
 ) -> str:
     """Write one event (the subscription and charge as they are *after* the change) and its
     deliveries, in ``session``'s transaction; returns the event ID the shop will see."""
-    at = at or utcnow()
     _lock_subscription(session, subscription.id)
-    event_id = str(uuid.uuid4())
-    payload: dict[str, Any] = {
-        "id": event_id,
-        "type": type_.value,
-        "created_at": iso(at),
-        "subscription": subscription_part(subscription),
-        "charge": charge_part(charge),
-        "data": data,
-    }
+    event = event_row(
+        type_, subscription=subscription, charge=charge, data=data,
+        endpoints=endpoint_filters(session), at=at,
+    )  # fmt: skip
     row_id = (
         session.connection()
-        .execute(
-            insert(Event)
-            .values(
-                event_id=event_id,
-                type=type_.value,
-                subscription_id=subscription.id,
-                external_ref=subscription.external_ref,
-                charge_id=charge.id if charge is not None else None,
-                payload=payload,
-                created_at=at,
-                status=EventStatus.PENDING,
-                next_attempt_at=at,
-                attempts=0,
-            )
-            .returning(Event.id)
-        )
+        .execute(insert(Event).values(event.columns).returning(Event.id))
         .scalar_one()
     )
     deliveries = [
@@ -165,14 +194,24 @@ def emit(
             "endpoint": name,
             "subscription_id": subscription.id,
             "status": EventStatus.PENDING,
-            "next_attempt_at": at,
+            "next_attempt_at": event.columns["created_at"],
             "attempts": 0,
         }
-        for name, patterns in endpoint_filters(session)
-        if type_matches(patterns, type_.value)
+        for name in event.endpoints
     ]
     session.connection().execute(insert(EventDelivery), deliveries)
-    return event_id
+    return event.event_id
+
+
+def data_of_charge(
+    amount: Decimal | None = None, reason: str | None = None, by: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    """A charge event's ``data``: see :func:`charge_event`."""
+    data: dict[str, Any] = {"amount": amount_text(amount or Decimal("0.00")), "reason": reason}
+    data.update(extra)
+    if by is not None:
+        data["by"] = by
+    return data
 
 
 def charge_event(
@@ -188,10 +227,7 @@ def charge_event(
 ) -> str:
     """A charge's event: ``data.amount`` is the money this change moved ("0.00" when none
     did), ``data.reason`` the recorded reason, ``data.by`` the person for changes by hand."""
-    data: dict[str, Any] = {"amount": amount_text(amount or Decimal("0.00")), "reason": reason}
-    data.update(extra)
-    if by is not None:
-        data["by"] = by
+    data = data_of_charge(amount, reason, by, **extra)
     return emit(session, type_, subscription=subscription, charge=charge, data=data)
 
 
@@ -217,20 +253,21 @@ def clear_endpoint_cache() -> None:
     _endpoints_cache.clear()
 
 
-def endpoint_filters(session: Session) -> list[tuple[str, tuple[str, ...]]]:
+def endpoint_filters(bind: Session | Connection) -> list[tuple[str, tuple[str, ...]]]:
     """(name, filter) of every endpoint new events go to: ``default``, then the registered
     endpoints of the plans file that were not removed from it, by name."""
-    key = str(session.get_bind().engine.url)
+    connection = bind.connection() if isinstance(bind, Session) else bind
+    key = str(connection.engine.url)
     cached = _endpoints_cache.get(key)
     if cached is not None and time.monotonic() - cached[0] < ENDPOINTS_TTL:
         return cached[1]
-    found = _read_endpoint_filters(session)
+    found = _read_endpoint_filters(connection)
     _endpoints_cache[key] = (time.monotonic(), found)
     return found
 
 
-def _read_endpoint_filters(session: Session) -> list[tuple[str, tuple[str, ...]]]:
-    rows = session.connection().execute(
+def _read_endpoint_filters(connection: Connection) -> list[tuple[str, tuple[str, ...]]]:
+    rows = connection.execute(
         select(WebhookEndpointRecord.name, WebhookEndpointRecord.events)
         .where(WebhookEndpointRecord.removed_at.is_(None))
         .order_by(WebhookEndpointRecord.name)

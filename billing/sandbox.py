@@ -5,8 +5,10 @@ so this sandbox is the only place those paths can be exercised. It speaks what t
 project assumes the gateway speaks (``gateway-notes.md``): form POSTs to the four scripts,
 answers ``RESPONSE=..&TX=..&ALIAS=..&MONTANT=..&MESSAGE=..`` with ``RESPONSE=00`` for
 success, plus ``veriftransaction.pl``. It keeps money state per merchant and can misbehave
-on demand (declines, slowness, dropped connections, 500s, garbage, 503s, outages) through a
-JSON control API under ``/_sandbox/``.
+on demand (declines, slowness, dropped connections, 500s, garbage, 503s, outages, and
+hostile answers: a real answer behind a 503 or 429, a message wider than any column, a TX
+that is no transaction number, a MONTANT that is not the amount charged) through a JSON
+control API under ``/_sandbox/``; each call in its log names the random fault it met.
 
 Semantics chosen where the guide is silent:
 
@@ -122,14 +124,21 @@ FAULT_KINDS = (
     "bad_tx",
     "amount_lie",
 )
-#: What each hostile fault does to the answer (the behaviour keys of the same effect).
+#: What each hostile fault does to an approval's answer (the behaviour keys of the same
+#: effect); ``answer_in_503`` also puts declines behind its status, drawn per call.
 HOSTILE_FAULTS: dict[str, dict[str, Any]] = {
-    "answer_in_503": {"answer_status": 503},
+    "answer_in_503": {"answer_status": 503},  # or 429: see BUSY_STATUSES
     "long_message": {"answer_message": "Transaction acceptee " + "x" * 400},
     "bad_tx": {"answer_tx": "<b>TX</b>&ID=1"},
     "amount_lie": {"answer_amount": "+1.00"},
 }
 SOFT_FAULT_CODES = ("05", "51", "91")
+#: The statuses ``answer_in_503`` answers a real answer with: what a rate limiter or a
+#: maintenance page answers, so what a careless client takes for "never sent".
+BUSY_STATUSES = (503, 429)
+#: Share of ``answer_in_503`` calls the script declines softly first, so that a decline is
+#: seen behind a busy status too (it is a decline, never a call to send again at once).
+BUSY_DECLINE_SHARE = 1 / 3
 GARBAGE_BODY = "<html><body><h1>Erreur</h1><p>Le service a rencontr\u00e9 un probl\u00e8me"
 MAX_BODY_BYTES = 1_000_000
 #: Seconds a held answer (behaviour ``hold``) waits for ``/_sandbox/release`` at most.
@@ -446,6 +455,7 @@ class SandboxState:
             "result": "",
             "code": "",
             "recorded": False,
+            "fault": None,
             "at": _now().isoformat(),
         }
         self._calls.append(call)
@@ -454,13 +464,17 @@ class SandboxState:
 
         behaviour = self._take_behaviour(call["alias"])
         fault = self._roll_fault()
+        # The random fault this call met, in the call log: the chaos run's judge holds each
+        # call's outcome to what its fault defines (``chaos.reconcile``).
+        call["fault"] = fault
         delay = float(behaviour.get("slow", 0.0))
         if behaviour.get("unavailable") or fault == "refuse":
             call.update(result="unavailable", code="503")
             return Reply(503, "Service temporarily unavailable, try again later", delay)
 
         forced = behaviour.get("decline")
-        if forced is None and fault == "soft_decline":
+        busy_decline = fault == "answer_in_503" and self._rng.random() < BUSY_DECLINE_SHARE
+        if forced is None and (fault == "soft_decline" or busy_decline):
             forced = self._rng.choice(SOFT_FAULT_CODES)
         reply = self._run(name, fields, call, forced)
 
@@ -482,8 +496,11 @@ class SandboxState:
             call["result"] = "garbage"
             reply = Reply(200, GARBAGE_BODY, content_type="text/html; charset=utf-8")
         rewrites = {k: v for k, v in behaviour.items() if k in ANSWER_REWRITES}
-        if fault in HOSTILE_FAULTS and call["result"] == "approved":
-            rewrites = {**HOSTILE_FAULTS[fault], **rewrites}
+        hostile = self._hostile_rewrites(fault, call["result"])
+        if hostile is not None:
+            rewrites = {**hostile, **rewrites}
+        elif fault in HOSTILE_FAULTS:
+            call["fault"] = None  # nothing to rewrite (an input error): no fault met
         if rewrites and reply.body is not None and after is None:
             reply = _rewritten(reply, rewrites)
             call["rewritten"] = sorted(rewrites)
@@ -507,6 +524,18 @@ class SandboxState:
                     del self._behaviours[alias]
                     break
         return active
+
+    def _hostile_rewrites(self, fault: str | None, result: str) -> dict[str, Any] | None:
+        """What a hostile fault rewrites in this call's answer, or None when it has nothing
+        to rewrite: an approval's answer, or for ``answer_in_503`` a decline's as well."""
+        if fault not in HOSTILE_FAULTS:
+            return None
+        if result != "approved" and not (fault == "answer_in_503" and result == "declined"):
+            return None
+        rewrites = dict(HOSTILE_FAULTS[fault])
+        if fault == "answer_in_503":
+            rewrites["answer_status"] = self._rng.choice(BUSY_STATUSES)
+        return rewrites
 
     def _roll_fault(self) -> str | None:
         if not self._fault_rates:

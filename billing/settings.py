@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(defaults.VISIBILITY_TIMEOUT, gt=0)
     engine_sweep_seconds: float = Field(defaults.ENGINE_SWEEP_SECONDS, gt=0)
     max_in_flight: int = Field(defaults.MAX_IN_FLIGHT, gt=0)
+    charge_batch: int = Field(defaults.CHARGE_BATCH, ge=1, le=64)
+    calls_per_process: int = Field(defaults.CALLS_PER_PROCESS, ge=1, le=1024)
     sweep_batch_size: int = Field(defaults.SWEEP_BATCH_SIZE, gt=0)
     stuck_margin_seconds: float = Field(defaults.STUCK_MARGIN_SECONDS, ge=0)
     requeue_after_seconds: float = Field(defaults.REQUEUE_AFTER_SECONDS, gt=0)

@@ -58,6 +58,20 @@ def default_processes() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def worker_shape(
+    processes: int = 0, pool: str = "threads", concurrency: int = 0
+) -> tuple[int, int]:
+    """(worker processes, pool size of each) that ``billing worker`` starts for its options.
+
+    0 means the default: one process per core (one in all with ``prefork``, whose pool is
+    the processes), each with ``DEFAULT_THREADS`` threads or greenlets (prefork: a child per
+    core). The bench reads the same answer to know what the default command runs.
+    """
+    count = processes or (1 if pool == "prefork" else default_processes())
+    size = concurrency or (DEFAULT_THREADS if pool in ("threads", "gevent") else 0)
+    return count, size or default_processes()
+
+
 def _die_with_parent() -> None:
     """In the child before exec: be killed when the supervisor dies (Linux)."""
     os.setpgid(0, 0)
@@ -195,4 +209,5 @@ __all__ = [
     "WorkerSpec",
     "celery_worker_specs",
     "default_processes",
+    "worker_shape",
 ]

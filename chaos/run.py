@@ -3,13 +3,16 @@
 Three worker processes and two beats charge ``CHAOS_N`` due subscriptions (two plans, two
 merchants) through the sandbox, which refuses 3 % of calls (HTTP 503), answers HTTP 500
 after recording 2 % of charges, drops the connection after recording 2 %, answers garbage
-to 1 % and soft-declines 5 %. Meanwhile a random worker is killed with SIGKILL every few
+to 1 % and soft-declines 5 %; and it answers hostile answers (issue 14): the real answer
+behind an HTTP 503 or 429 to 2 % (a third of them declines), a message wider than its
+column to 1 %, a TX that is no transaction number to 1 % and another MONTANT than the
+amount charged to 1 % of approvals. Meanwhile a random worker is killed with SIGKILL every few
 seconds and restarted, Redis is restarted once (losing every message), every PostgreSQL
 connection is cut once, and the sandbox stops listening once for a second.
 
 Then the chaos stops, the system settles (every charge approved, failed or unknown, soft
 declines through their short ladder), the processes stop, and ``chaos.reconcile`` sets the
-sandbox's call log beside the ledger. The run fails (exit status 1) when any of the four
+sandbox's call log beside the ledger. The run fails (exit status 1) when any of the five
 counts is not 0 or when the secrets scan finds anything in the logs or the database.
 
 Environment:
@@ -76,6 +79,11 @@ FAULTS = {
     "drop_after_record": 0.02,
     "garbage": 0.01,
     "soft_decline": 0.05,
+    # Hostile answers (issue 14), each with the outcome chaos.reconcile holds it to.
+    "answer_in_503": 0.02,
+    "long_message": 0.01,
+    "bad_tx": 0.01,
+    "amount_lie": 0.01,
 }
 #: (pool, concurrency) of each worker: one prefork (SIGKILL must take its children), two
 #: thread pools.
@@ -388,8 +396,8 @@ class Run:
 
     def judge(self) -> bool:
         calls, totals = reconcile.load_gateway(self.sandbox.url)
-        charges, ledger = self.retrying(lambda: reconcile.load_database(self.db.url))
-        result = reconcile.reconcile(calls, totals, charges, ledger, self.due)
+        charges, ledger, attempts = self.retrying(lambda: reconcile.load_database(self.db.url))
+        result = reconcile.reconcile(calls, totals, charges, ledger, self.due, attempts)
         print(result.render(), flush=True)
 
         with session_scope(self.db.url) as session:

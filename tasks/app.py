@@ -41,15 +41,15 @@ class DeadLetterQueue(bootsteps.StartStopStep):
         declare_dead_letters(parent.connection, get_settings())
 
 
-#: Set to ``1`` in a worker's environment to load ``tasks.diagnostics`` (tests only).
-DIAGNOSTICS_ENV = "BILLING_DIAGNOSTIC_TASKS"
+#: Set to ``1`` in a worker's environment to load ``tasks.poison`` (tests only).
+POISON_TASKS_ENV = "BILLING_POISON_TASKS"
 
 
 def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    include = ["tasks.charges", "tasks.events"]
-    if os.environ.get(DIAGNOSTICS_ENV) == "1":  # tests only: tasks that kill their worker
-        include.append("tasks.diagnostics")
+    include = ["tasks.charges", "tasks.events", "tasks.diagnostics"]
+    if os.environ.get(POISON_TASKS_ENV) == "1":  # tests only: a task that kills its worker
+        include.append("tasks.poison")
     app = Celery("klikandpay_billing", include=include)
     app.conf.update(celery_config(settings))
     plans = get_plans(settings)

@@ -53,8 +53,8 @@ def _metrics_of_dead_process(pid: int | None = None, **_: Any) -> None:
 
 
 def send_charges(charge_ids: Sequence[int]) -> None:
-    """Send one charge message per ID over a single pooled producer connection."""
-    broker.send_many(app, broker.CHARGE_TASK, charge_ids)
+    """Send the charge messages, several IDs each (``billing.broker.send_charges``)."""
+    broker.send_charges(app, charge_ids, get_settings().charge_batch)
 
 
 def send_captures(charge_ids: Sequence[int]) -> None:

@@ -58,6 +58,27 @@ def charge(self: BillingTask, charge_id: int) -> str:
         return "retry_deferred"
 
 
+@app.task(base=BillingTask, bind=True, name=broker.CHARGE_BATCH_TASK)
+def charge_batch(self: BillingTask, charge_ids: list[int]) -> dict[str, int]:
+    """Several charges of one message, each claimed, called and recorded on its own."""
+    statuses: dict[str, int] = {}
+    for result in self.engine.charge_many(charge_ids):
+        status: str = result.status
+        if status == "retry":
+            # Safe to send again: the request provably never reached the gateway, and the
+            # charge is back to ``queued``; it goes on alone, its retries counted from 1.
+            try:
+                self.app.send_task(
+                    broker.CHARGE_TASK, args=(result.charge_id,),
+                    countdown=broker.countdown(result.retry_in or 0), retries=1,
+                )  # fmt: skip
+            except OperationalError:
+                # The broker is down: the charge stays ``queued``; the engine sweep re-sends.
+                status = "retry_deferred"
+        statuses[status] = statuses.get(status, 0) + 1
+    return statuses
+
+
 @app.task(base=BillingTask, bind=True, name=broker.CAPTURE_TASK, max_retries=None)
 def capture(self: BillingTask, charge_id: int) -> str:
     """Validate a deferred charge once its plan's ``capture_after`` has passed."""

@@ -1,26 +1,19 @@
-"""Tasks that misbehave on purpose, for the tests of what the workers survive.
+"""Tasks that measure the workers rather than charge: ``billing.noop``.
 
-Loaded only when ``BILLING_DIAGNOSTIC_TASKS=1`` is in a worker's environment (tests set
-it): a shop can send any task name to the queue, and in production these names are
-unregistered, so such a message is discarded, never run.
+``make bench`` sends ``billing.noop`` N times to the same default worker that charges, at
+the same concurrency, and divides the workers' CPU by N: what Celery itself spends per
+message (receive, decode, dispatch to a thread, log, acknowledge) with no engine work.
+That figure decides whether handing several charge IDs to one message is worth it. The
+message has the shape of a charge's (one integer argument) and the task the same base.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
+from billing.broker import NOOP_TASK
 from tasks.app import app
 from tasks.base import BillingTask
 
-#: The task that kills the worker process running it, on every delivery: a poison message.
-EXIT_PROCESS = "diagnostics.exit_process"
 
-
-@app.task(base=BillingTask, bind=True, name=EXIT_PROCESS)
-def exit_process(self: BillingTask, marker: str) -> None:
-    """Append this process's ID to ``marker`` (one line per delivery), then die at once,
-    like a process killed for memory or by a segfault in a driver: no cleanup, no ack."""
-    with Path(marker).open("a") as out:
-        out.write(f"{os.getpid()}\n")
-    os._exit(70)
+@app.task(base=BillingTask, bind=True, name=NOOP_TASK)
+def noop(self: BillingTask, charge_id: int) -> None:
+    """Nothing: the message is the whole cost."""

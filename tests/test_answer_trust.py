@@ -269,3 +269,23 @@ def test_any_status_and_any_bytes_approve_only_a_well_formed_approval(
 
 def test_settings_default_to_the_documented_pattern() -> None:
     assert Settings().tx_pattern == TX_PATTERN
+
+
+def test_an_approval_naming_a_tx_another_charge_holds_is_flagged(db_url, gateway, make_harness):
+    """A transaction number is one payment: a second charge answered with it is either a
+    gateway that repeats itself or one payment booked twice; a person looks (tx_reused)."""
+    h = make_harness(db_url)
+    first, second = gateway.seed_aliases("1234567", 2)
+    for alias in (first, second):
+        gateway.set_behaviour(alias, answer_tx="71000123")
+    one = h.subscribe("shop-1", first)
+    two = h.subscribe("shop-2", second)
+    h.engine.sweep_plan("monthly")
+    h.run_sent()
+
+    charges = sorted([h.charge(one), h.charge(two)], key=lambda c: c.id)
+    assert [(c.state, c.tx) for c in charges] == [(ChargeState.APPROVED, "71000123")] * 2
+    assert [c.review for c in charges] == [None, "tx_reused"]
+    with session_scope(db_url) as session:
+        (queued,) = ops.list_failed(session)
+    assert (queued.charge_id, queued.review) == (charges[1].id, "tx_reused")

@@ -37,7 +37,9 @@ def test_stuck_sweep_and_retry_between_attempt_and_charge_update(db_url, gateway
     def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         if threading.current_thread().name != "worker":
             return
-        if statement.lstrip().upper().startswith("UPDATE CHARGES"):
+        # A move of the charge: the general path's UPDATE, or the hot path's one statement
+        # (``billing.charging.hotpath``: WITH locked … / WITH moved …), on PostgreSQL.
+        if statement.lstrip().upper().startswith(("UPDATE CHARGES", "WITH LOCKED", "WITH MOVED")):
             seen["n"] += 1
             if seen["n"] == 2:  # the record's move (the first one is the claim)
                 reached.set()

@@ -31,8 +31,8 @@ from billing.harness.base import billing_command
 from billing.harness.rabbitmq import RabbitVhost
 from billing.models import ChargeState, DeadLetter, LedgerEntry, Subscription, utcnow
 from billing.settings import Settings
-from tasks.app import DIAGNOSTICS_ENV
-from tasks.diagnostics import EXIT_PROCESS
+from tasks.app import POISON_TASKS_ENV
+from tasks.poison import EXIT_PROCESS
 from tests.fixtures.processes import Cluster, wait_until
 from tests.test_invariants import _env_for, _one_call_per_alias, _states, _subscribe
 
@@ -59,7 +59,7 @@ def test_a_poison_message_is_dead_lettered_after_the_limit_and_charging_goes_on(
 ):
     _env_for(
         cluster, gateway, BILLING_BROKER_URL=broker_url, BILLING_DELIVERY_LIMIT=str(LIMIT),
-        **{DIAGNOSTICS_ENV: "1"},
+        **{POISON_TASKS_ENV: "1"},
     )  # fmt: skip
     source = "rabbitmq" if broker.is_amqp(broker_url) else "redis"
     aliases = gateway.seed_aliases("1234567", 20)

@@ -1,14 +1,28 @@
-"""The chaos run's judge, on hand-built evidence: each of the four counts must catch its fault."""
+"""The chaos run's judge, on hand-built evidence: each of the five counts must catch its fault.
+
+The hostile answers (count 5) are also judged over a real engine's outcomes: the sandbox's
+hostile faults at full rate, charged by the engine, read back with the loaders.
+"""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
+import pytest
+
+from billing import widths
+from billing.models import utcnow
 from chaos.reconcile import (
+    HOSTILE_EXPECTED,
+    AttemptRecord,
     ChargeRecord,
     GatewayCall,
     LedgerRecord,
+    load_database,
+    load_gateway,
     reconcile,
 )
 
@@ -19,32 +33,36 @@ EUR, USD = "1234567", "7654321"
 def call(
     seq: int, alias: str, *, merchant: str = EUR, tx: str | None = None, amount: str = "29.90",
     recorded: bool = True, at: datetime | None = None, result: str = "approved",
-    script: str = "duplicate", deferred: bool = False,
+    script: str = "duplicate", deferred: bool = False, fault: str | None = None,
 ) -> GatewayCall:  # fmt: skip
     return GatewayCall(
         seq=seq, script=script, merchant_id=merchant, alias=alias,
         tx=tx if tx is not None else (str(100_000_000 + seq) if recorded else None),
         amount=Decimal(amount), deferred=deferred, recorded=recorded, result=result,
-        at=at or T0 + timedelta(seconds=seq),
+        at=at or T0 + timedelta(seconds=seq), fault=fault,
     )  # fmt: skip
 
 
 def charge(
     cid: int, sub: int, alias: str, state: str, *, merchant: str = EUR, period: int = 0,
     amount: str = "29.90", tx: str | None = None, first: datetime | None = T0,
+    review: str | None = None,
 ) -> ChargeRecord:  # fmt: skip
     return ChargeRecord(
         id=cid, subscription_id=sub, period=period, alias=alias, merchant_id=merchant,
-        amount=Decimal(amount), state=state, tx=tx, first_attempt_at=first,
+        amount=Decimal(amount), state=state, tx=tx, first_attempt_at=first, review=review,
     )  # fmt: skip
 
 
 def row(
-    cid: int, outcome: str, *, merchant: str = EUR, amount: str = "0.00", tx: str | None = None
-) -> LedgerRecord:
+    cid: int, outcome: str, *, merchant: str = EUR, amount: str = "0.00", tx: str | None = None,
+    attempt: int | None = None, status: int | None = None, raw: str | None = None,
+    message: str | None = None, details: dict[str, Any] | None = None,
+) -> LedgerRecord:  # fmt: skip
     return LedgerRecord(
-        charge_id=cid, outcome=outcome, amount=Decimal(amount), merchant_id=merchant, tx=tx
-    )
+        charge_id=cid, outcome=outcome, amount=Decimal(amount), merchant_id=merchant, tx=tx,
+        attempt_id=attempt, http_status=status, raw=raw, message=message, details=details,
+    )  # fmt: skip
 
 
 World = tuple[
@@ -222,3 +240,241 @@ def test_call_from_the_sandbox_json():
     assert parsed.amount == Decimal("29.90")
     assert parsed.is_charge
     assert parsed.at == T0
+
+
+# --- 5. hostile answers, each held to what its fault defines ------------------------------
+
+CUT = "Transaction acceptee xxxx" + widths.CUT_MARKER
+
+
+def attempt(aid: int, cid: int, number: int = 1, *, at: datetime | None = None) -> AttemptRecord:
+    return AttemptRecord(id=aid, charge_id=cid, number=number, started_at=at or T0)
+
+
+def approval(tx: str, amount: str = "29.90") -> str:
+    return f"RESPONSE=00&TX={tx}&MONTANT={amount}&MESSAGE=Transaction%20acceptee"
+
+
+Hostile = tuple[
+    list[GatewayCall], dict[str, Decimal], list[ChargeRecord], list[LedgerRecord],
+    list[tuple[int, int]], list[AttemptRecord],
+]  # fmt: skip
+
+
+def hostile_world() -> Hostile:
+    """One charge per hostile fault, each ended as its fault defines, and one interrupted."""
+    calls = [
+        call(11, "h-503", tx="100000011", fault="answer_in_503"),
+        call(12, "h-429", recorded=False, result="declined", fault="answer_in_503"),
+        call(13, "h-429", tx="100000013"),  # the ladder's next try, seconds later
+        call(14, "h-long", tx="100000014", fault="long_message"),
+        call(15, "h-tx", tx="100000015", fault="bad_tx"),
+        call(16, "h-lie", tx="100000016", fault="amount_lie"),
+        call(17, "h-cut", tx="100000017", fault="answer_in_503"),
+    ]
+    charges = [
+        charge(11, 11, "h-503", "approved", tx="100000011"),
+        charge(12, 12, "h-429", "approved", tx="100000013"),
+        charge(14, 14, "h-long", "approved", tx="100000014"),
+        charge(15, 15, "h-tx", "unknown"),
+        charge(16, 16, "h-lie", "approved", tx="100000016", review="amount_mismatch"),
+        charge(17, 17, "h-cut", "unknown"),
+    ]
+    attempts = [
+        attempt(111, 11),
+        attempt(121, 12),
+        attempt(122, 12, 2, at=T0 + timedelta(seconds=12, milliseconds=500)),
+        attempt(141, 14),
+        attempt(151, 15),
+        attempt(161, 16),
+        attempt(171, 17),
+    ]
+    ledger = [
+        row(11, "approved", amount="29.90", tx="100000011", attempt=111, status=503,
+            raw=approval("100000011")),
+        row(12, "declined", attempt=121, status=429, raw="RESPONSE=51&MESSAGE=Refusee"),
+        row(12, "approved", amount="29.90", tx="100000013", attempt=122, status=200,
+            raw=approval("100000013")),
+        row(14, "approved", amount="29.90", tx="100000014", attempt=141, status=200,
+            raw=approval("100000014"), message=CUT),
+        row(15, "unknown", attempt=151, status=200, raw=approval("%3Cb%3ETX%3C%2Fb%3E")),
+        row(16, "approved", amount="29.90", tx="100000016", attempt=161, status=200,
+            raw=approval("100000016", "30.90"), details={"answered_amount_raw": "30.90"}),
+        # The worker was killed during the call: the stuck sweep's row, no answer read.
+        row(17, "unknown", attempt=171),
+    ]  # fmt: skip
+    totals = {EUR: Decimal("29.90") * 6}
+    due = [(11, 0), (12, 0), (14, 0), (15, 0), (16, 0), (17, 0)]
+    return calls, totals, charges, ledger, due, attempts
+
+
+def test_hostile_answers_ended_as_defined_pass_and_are_counted_by_fault():
+    result = reconcile(*hostile_world())
+
+    assert result.ok, result.render()
+    assert result.counts["hostile answers not ended as their fault defines"] == 0
+    assert result.hostile_endings == {
+        "answer_in_503: as defined": 2,
+        "answer_in_503: interrupted": 1,
+        "long_message: as defined": 1,
+        "bad_tx: as defined": 1,
+        "amount_lie: as defined": 1,
+    }
+    assert result.unknowns_resolved_approved == 2  # the bad TX and the interrupted call
+    assert "hostile answers by fault and ending: amount_lie: as defined=1" in result.render()
+    assert set(HOSTILE_EXPECTED) == {"answer_in_503", "long_message", "bad_tx", "amount_lie"}
+
+
+@pytest.mark.parametrize("resent", ["approved", "declined"])
+def test_a_503_approval_read_as_not_sent_and_sent_again_is_a_failure(resent: str) -> None:
+    calls, totals, charges, ledger, due, attempts = hostile_world()
+    ledger[0] = row(11, "not_sent", attempt=111, status=503, raw=approval("100000011"))
+    again = resent == "approved"
+    calls.append(call(18, "h-503", recorded=again, result=resent))
+    attempts.append(attempt(112, 11, 2, at=T0 + timedelta(seconds=17)))
+    if again:
+        charges[0] = charge(11, 11, "h-503", "approved", tx="100000018")
+        ledger.append(row(11, "approved", amount="29.90", tx="100000018", attempt=112,
+                          status=200, raw=approval("100000018")))  # fmt: skip
+        totals[EUR] += Decimal("29.90")
+    else:  # sent again into a soft decline, then the ladder ran out
+        charges[0] = charge(11, 11, "h-503", "failed")
+        ledger.append(row(11, "declined", attempt=112, status=200, raw="RESPONSE=05"))
+
+    result = reconcile(calls, totals, charges, ledger, due, attempts)
+
+    assert not result.ok
+    assert [(f.seq, f.fault, f.charge_id) for f in result.hostile] == [(11, "answer_in_503", 11)]
+    assert result.hostile[0].problem.startswith("sent again after the gateway charged")
+    assert result.hostile_endings["answer_in_503: wrong"] == 1
+
+
+def test_a_503_approval_read_as_unknown_is_seen_only_by_the_hostile_count():
+    calls, totals, charges, ledger, due, attempts = hostile_world()
+    charges[0] = charge(11, 11, "h-503", "unknown")
+    ledger[0] = row(11, "unknown", attempt=111, status=503, raw=approval("100000011"))
+
+    result = reconcile(calls, totals, charges, ledger, due, attempts)
+
+    assert [count for count in result.counts.values()] == [0, 0, 0, 0, 1]
+    assert "read as unknown; answer_in_503 defines approved" in str(result.hostile[0])
+
+
+def test_a_decline_in_a_429_read_as_not_sent_is_a_failure():
+    calls, totals, charges, ledger, due, attempts = hostile_world()
+    ledger[1] = row(12, "not_sent", attempt=121, status=429, raw="RESPONSE=51&MESSAGE=Refusee")
+
+    result = reconcile(calls, totals, charges, ledger, due, attempts)
+
+    assert [(f.seq, f.problem) for f in result.hostile] == [
+        (12, "its answer was read as not_sent; answer_in_503 defines declined")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"amount": Decimal("30.90")}, "booked 30.90, the amount asked (and charged) is 29.90"),
+        ({"review": None}, "the other amount answered is not flagged amount_mismatch"),
+    ],
+)
+def test_an_amount_lie_booked_as_answered_or_not_flagged_is_a_failure(
+    change: dict[str, Any], problem: str
+) -> None:
+    calls, totals, charges, ledger, due, attempts = hostile_world()
+    if "amount" in change:
+        ledger[5] = replace(ledger[5], amount=change["amount"])
+        totals[EUR] += Decimal("1.00")  # as if the gateway had moved it: only count 5 sees it
+    else:
+        charges[4] = replace(charges[4], review=None)
+
+    result = reconcile(calls, totals, charges, ledger, due, attempts)
+
+    assert [(f.fault, f.problem) for f in result.hostile] == [("amount_lie", problem)]
+    assert result.counts["gateway charges per (subscription, period) above one"] == 0
+
+
+def test_a_bad_tx_approved_or_kept_is_a_failure():
+    calls, totals, charges, ledger, due, attempts = hostile_world()
+    charges[3] = charge(15, 15, "h-tx", "approved", tx="<b>TX</b>&ID=1")
+    ledger[4] = row(15, "approved", amount="29.90", tx="<b>TX</b>&ID=1", attempt=151,
+                    status=200, raw=approval("%3Cb%3ETX%3C%2Fb%3E"))  # fmt: skip
+
+    result = reconcile(calls, totals, charges, ledger, due, attempts)
+
+    assert [(f.fault, f.problem) for f in result.hostile] == [
+        ("bad_tx", "its answer was read as approved; bad_tx defines unknown")
+    ]
+    assert [c.seq for c in result.unaccounted] == [15]  # and the TX explains no charge
+
+
+def test_a_long_message_kept_whole_is_a_failure():
+    calls, totals, charges, ledger, due, attempts = hostile_world()
+    ledger[3] = replace(ledger[3], message="Transaction acceptee " + "x" * 400)
+
+    result = reconcile(calls, totals, charges, ledger, due, attempts)
+
+    assert [(f.fault, f.problem) for f in result.hostile] == [
+        ("long_message", "its message was not cut to its column with the marker")
+    ]
+
+
+def test_an_unread_hostile_answer_passes_only_if_the_charge_waits_for_a_person():
+    calls, totals, charges, ledger, due, attempts = hostile_world()
+    charges[5] = charge(17, 17, "h-cut", "failed")  # no answer read, yet a final word
+    ledger[6] = row(17, "declined", attempt=171)
+
+    result = reconcile(calls, totals, charges, ledger, due, attempts)
+
+    assert [(f.seq, f.problem) for f in result.hostile] == [
+        (17, "no ledger row holds its answer, and the charge is failed")
+    ]
+
+
+def test_a_late_answer_of_the_defined_kind_passes():
+    calls, totals, charges, ledger, due, attempts = hostile_world()
+    ledger[0] = row(11, "late_answer", attempt=111, status=503, raw=approval("100000011"),
+                    details={"answer": "approved"})  # fmt: skip
+    ledger.append(row(11, "approved", amount="29.90", tx="100000011"))
+
+    result = reconcile(calls, totals, charges, ledger, due, attempts)
+
+    assert result.ok, result.render()
+    assert result.hostile_endings["answer_in_503: late answer"] == 1
+
+
+def test_the_hostile_fault_comes_from_the_sandbox_json():
+    data = {"seq": 1, "script": "duplicate", "merchant_id": EUR, "alias": "a", "tx": "1",
+            "amount": "29.90", "recorded": True, "result": "approved",
+            "at": "2030-01-01T12:00:00+00:00"}  # fmt: skip
+    assert GatewayCall.from_json({**data, "fault": "bad_tx"}).fault == "bad_tx"
+    assert GatewayCall.from_json({**data, "fault": None}).fault is None
+    assert GatewayCall.from_json(data).fault is None
+
+
+# --- over a real engine -------------------------------------------------------------------
+
+
+def test_the_engine_ends_every_hostile_answer_as_its_fault_defines(pg_url, gateway, make_harness):
+    """The sandbox's four hostile faults at full rate, charged by the engine on PostgreSQL,
+    read back with the chaos run's loaders: five zeros, each fault seen and as defined."""
+    h = make_harness(pg_url)
+    gateway.faults(seed=5, answer_in_503=0.4, long_message=0.2, bad_tx=0.2, amount_lie=0.2)
+    subs = [h.subscribe(f"shop-{n}", alias) for n, alias in
+            enumerate(gateway.seed_aliases("1234567", 24))]  # fmt: skip
+    h.engine.sweep_plan("monthly")
+    h.run_sent()
+    # Declines behind a 503 or 429 go down the ladder: its tries meet the faults too.
+    for seconds in (3, 6, 9, 12):
+        h.engine.dispatch_due(utcnow() + timedelta(seconds=seconds))
+        h.run_sent()
+
+    calls, totals = load_gateway(gateway.url)
+    charges, ledger, attempts = load_database(pg_url)
+    result = reconcile(calls, totals, charges, ledger, [(s, 0) for s in subs], attempts)
+
+    assert result.ok, result.render()
+    assert {key.split(":")[0] for key in result.hostile_endings} == set(HOSTILE_EXPECTED)
+    assert all(key.endswith(": as defined") for key in result.hostile_endings), result.render()
+    declines = [c for c in calls if c.fault == "answer_in_503" and c.result == "declined"]
+    assert declines, "no decline behind a busy status was drawn"

@@ -5,9 +5,11 @@ The fast test serves the console with uvicorn on loopback over the ``console`` f
 what the person on call does: sign in, find the unknown charge from the queue, read the
 back-office box, try Retry without the confirmation (refused) and with it (queued, the
 ledger names them), bulk-discard a filtered selection, export the CSV, give the charge
-left a new card from its subscription's page (re-opened and sent), sign out. It saves
-screenshots of the overview, the queue and a charge page to ``SCREENSHOTS_DIR`` (the
-README's are made with ``SCREENSHOTS_DIR=docs/screenshots``).
+left a new card from its subscription's page (re-opened and sent), sign out. On the way
+it checks the pages a phone shows (nothing wider than 390 px, the queue's cells on screen)
+and saves screenshots of the overview, the queue and a charge page to ``SCREENSHOTS_DIR``.
+The README's pictures come from ``make screenshots`` (``billing.web.screenshots``: a
+seeded database of a month), which a test here runs too.
 
 The slow test runs ``billing demo --serve`` (real sandbox, worker, beat and console
 processes) and handles every failed charge the demo makes from the browser alone.
@@ -27,7 +29,6 @@ import selectors
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -36,24 +37,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from sqlalchemy import select
 
 from billing import ledger
 from billing.db import session_scope
 from billing.harness.ports import free_port
 from billing.models import ChargeState, LedgerEntry
+from billing.web import screenshots
+from billing.web.screenshots import CHROMIUM, CHROMIUM_ARGS, PHONE, overflow
 from tests.fixtures.sandbox import EUR_MERCHANT, SandboxControl
 from tests.fixtures.web import PASSWORDS, Console, failed_charge
 from tests.test_ops import add_charge, add_subscription
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 REQUIRE = os.environ.get("BILLING_REQUIRE_BROWSER") == "1"
 BILLING = str(Path(sys.executable).with_name("billing"))
 NEW_ALIAS = "zz98yy76xx54ww32"
@@ -93,21 +90,8 @@ def shots(tmp_path: Path) -> Path:
 @pytest.fixture
 def served(console: Console) -> Iterator[str]:
     """The console app on a real loopback port (uvicorn in a thread)."""
-    port = free_port()
-    config = uvicorn.Config(
-        console.app, host="127.0.0.1", port=port, log_config=None, access_log=False,
-        lifespan="off",
-    )  # fmt: skip
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with screenshots.serving(console.app) as base:
+        yield base
 
 
 def _sign_in(page: Any, base: str, name: str, password: str) -> None:
@@ -157,7 +141,7 @@ def _history(console: Console) -> None:
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_the_person_on_call_in_a_browser(
-    console: Console, served: str, page: Any, shots: Path, tmp_path: Path
+    console: Console, served: str, browser: Any, page: Any, shots: Path, tmp_path: Path
 ) -> None:
     _history(console)
     for i in range(3):
@@ -169,6 +153,12 @@ def test_the_person_on_call_in_a_browser(
     _sign_in(page, served, "otto", PASSWORDS["otto"])
     page.goto(f"{served}/")
     page.screenshot(path=str(shots / "overview.png"), full_page=True)
+    # The chart's table for screen readers takes no room: the page ends with the chart
+    # (a table is as tall as its rows whatever height it is given).
+    bottom = page.evaluate(
+        "document.querySelector('svg.chart').getBoundingClientRect().bottom + window.scrollY"
+    )
+    assert page.evaluate("document.documentElement.scrollHeight") <= bottom + 40
 
     # The queue, filtered to unknown outcomes; the charge is one click away.
     page.goto(f"{served}/failed")
@@ -192,6 +182,7 @@ def test_the_person_on_call_in_a_browser(
     wide = page.evaluate("document.documentElement.scrollWidth")
     assert wide <= 390, f"the charge page is {wide}px wide on a 390px phone"
     page.set_viewport_size({"width": 1280, "height": 900})
+    _on_a_phone(browser, page, served, unknown)
 
     # Retry without ticking the box: refused, nothing changes.
     page.get_by_role("button", name="Retry").click()
@@ -247,6 +238,44 @@ def test_the_person_on_call_in_a_browser(
     page.wait_for_url(re.compile(r"/login$"))
     page.goto(f"{served}/failed")
     assert "/login" in page.url
+
+
+def _on_a_phone(browser: Any, signed_in: Any, base: str, charge_id: int) -> None:
+    """The overview, the queue and a charge on a 390 px phone (a mobile viewport, which
+    widens its layout to whatever overflows): nothing wider than the screen, and every
+    charge's state, reason and message on screen without scrolling sideways."""
+    phone = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True)
+    try:
+        phone.add_cookies(signed_in.context.cookies())
+        page = phone.new_page()
+        for path in ("/", "/failed", f"/charges/{charge_id}"):
+            page.goto(base + path)
+            assert overflow(page) == 0, f"{path} is {overflow(page)} px wider than the phone"
+        page.goto(f"{base}/failed")
+        cells = page.locator(
+            "table.queue tbody td.c-state, table.queue tbody td.c-reason, "
+            "table.queue tbody td.c-last_message, table.queue tbody td.c-age"
+        )
+        assert cells.count() >= 4
+        for i in range(cells.count()):
+            box = cells.nth(i).bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, (
+                f"{cells.nth(i).inner_text()!r} is off a 390 px screen: {box}"
+            )
+    finally:
+        phone.close()
+
+
+def test_the_readme_screenshots_are_made_from_a_seeded_console(
+    browser: Any, tmp_path: Path
+) -> None:
+    """``make screenshots``: a seeded database, the console over it, four pictures that
+    fit a phone and a README (``make_screenshots`` fails otherwise)."""
+    saved = screenshots.make_screenshots(tmp_path / "shots", browser=browser, say=lambda line: None)
+    assert [p.name for p in saved] == list(screenshots.PICTURES)
+    for picture in saved:
+        assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert 10_000 < picture.stat().st_size < screenshots.MAX_PNG_BYTES
 
 
 # --- the whole demo, from the browser alone ------------------------------------------------

@@ -683,7 +683,9 @@ def test_every_cli_value_gives_a_result_or_one_error_line(
 def test_the_console_script_with_bytes_that_are_not_utf8(cli_env: dict[str, str], budget: int):
     """The installed ``billing`` itself, given raw bytes as its arguments, under a strict
     UTF-8 stdout: what ``argv`` really holds after a careless paste."""
-    simple = [t for t in TARGETS if t[0] not in STOPPERS and t[0][0] not in ("db", "worker", "beat")]
+    simple = [
+        t for t in TARGETS if t[0] not in STOPPERS and t[0][0] not in ("db", "worker", "beat")
+    ]
 
     @fuzz(budget)
     @given(target=st.sampled_from(simple), raw=st.binary(min_size=1, max_size=12))

@@ -75,6 +75,17 @@ def _env_for(cluster: Cluster, gateway, plans: Path = ENGINE_PLANS, **extra: str
     cluster.env.update(BILLING_GATEWAY_URL=gateway.url, BILLING_PLANS_FILE=str(plans), **extra)
 
 
+def _queued(url: str, gateway) -> list[int]:
+    """The due charges moved to ``queued`` by a sweep in this process; their IDs, unsent."""
+    sent: list[int] = []
+    engine = Engine(
+        Settings(database_url=url, gateway_url=gateway.url),
+        plans=load_plans(ENGINE_PLANS), dispatcher=sent.extend, limiter=None,
+    )  # fmt: skip
+    engine.sweep_plan("monthly")
+    return sent
+
+
 def _sender(cluster: Cluster) -> Celery:
     """A sending app configured like the workers' (on RabbitMQ: the same quorum queue)."""
     return broker.sending_app(
@@ -104,12 +115,7 @@ def test_2_the_same_message_twice_or_two_workers_at_once_call_once(cluster, gate
     aliases = gateway.seed_aliases("1234567", 30)
     gateway.set_latency(50)
     _subscribe(pg_url, aliases)
-    sent: list[int] = []
-    engine = Engine(
-        Settings(database_url=pg_url, gateway_url=gateway.url),
-        plans=load_plans(ENGINE_PLANS), dispatcher=sent.extend, limiter=None,
-    )  # fmt: skip
-    engine.sweep_plan("monthly")
+    sent = _queued(pg_url, gateway)
     cluster.worker("w1", concurrency=4)
     cluster.worker("w2", concurrency=4)
     app = _sender(cluster)
@@ -279,3 +285,92 @@ def test_9_a_thousand_due_subscriptions_end_in_a_thousand_outcomes_matching_the_
     approved_calls = {c["tx"] for c in calls if c["result"] == "approved"}
     assert approved_calls == {e.tx for e in entries if e.outcome == "approved"}
     assert {c["alias"] for c in calls} == set(aliases)
+
+
+def test_10_on_sqlite_the_default_worker_a_beat_and_a_person_charge_each_period_once(
+    cluster, gateway, sqlite_url
+):
+    """The embedded default under the load it is documented for: ``billing worker`` as
+    started with no options (a process per core, 32 threads each), a beat, every message
+    delivered three times, and a person retrying failed charges from the CLI while the
+    workers write. SQLite's ``BEGIN IMMEDIATE`` serialises every writer: each period is
+    charged once, nothing is lost, and no writer gives up with "database is locked"."""
+    import subprocess
+    import sys
+
+    cluster.env["BILLING_DATABASE_URL"] = sqlite_url
+    _env_for(cluster, gateway)
+    gateway.set_latency(20)
+    aliases = gateway.seed_aliases("1234567", 150)
+    hard = aliases[:10]
+    for alias in hard:
+        gateway.set_behaviour(alias, decline="54", times=1)  # then approved when retried
+    _subscribe(sqlite_url, aliases)
+    sent = _queued(sqlite_url, gateway)
+    cluster.billing_worker("bw")
+    cluster.beat("b1")
+    app = _sender(cluster)
+    for charge_id in sent * 3:
+        app.send_task("billing.charge", args=[charge_id], queue=cluster.env["BILLING_QUEUE"])
+
+    def failed() -> list[int]:
+        with session_scope(sqlite_url) as session:
+            return list(session.scalars(select(Charge.id).where(Charge.state == "failed")))
+
+    wait_until(lambda: len(failed()) == len(hard), timeout=90)
+    for charge_id in failed():  # a person, while the workers still write
+        done = subprocess.run(
+            [sys.executable, "-m", "billing.cli", "failed", "retry", str(charge_id),
+             "--reason", "new card on file", "--by", "alice"],
+            env=cluster.env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    wait_until(lambda: _states(sqlite_url)[ChargeState.APPROVED] == 150, timeout=90)
+    time.sleep(1)
+
+    assert _states(sqlite_url) == Counter({ChargeState.APPROVED: 150})
+    _one_call_per_alias(gateway, aliases)
+    assert len(gateway.calls(script="duplicate")) == 150 + len(hard)
+    logs = cluster.log("bw") + cluster.log("b1")
+    assert "database is locked" not in logs
+    assert "Traceback" not in logs
+
+
+def test_11_a_worker_killed_mid_batch_leaves_started_calls_unknown_and_sends_the_rest_once(
+    cluster, gateway, pg_url
+):
+    """One message of four charges, two threads for its calls (``BILLING_CALLS_PER_PROCESS=2``):
+    the two slow calls start, the two others wait their turn; SIGKILL then. The started
+    calls end unknown and are never made again; the unstarted charges, still queued, are
+    made once when the message comes back."""
+    _env_for(cluster, gateway, BILLING_VISIBILITY_TIMEOUT="4", BILLING_CALLS_PER_PROCESS="2")
+    aliases = gateway.seed_aliases("1234567", 4)
+    slow = aliases[:2]
+    for alias in slow:
+        gateway.set_behaviour(alias, slow=3.0)
+    subs = _subscribe(pg_url, aliases)
+    sent = _queued(pg_url, gateway)
+    with session_scope(pg_url) as session:
+        by_sub = dict(session.execute(select(Charge.subscription_id, Charge.id)).all())
+    batch = [by_sub[sub] for sub in subs]  # the slow charges first
+    assert sorted(batch) == sorted(sent)
+    worker = cluster.worker("w1", pool="prefork", concurrency=1)
+    _sender(cluster).send_task(
+        "billing.charge_batch", args=[batch], queue=cluster.env["BILLING_QUEUE"]
+    )
+    wait_until(lambda: len(gateway.calls(script="duplicate")) == 2, timeout=30, step=0.05)
+    assert {c["alias"] for c in gateway.calls(script="duplicate")} == set(slow)
+
+    cluster.kill(worker)  # SIGKILL while the gateway holds both started calls
+    cluster.worker("w2", pool="prefork", concurrency=1)
+    cluster.beat("b1")  # the engine sweep: stuck calls, lost messages
+
+    wait_until(lambda: _settled(pg_url, 4), timeout=60)
+    time.sleep(5)  # past the visibility timeout: any redelivery finds nothing to do
+    with session_scope(pg_url) as session:
+        states = dict(session.execute(select(Charge.id, Charge.state)).all())
+    assert [states[charge_id] for charge_id in batch] == [
+        ChargeState.UNKNOWN, ChargeState.UNKNOWN, ChargeState.APPROVED, ChargeState.APPROVED,
+    ]  # fmt: skip
+    for alias in aliases:
+        assert len(gateway.calls(alias=alias, script="duplicate")) == 1, alias

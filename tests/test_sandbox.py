@@ -352,6 +352,52 @@ def test_random_faults_are_reproducible_and_add_up(
     }
 
 
+def test_hostile_faults_rewrite_the_answer_after_the_money_moved_as_asked(
+    sandbox_url: str, sandbox_control: SandboxControl
+) -> None:
+    aliases = sandbox_control.seed_aliases(EUR_MERCHANT, 120)
+    sandbox_control.faults(
+        seed=3, answer_in_503=0.25, long_message=0.25, bad_tx=0.25, amount_lie=0.25
+    )
+    answers = []
+    for alias in aliases:
+        response = requests.post(f"{sandbox_url}/duplicate.pl", data=dup_form(alias), timeout=5)
+        answers.append((response.status_code, parse_body(response.text)))
+    calls = sandbox_control.calls()
+
+    seen: dict[str, set[str]] = {}
+    for call, (status, body) in zip(calls, answers, strict=True):
+        fault = call["fault"]
+        seen.setdefault(fault, set()).add(call["result"])
+        assert call["rewritten"]
+        if fault == "answer_in_503":
+            assert status in (503, 429) and body["RESPONSE"] in ("00", "05", "51", "91")
+            assert call["recorded"] is (body["RESPONSE"] == "00")
+            continue
+        assert (status, body["RESPONSE"], call["result"]) == (200, "00", "approved")
+        if fault == "long_message":
+            assert len(body["MESSAGE"]) > 400 and body["TX"] == call["tx"]
+        elif fault == "bad_tx":
+            assert body["TX"] == "<b>TX</b>&ID=1" and call["tx"].isdigit()
+        else:
+            assert (fault, body["MONTANT"], body["TX"]) == ("amount_lie", "11.00", call["tx"])
+    # Declines behind a busy status too; the others rewrite approvals only.
+    assert seen["answer_in_503"] == {"approved", "declined"}
+    assert [seen[k] for k in ("long_message", "bad_tx", "amount_lie")] == [{"approved"}] * 3
+    # The money moved as asked, whatever the answers said.
+    recorded = sum(1 for c in calls if c["recorded"])
+    assert sandbox_control.totals()[EUR_MERCHANT]["collected"] == f"{10 * recorded}.00"
+
+
+def test_a_hostile_fault_with_nothing_to_rewrite_is_no_fault_met(
+    sandbox_url: str, sandbox_control: SandboxControl
+) -> None:
+    sandbox_control.faults(seed=1, bad_tx=1.0)
+    answer = post(sandbox_url, "duplicate.pl", dup_form("never-issued"))
+    assert answer["RESPONSE"] == "ALIAS"
+    assert [(c["result"], c["fault"]) for c in sandbox_control.calls()] == [("declined", None)]
+
+
 def test_calls_filters(sandbox_url: str, sandbox_control: SandboxControl) -> None:
     a, b = sandbox_control.seed_aliases(EUR_MERCHANT, 2)
     tx = post(sandbox_url, "duplicate.pl", dup_form(a))["TX"]
@@ -382,8 +428,10 @@ def test_calls_filters(sandbox_url: str, sandbox_control: SandboxControl) -> Non
         "result",
         "code",
         "recorded",
+        "fault",
         "at",
     }
+    assert calls[0]["fault"] is None  # no random fault met
 
 
 def test_outage_from_control_api(sandbox_url: str, sandbox_control: SandboxControl) -> None:

@@ -94,3 +94,14 @@ def test_a_database_without_the_console_tables_is_named_at_start(tmp_path: Path)
     )  # fmt: skip
     assert done.returncode == 1
     assert "billing db upgrade" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_screenshots_command_says_how_it_is_used_in_one_line(tmp_path: Path) -> None:
+    for args in ([], ["a", "b"], ["--help"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "billing.web.screenshots", *args], capture_output=True,
+            text=True, timeout=60, cwd=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 2, args
+        assert done.stderr.strip() == "error: usage: python -m billing.web.screenshots OUTDIR"
+    assert list(tmp_path.iterdir()) == []

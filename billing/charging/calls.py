@@ -21,6 +21,8 @@ still recorded, as ``unknown`` with the redacted evidence: an answer is never lo
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,18 +30,18 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
-from sqlalchemy import and_, case, exists, insert, or_, select, update
+from sqlalchemy import case, exists, insert, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from billing import dunning, ledger, metrics, widths
-from billing.charging import lifecycle, newcard
+from billing.charging import hotpath, lifecycle, newcard
 from billing.charging.context import Context, recorded_surely
-from billing.charging.lifecycle import Lost
+from billing.charging.lifecycle import CURRENT, Lost
 from billing.charging.rows import ChargeRow, SubRow, load_subscription
-from billing.db import session_scope
-from billing.errors import InvalidInput, NotFound
-from billing.events import charge_event, subscription_event
+from billing.db import get_engine, is_sqlite, session_scope
+from billing.errors import BillingError, ConfigError, InvalidInput, NotFound
+from billing.events import charge_event, endpoint_filters, subscription_event
 from billing.models import Attempt, Charge, LedgerEntry, utcnow
 from billing.outcomes import Approved, Declined, NotSent, Outcome, Unknown
 from billing.plans import Plan
@@ -62,12 +64,6 @@ from billing.vocabulary import (
 
 log = logging.getLogger("billing.engine")
 
-#: The charge's attempt is still the current one: in flight, or given up on by the stuck
-#: sweep while its worker still waited (its answer then is still *the* answer).
-CURRENT = or_(
-    Charge.state == ChargeState.IN_FLIGHT,
-    and_(Charge.state == ChargeState.UNKNOWN, Charge.reason == FailureReason.STUCK_IN_FLIGHT),
-)
 #: Why a retry scheduled while its subscription was being cancelled is discarded.
 CANCELLED_WHILE_SENT = "subscription cancelled while the charge was being sent"
 
@@ -114,6 +110,9 @@ class Calls:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        #: The common path in one statement each (PostgreSQL; see ``hotpath``). Turned off
+        #: only to compare the two paths (``tests/test_hotpath.py``).
+        self.at_once = not is_sqlite(ctx.url)
 
     # ------------------------------------------------------------------ the whole call
 
@@ -174,6 +173,10 @@ class Calls:
         the charge stays queued, unsent and not unknown.
         """
         now = now or utcnow()
+        if self.at_once:
+            claimed = self._claim_at_once(charge_id, now)
+            if claimed is not None:
+                return claimed
         with session_scope(self.ctx.url) as session:
             moved = lifecycle.move(
                 session, charge_id, "claim", to=ChargeState.IN_FLIGHT, now=now,
@@ -210,6 +213,33 @@ class Calls:
                 .scalar_one()
             )
             return Claim(moved, sub, attempt_id, plan, private_key)
+
+    def _claim_at_once(self, charge_id: int, now: datetime) -> Claim | None:
+        """The claim in one statement (``billing.charging.hotpath``), for a charge that may
+        go out; ``None`` leaves it to the general claim (which says why not, and holds it).
+
+        Only accounts whose private key is there are claimed for: the key is read before
+        the statement commits, so a missing key leaves the charge queued, as it does in the
+        general claim."""
+        plans = self.ctx.plans
+        keys: dict[str, str] = {}
+        for currency, account in plans.accounts.items():
+            with contextlib.suppress(ConfigError):
+                keys[currency] = account.private_key()
+        gap = timedelta(hours=self.ctx.settings.min_charge_gap_hours)
+        with get_engine(self.ctx.url).connect() as conn:
+            claimed = hotpath.claim(
+                conn.execution_options(isolation_level="AUTOCOMMIT"), charge_id, now=now,
+                gap_start=now - gap, plans=list(plans.plans), currencies=list(keys),
+                worker=self.ctx.actor,
+            )  # fmt: skip
+        if claimed is None:
+            return None
+        charge = claimed.charge
+        return Claim(
+            charge, claimed.subscription, claimed.attempt_id, plans.plans[charge.plan],
+            keys[charge.currency],
+        )  # fmt: skip
 
     def _hold_reason(self, charge: ChargeRow, sub: SubRow, now: datetime) -> str | None:
         if sub.status not in CHARGEABLE:
@@ -310,6 +340,14 @@ class Calls:
         """Write the answer of the claim's attempt: charge, attempt, ledger, subscription
         and events in one transaction; a late answer as evidence only."""
         now = now or utcnow()
+        if (
+            self.at_once
+            and isinstance(result, Approved)
+            and self._approved_at_once(claim, result, now)
+        ):
+            self._log(claim, result, duration, late=False)
+            metrics.count_charge(claim.charge.plan, result.kind)
+            return ChargeResult(claim.charge.id, "done", result.kind)
         retry_in: float | None = None
         with session_scope(self.ctx.url) as session:
             session.connection().execute(
@@ -437,6 +475,61 @@ class Calls:
         charge_event(session, event, moved, advanced.after, amount=asked)
         _subscription_changed(session, advanced)
         return Recorded(moved, outcome)
+
+    def _approved_at_once(self, claim: Claim, result: Approved, now: datetime) -> bool:
+        """:meth:`_approved` in one statement (``billing.charging.hotpath``) when its attempt
+        is current and the subscription active and as the claim read it; ``False`` (nothing
+        written) leaves it to the general record."""
+        approval = self._approval(claim, result, now)
+        if approval is None:
+            return False
+        with get_engine(self.ctx.url).connect() as conn, conn.begin() as transaction:
+            written = hotpath.approve(conn, approval, endpoints=endpoint_filters(conn), now=now)
+            if written is None:
+                transaction.rollback()
+                return False
+        return True
+
+    def _approval(self, claim: Claim, result: Approved, now: datetime) -> hotpath.Approval | None:
+        """What :meth:`_approved` writes when nothing moved since the claim, worked out."""
+        charge, plan, seen = claim.charge, claim.plan, claim.subscription
+        asked = charge.amount
+        mismatch = result.amount != asked if result.amount is not None else bool(result.amount_text)
+        if charge.deferred:
+            to, outcome, event = (
+                ChargeState.AUTHORIZED, LedgerOutcome.AUTHORIZED, EventType.CHARGE_AUTHORIZED,
+            )  # fmt: skip
+            money: dict[str, Any] = {
+                "authorized_amount": asked, "next_attempt_at": now + plan.capture_after,
+            }  # fmt: skip
+        else:
+            to, outcome, event = (
+                ChargeState.APPROVED, LedgerOutcome.APPROVED, EventType.CHARGE_APPROVED,
+            )  # fmt: skip
+            money = {"collected_amount": asked, "next_attempt_at": None}
+        try:
+            next_due = lifecycle.schedule_of(seen, plan).due(charge.period + 1)
+        except BillingError:  # the general path says what is wrong with the schedule
+            return None
+        after = dataclasses.replace(
+            charge, state=to.value, tx=widths.fit(result.tx, widths.TX), reason=None,
+            updated_at=now, **_said(result), **money,
+        )  # fmt: skip
+        ledger_row = ledger.row(
+            **ledger.outcome_fields(
+                after, seen, result, operation=Operation.DUPLICATE, actor=self.ctx.actor,
+                outcome=outcome, amount=asked, attempt_id=claim.attempt_id,
+                secrets=(claim.private_key,),
+                details=_answered(result, asked) if mismatch else None,
+            ),
+            at=now,
+        )  # fmt: skip
+        return hotpath.Approval(
+            charge=after, number=claim.number, attempt_id=claim.attempt_id, seen=seen,
+            subscription=dataclasses.replace(seen, last_charged_at=now, updated_at=now),
+            event=event, kind=result.kind, code=widths.fit(result.code or None, widths.CODE),
+            mismatch=mismatch, next_due=next_due, ledger_row=ledger_row,
+        )  # fmt: skip
 
     def _declined(
         self, session: Session, claim: Claim, result: Declined, now: datetime

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, func, not_, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, func, not_, or_, select, update
 from sqlalchemy.orm import Session
 
 from billing import dates
@@ -49,11 +49,14 @@ from billing.vocabulary import (
     LATE_FLAGS,
     OPEN_STATES,
     ChargeState,
+    FailureReason,
     Review,
     SubscriptionStatus,
 )
 
 S = ChargeState
+#: The charges table's columns: the flag expressions below serve ORM and Core statements.
+CHARGES = Charge.__table__.c
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,16 @@ TRANSITIONS: dict[str, Transition] = {
         ),
     )
 }  # fmt: skip
+
+#: The charge's attempt is still the current one: in flight, or given up on by the stuck
+#: sweep while its worker still waited (its answer then is still *the* answer).
+CURRENT = or_(
+    CHARGES.state == ChargeState.IN_FLIGHT,
+    and_(
+        CHARGES.state == ChargeState.UNKNOWN,
+        CHARGES.reason == FailureReason.STUCK_IN_FLIGHT,
+    ),
+)
 
 #: The state is left as it is (a settlement call claimed, a partial refund).
 KEEP = "keep"
@@ -227,7 +240,7 @@ def move_many(
 
 def has_flag(review: Review) -> ColumnElement[bool]:
     """The charge carries ``review``."""
-    return Charge.review.like(f"%{review.value}%")
+    return CHARGES.review.like(f"%{review.value}%")
 
 
 def late_flagged() -> ColumnElement[bool]:
@@ -237,12 +250,12 @@ def late_flagged() -> ColumnElement[bool]:
 
 #: No earlier attempt was approved late: another try may be scheduled.
 def not_late_flagged() -> ColumnElement[bool]:
-    return or_(Charge.review.is_(None), not_(late_flagged()))
+    return or_(CHARGES.review.is_(None), not_(late_flagged()))
 
 
 def add_flag(review: Review, base: Any = None) -> Any:
     """``base`` (the row's flags by default) with ``review`` added, as SQL on the row."""
-    base = Charge.review if base is None else base
+    base = CHARGES.review if base is None else base
     return case(
         (base.is_(None), review.value),
         (base.like(f"%{review.value}%"), base),
@@ -254,7 +267,7 @@ def upgraded_late_approval() -> Any:
     """The row's flags with a late approval turned into a possible double charge: the
     period was then approved again."""
     return func.replace(
-        Charge.review, Review.LATE_APPROVAL.value, Review.POSSIBLE_DOUBLE_CHARGE.value
+        CHARGES.review, Review.LATE_APPROVAL.value, Review.POSSIBLE_DOUBLE_CHARGE.value
     )
 
 
@@ -499,6 +512,7 @@ def lock_open_charges(
 
 
 __all__ = [
+    "CURRENT",
     "KEEP",
     "SUB_TRANSITIONS",
     "TRANSITIONS",

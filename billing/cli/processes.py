@@ -22,7 +22,7 @@ from billing.errors import InvalidInput
 from billing.plans import load_plans
 from billing.ratelimit import require_redis
 from billing.settings import get_settings
-from billing.supervisor import DEFAULT_THREADS, Supervisor, celery_worker_specs, default_processes
+from billing.supervisor import DEFAULT_THREADS, Supervisor, celery_worker_specs, worker_shape
 
 CELERY_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 #: The largest pool a worker is started with: far more than the cores of any machine here.
@@ -84,12 +84,11 @@ def worker(
     if pool not in POOLS:
         raise InvalidInput(f"--pool: {pool!r} is not one of {', '.join(POOLS)}")
     _validated()
-    count = processes or (1 if pool == "prefork" else default_processes())
-    size = concurrency or (DEFAULT_THREADS if pool in ("threads", "gevent") else 0)
+    count, size = worker_shape(processes, pool, concurrency)
     specs = celery_worker_specs(
         count,
         pool=pool,
-        concurrency=size or default_processes(),
+        concurrency=size,
         queue=get_settings().queue,
         loglevel=loglevel,
         extra=list(ctx.args),

@@ -16,7 +16,7 @@ from billing.reports import DayCounts
 WIDTH = 720
 HEIGHT = 220
 #: Room for the axis labels.
-LEFT, BOTTOM, TOP = 36, 24, 10
+LEFT, BOTTOM, TOP = 36, 24, 18
 
 
 @dataclass(frozen=True)
