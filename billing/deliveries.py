@@ -7,9 +7,10 @@ delivered again, for ever. RabbitMQ bounds that with the quorum queue's ``x-deli
 (``billing.broker``); Redis has no delivery count, so the task base class counts here.
 
 Only redeliveries are counted: Kombu marks every message Redis hands out again
-(``redelivered``: a rejected message requeued after its worker process died, or one
-restored after the visibility timeout), so a first delivery — every message of a healthy
-run — costs no Redis call at all. A redelivery increments the message's counter before the
+(``redelivered``: a rejected message requeued after its worker process died, one
+restored after the visibility timeout, or one a worker had reserved but not started when
+it shut down — counted too, a slight over-count), so a first delivery — every message of
+a healthy run — costs no Redis call at all. A redelivery increments the message's counter before the
 task runs and a finish (success, failure or retry) deletes it; past the limit the message
 is dead-lettered (a row in ``dead_letters``) instead of run again.
 
