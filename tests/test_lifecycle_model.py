@@ -604,7 +604,7 @@ def model_settings(examples: int, steps: int) -> settings:
 
 @pytest.mark.parametrize(
     ("examples", "steps"),
-    [pytest.param(30, 40, id="fast"), pytest.param(150, 60, id="long", marks=pytest.mark.slow)],
+    [pytest.param(30, 40, id="fast"), pytest.param(50, 60, id="long", marks=pytest.mark.slow)],
 )
 def test_the_lifecycle_keeps_its_promise_under_any_interleaving(
     fresh_database: Callable[[], str],
