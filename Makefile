@@ -38,8 +38,9 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 # The invariant tests again, with every worker on RabbitMQ (a virtual host per test) instead
-# of Redis; test 9 (a thousand charges: throughput, not the broker) runs on Redis only, to
-# keep this within about four minutes. tests/test_brokers.py runs both brokers in test-slow.
+# of Redis, and test 6 on a RabbitMQ node of its own that it kills; test 9 (a thousand
+# charges: throughput, not the broker) runs on Redis only, to keep this within about four
+# minutes. tests/test_brokers.py runs both brokers in test-slow.
 test-rabbitmq: $(STAMP)
 	TEST_BROKER=rabbitmq $(PY) -m pytest -q -m slow tests/test_invariants.py -k "not test_9_"
 
@@ -77,10 +78,18 @@ clean:
 # Fault run (issue 8): 5,000 due subscriptions, 3 workers, 2 beats, SIGKILLs, a Redis
 # restart, cut PostgreSQL connections and a misbehaving sandbox; then the sandbox's call log
 # is set beside the ledger. CHAOS_N, CHAOS_SEED, CHAOS_DURATION, CHAOS_DEADLINE override.
-.PHONY: chaos-small
+.PHONY: chaos-small chaos-rabbitmq chaos-small-rabbitmq
 chaos: $(STAMP)
 	$(PY) -m chaos.run
 
 # The same with 500 subscriptions, within three minutes: part of CI.
 chaos-small: $(STAMP)
 	CHAOS_N=500 CHAOS_DURATION=100 CHAOS_DEADLINE=170 $(PY) -m chaos.run
+
+# Both again on RabbitMQ: a node of the run's own (root, or the rabbitmq user, starts it),
+# killed with SIGKILL where the Redis run kills Redis. chaos-small-rabbitmq is part of CI.
+chaos-rabbitmq: $(STAMP)
+	CHAOS_BROKER=rabbitmq $(PY) -m chaos.run
+
+chaos-small-rabbitmq: $(STAMP)
+	CHAOS_BROKER=rabbitmq CHAOS_N=500 CHAOS_DURATION=100 CHAOS_DEADLINE=170 $(PY) -m chaos.run

@@ -7,8 +7,12 @@ to 1 % and soft-declines 5 %; and it answers hostile answers (issue 14): the rea
 behind an HTTP 503 or 429 to 2 % (a third of them declines), a message wider than its
 column to 1 %, a TX that is no transaction number to 1 % and another MONTANT than the
 amount charged to 1 % of approvals. Meanwhile a random worker is killed with SIGKILL every few
-seconds and restarted, Redis is restarted once (losing every message), every PostgreSQL
+seconds and restarted, the broker is restarted once (Redis: killed, losing every message;
+RabbitMQ: its node killed with SIGKILL, keeping what it confirmed), every PostgreSQL
 connection is cut once, and the sandbox stops listening once for a second.
+
+``CHAOS_BROKER=rabbitmq`` runs the same on a RabbitMQ node of the run's own (quorum queue,
+publisher confirms, broker dead-lettering: ``billing.broker``) instead of a Redis of its own.
 
 Then the chaos stops, the system settles (every charge approved, failed or unknown, soft
 declines through their short ladder), the processes stop, and ``chaos.reconcile`` sets the
@@ -25,6 +29,7 @@ Environment:
   CHAOS_LOGDIR     where logs go (default: a new temporary folder, removed on success)
   CHAOS_KEEP_LOGS  1 to keep the logs after a successful run
   CHAOS_PG_ADMIN_URL  PostgreSQL server to create the run's database on
+  CHAOS_BROKER     redis (default) or rabbitmq
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from sqlalchemy.exc import DBAPIError
 from billing.db import dispose_all, session_scope
 from billing.harness.base import HarnessError
 from billing.harness.databases import DEFAULT_ADMIN_URL, PostgresDatabase
+from billing.harness.rabbitmq import RabbitNode
 from billing.harness.redis import RedisServer
 from billing.harness.sandbox import SandboxProcess
 from billing.harness.workers import BEAT_READY, WORKER_READY, Processes
@@ -91,6 +97,8 @@ WORKERS = (("prefork", 4), ("threads", 8), ("threads", 8))
 BEATS = 2
 #: Seconds between two worker kills, drawn uniformly.
 KILL_EVERY = (2.0, 5.0)
+#: The brokers a run can use (``CHAOS_BROKER``), the first the default.
+BROKERS = ("redis", "rabbitmq")
 
 
 class RunError(Exception):
@@ -108,6 +116,7 @@ class Config:
     keep_logs: bool
     pg_admin_url: str
     latency_ms: float = 20.0
+    broker: str = BROKERS[0]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Config:
@@ -135,7 +144,11 @@ class Config:
         if n < 1:
             raise RunError(f"CHAOS_N: {n} must be at least 1")
         logdir = env.get("CHAOS_LOGDIR", "").strip()
+        broker = env.get("CHAOS_BROKER", "").strip().lower() or BROKERS[0]
+        if broker not in BROKERS:
+            raise RunError(f"CHAOS_BROKER: {broker!r} is not one of {', '.join(BROKERS)}")
         return cls(
+            broker=broker,
             n=n,
             seed=seed,
             duration=number("CHAOS_DURATION", 300),
@@ -168,7 +181,7 @@ class Stats:
     """What the chaos did, for the report."""
 
     kills: Counter[str] = field(default_factory=Counter)
-    redis_restarts: int = 0
+    broker_restarts: int = 0
     pg_connections_cut: int = 0
     pg_cuts: int = 0
     outages: int = 0
@@ -186,7 +199,9 @@ class Run:
         self.workdir = config.logdir or Path(tempfile.mkdtemp(prefix="chaos-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.db = PostgresDatabase(config.pg_admin_url, prefix="chaos")
-        self.redis = RedisServer(self.workdir)
+        self.broker: RedisServer | RabbitNode = (
+            RabbitNode(self.workdir) if config.broker == "rabbitmq" else RedisServer(self.workdir)
+        )
         self.sandbox = SandboxProcess(
             {merchant_id: key for _, _, merchant_id, key, _ in MERCHANTS},
             latency_ms=config.latency_ms,
@@ -238,9 +253,9 @@ class Run:
         t0 = time.monotonic()
         self.db.create()
         self.say(f"database {self.db.name} created at the newest revision")
-        self.redis.start()
+        self.broker.start()
         self.sandbox.start()
-        self.say(f"redis on port {self.redis.port}; sandbox at {self.sandbox.url}")
+        self.say(f"{config.broker} on port {self.broker.port}; sandbox at {self.sandbox.url}")
 
         plans = self.workdir / "plans.toml"
         plans.write_text(plans_toml())
@@ -274,7 +289,7 @@ class Run:
         self.say(f"{len(ids)} due subscriptions; sandbox faults {faults}")
 
         keys = {f"KLIKANDPAY_KEY_{currency}": key for _, currency, _, key, _ in MERCHANTS}
-        env = harness.worker_env(self.db.url, self.redis.url, self.sandbox.url, plans, keys)
+        env = harness.worker_env(self.db.url, self.broker.url, self.sandbox.url, plans, keys)
         self.processes = Processes(env, self.workdir, cwd=ROOT)
         # Started side by side, then waited for: three workers start in the time of one.
         for number, (pool, concurrency) in enumerate(WORKERS, start=1):
@@ -287,6 +302,12 @@ class Run:
             self.processes.beat(name, wait=False)
         for name in self.beat_names:
             self.processes.wait_log(name, BEAT_READY)
+        if isinstance(self.broker, RabbitNode):
+            # The workers have declared the queues; a clean stop and start writes their
+            # registrations down as a long-running broker's are (rabbitmq/ra#443), so that
+            # the crash below tests this project, not a young node's lost queue.
+            self.broker.settle()
+            self.say("rabbitmq stopped and started cleanly once: the queues are on disk")
         self.stats.phases["set up"] = time.monotonic() - t0
         self.say(f"{len(WORKERS)} workers and {BEATS} beats running")
         self.listeners = self.check_listeners()
@@ -298,7 +319,7 @@ class Run:
             self.say("no /proc/net/tcp: listening addresses not checked")
             return []
         groups = [m.pid for m in self.processes.managed.values()]
-        groups += [self.sandbox.pid] + ([self.redis.proc.pid] if self.redis.proc else [])
+        groups += [self.sandbox.pid, *self.broker.process_groups()]
         found = sockets.listeners(sockets.group_members(groups))
         self.say("listening: " + (", ".join(str(item) for item in found) or "nothing"))
         return found
@@ -314,13 +335,13 @@ class Run:
     # --- chaos --------------------------------------------------------------------------
 
     def chaos(self) -> None:
-        """Kill workers, restart Redis, cut PostgreSQL, stop the sandbox once, until the
+        """Kill workers, restart the broker, cut PostgreSQL, stop the sandbox once, until the
         work is done (and every scripted fault has happened) or CHAOS_DURATION passes."""
         assert self.processes is not None
         t0 = time.monotonic()
         n = len(self.due)
         next_kill = t0 + self.rng.uniform(*KILL_EVERY)
-        done_redis = done_pg = done_outage = False
+        done_broker = done_pg = done_outage = False
         last_report = t0
         while True:
             self.check_deadline()
@@ -336,11 +357,16 @@ class Run:
                 self.stats.kills[victim] += 1
                 self.say(f"SIGKILL {victim} (progress {progress:.0%}); restarted")
                 next_kill = time.monotonic() + self.rng.uniform(*KILL_EVERY)
-            if not done_redis and (progress >= 0.25 or elapsed >= 0.3 * self.config.duration):
-                self.redis.restart()
-                self.stats.redis_restarts += 1
-                done_redis = True
-                self.say(f"redis restarted: every message lost (progress {progress:.0%})")
+            if not done_broker and (progress >= 0.25 or elapsed >= 0.3 * self.config.duration):
+                self.broker.restart()
+                self.stats.broker_restarts += 1
+                done_broker = True
+                lost = (
+                    "SIGKILL, restarted: what it confirmed is kept"
+                    if isinstance(self.broker, RabbitNode)
+                    else "restarted: every message lost"
+                )
+                self.say(f"{self.config.broker} {lost} (progress {progress:.0%})")
             if not done_outage and (progress >= 0.4 or elapsed >= 0.4 * self.config.duration):
                 self.sandbox.control.outage(1.0)
                 self.stats.outages += 1
@@ -355,7 +381,7 @@ class Run:
             if now - last_report >= 5:
                 self.say(f"progress {final}/{n}: {dict(sorted(states.items()))}")
                 last_report = now
-            if done_redis and done_pg and done_outage and self.settled(states):
+            if done_broker and done_pg and done_outage and self.settled(states):
                 break
             if elapsed >= self.config.duration:
                 self.say(f"CHAOS_DURATION ({self.config.duration:g} s) reached")
@@ -404,9 +430,10 @@ class Run:
             letters = session.scalar(select(func.count()).select_from(DeadLetter)) or 0
         print(
             f"\nchaos: {sum(self.stats.kills.values())} worker kills "
-            f"({dict(sorted(self.stats.kills.items()))}), {self.stats.redis_restarts} Redis "
-            f"restart, {self.stats.pg_cuts} PostgreSQL cut ({self.stats.pg_connections_cut} "
-            f"connections), {self.stats.outages} sandbox outage; {letters} dead letter(s)",
+            f"({dict(sorted(self.stats.kills.items()))}), {self.stats.broker_restarts} "
+            f"{self.config.broker} restart, {self.stats.pg_cuts} PostgreSQL cut "
+            f"({self.stats.pg_connections_cut} connections), {self.stats.outages} sandbox "
+            f"outage; {letters} dead letter(s)",
             flush=True,
         )
         findings = scan.scan([self.workdir], self.db.url)
@@ -427,7 +454,7 @@ class Run:
             self.processes.stop_all(timeout=10)
         if self.sandbox.started:
             self.sandbox.stop()
-        self.redis.stop()
+        self.broker.stop()
         dispose_all()
         if self.db.created:
             try:
@@ -453,8 +480,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _terminate)
     run = Run(config)
     run.say(
-        f"chaos run: N={config.n} seed={config.seed} (CHAOS_SEED={config.seed} repeats the"
-        f" fault draws) duration<={config.duration:g}s settle<={config.settle:g}s"
+        f"chaos run: N={config.n} broker={config.broker} seed={config.seed}"
+        f" (CHAOS_SEED={config.seed} repeats the fault draws)"
+        f" duration<={config.duration:g}s settle<={config.settle:g}s"
         + (f" deadline {config.deadline:g}s" if config.deadline else "")
     )
     ok = False

@@ -10,25 +10,30 @@ worker every time, and (RabbitMQ) how a countdown travels on a quorum queue.
   (celery#9912: messages stuck in a ``celery_delayed_*`` queue when nothing bound the
   billing queue to the delivery exchange), and does not hold a worker meanwhile: a worker
   with one thread keeps charging others while the retry waits.
+- On RabbitMQ a message the broker confirmed is still in the quorum queue after the node
+  was stopped cleanly and after it was killed (a node of the test's own).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from kombu import Connection, Queue
 from sqlalchemy import select
 
 from billing import broker
 from billing.db import session_scope
 from billing.harness.base import billing_command
-from billing.harness.rabbitmq import RabbitVhost
+from billing.harness.rabbitmq import RabbitNode, RabbitVhost, can_start_nodes
 from billing.models import ChargeState, DeadLetter, LedgerEntry, Subscription, utcnow
 from billing.settings import Settings
 from tasks.app import POISON_TASKS_ENV
@@ -238,3 +243,42 @@ def test_a_dead_letter_is_moved_from_rabbitmq_once_even_when_its_message_comes_t
     assert "dead-lettered by RabbitMQ (delivery_limit)" in letter.exc_message
     # Redis has no dead-letter queue: nothing to move, no connection made.
     assert broker.drain_dead_letters(Settings(broker_url="redis://127.0.0.1:1/0")) == []
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[RabbitNode]:
+    """A RabbitMQ node of this test's own: it is killed, which nobody else may feel."""
+    if not can_start_nodes():
+        if os.environ.get("BILLING_REQUIRE_RABBITMQ"):
+            pytest.fail("a RabbitMQ node of the test's own cannot be started here")
+        pytest.skip("a RabbitMQ node of the test's own needs rabbitmq-server and root")
+    with RabbitNode(tmp_path) as started:
+        yield started
+
+
+def _ready(url: str, queue: Queue) -> int:
+    with Connection(url) as connection, connection.channel() as channel:
+        return int(queue.bind(channel).queue_declare(passive=True).message_count)
+
+
+def test_charge_messages_rabbitmq_confirmed_survive_a_clean_restart_and_a_crash(node):
+    """A send returns once RabbitMQ confirmed the message into the quorum queue, so what
+    was sent is still there after ``rabbitmqctl stop`` and after a SIGKILL of the node."""
+    settings = Settings(broker_url=node.url, queue=f"q-{uuid.uuid4().hex[:6]}", charge_batch=4)
+    app = broker.sending_app(settings)
+    queue = broker.billing_queue(settings)
+
+    broker.send_charges(app, list(range(1, 11)), settings.charge_batch)  # 3 messages
+    node.settle()  # a clean stop and start (and the queue's registration on disk)
+    assert _ready(node.url, queue) == 3
+
+    broker.send_charges(app, list(range(11, 19)), settings.charge_batch)  # 2 more
+    node.restart()  # SIGKILL: nothing flushed on the way out
+
+    assert _ready(node.url, queue) == 5
+    with Connection(node.url) as connection, connection.channel() as channel:
+        bodies = []
+        while (message := queue.bind(channel).get(no_ack=True, accept=["json"])) is not None:
+            bodies.append(message.decode()[0])
+    sent = sorted(i for args in bodies for i in (args[0] if isinstance(args[0], list) else args))
+    assert sent == list(range(1, 19))

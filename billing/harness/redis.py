@@ -84,6 +84,10 @@ class RedisServer:
         finally:
             client.close()
 
+    def process_groups(self) -> list[int]:
+        """The process groups the server runs in (for a check of what it listens on)."""
+        return [self.proc.pid] if self.proc is not None and self.proc.poll() is None else []
+
     def kill(self) -> None:
         """SIGKILL: the server goes at once, and every message in it with it."""
         if self.proc is not None:
