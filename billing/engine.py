@@ -27,8 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy.exc import OperationalError
-
 from billing.charging.calls import Calls, ChargeResult, Claim
 from billing.charging.context import Context, Dispatcher, Gateway, worker_name
 from billing.charging.dispatch import Dispatch
@@ -202,7 +200,12 @@ class Engine:
             return
         try:
             self.dispatch_due()
-        except (OperationalError, OSError) as exc:  # the engine sweep dispatches instead
+        except Exception as exc:
+            # Whatever failed (the database, or the broker: Kombu's OperationalError is
+            # neither SQLAlchemy's nor an OSError), the charge itself is recorded: raising
+            # would make its task an error and dead-letter a message whose charge was made.
+            # Safe to drop: charges this moved to queued are sent again by the engine sweep
+            # (requeue_lost), and due ones it did not reach by its next dispatch.
             log.warning("refill after a charge failed: %s", exc)
 
 

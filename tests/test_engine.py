@@ -9,11 +9,12 @@ import pytest
 from freezegun import freeze_time
 from sqlalchemy import func, select, update
 
-from billing import dates
+from billing import broker, dates
 from billing.db import session_scope
 from billing.errors import ConfigError
 from billing.models import Charge, ChargeState, LedgerEntry, SubscriptionStatus, utcnow
 from billing.plans import load_plans
+from billing.settings import Settings
 from tests.fixtures.engine import ENGINE_PLANS
 
 
@@ -380,3 +381,28 @@ def test_a_missing_private_key_claims_nothing_and_sends_nothing(
     charge = h.charge(sub_id)
     assert (charge.state, charge.attempts) == (ChargeState.QUEUED, 0)
     assert gateway.calls(alias=alias) == []
+
+
+def test_a_refill_that_cannot_reach_the_broker_leaves_the_charge_done(
+    pg_url, gateway, make_harness
+):
+    """The refill after a charge is an optimisation (the engine sweep dispatches anyway):
+    a broker it cannot reach must not turn a recorded charge into a task error, which
+    would dead-letter a message whose charge was made."""
+    h = make_harness(pg_url, max_in_flight=1)
+    for i, alias in enumerate(gateway.seed_aliases("1234567", 2)):
+        h.subscribe(f"shop-{i}", alias)
+    assert h.engine.sweep_plan("monthly").dispatched == 1
+    (first,) = h.take_sent()
+    # From now on sends go to a broker nobody runs: Kombu raises its OperationalError.
+    dead = broker.sending_app(Settings(broker_url="redis://127.0.0.1:1/0", queue="nowhere"))
+    h.engine.ctx.dispatcher = lambda ids: broker.send_charges(dead, ids, 8)
+
+    result = h.engine.charge(first)
+
+    assert result.status == "done"
+    with session_scope(pg_url) as session:
+        states = sorted(session.scalars(select(Charge.state)))
+    # The second charge was moved to queued for the failed send: the engine sweep sends
+    # it again after BILLING_REQUEUE_AFTER_SECONDS.
+    assert states == sorted([ChargeState.APPROVED, ChargeState.QUEUED])
