@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -233,7 +234,20 @@ def _csv_cell(value: Any) -> str:
         return ""
     if isinstance(value, dict):
         return json.dumps(value, ensure_ascii=False, sort_keys=True)
-    return str(value)
+    return spreadsheet_text(str(value))
+
+
+#: What a spreadsheet reads as the start of a formula in a cell (OWASP's CSV injection list).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"-?\d+(\.\d+)?")
+
+
+def spreadsheet_text(text: str) -> str:
+    """A CSV cell a spreadsheet shows as text and never runs: one starting like a formula
+    gets a quote first, except a plain number (a refund's ``-10.00`` stays a number)."""
+    if text.startswith(FORMULA_STARTS) and not _NUMBER.fullmatch(text):
+        return "'" + text
+    return text
 
 
 # --- the report -----------------------------------------------------------------------

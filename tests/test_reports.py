@@ -177,3 +177,21 @@ def test_export_csv_and_jsonl_parse_back(db_url: str) -> None:
 def test_export_refuses_an_unknown_format(sqlite_url: str) -> None:
     with pytest.raises(InvalidInput, match='"xml" is not one of: csv, jsonl'):
         reports.export([], "xml", io.StringIO())
+
+
+@pytest.mark.parametrize("hostile", ['=HYPERLINK("http://x")', "+1+1", "-2+3", "@SUM(A1)", "\t=1"])
+def test_a_cell_that_starts_like_a_formula_is_exported_as_text(
+    sqlite_url: str, hostile: str
+) -> None:
+    """A gateway's message or a shop's reference is whatever they sent: a spreadsheet must
+    show it, never run it. Amounts stay numbers (a refund's ``-10.00`` is not text)."""
+    with session_scope(sqlite_url) as session:
+        sub = add_subscription(session, hostile)
+        charge = add_charge(session, sub, state=ChargeState.FAILED)
+        book(session, charge, "declined", "0.00", T0, code="05", message=hostile)
+        text = io.StringIO()
+        reports.export(reports.ledger_rows(session), "csv", text)
+    (row,) = csv.DictReader(io.StringIO(text.getvalue()))
+    assert row["message"] == row["external_ref"] == "'" + hostile
+    assert reports.spreadsheet_text("-10.00") == "-10.00"
+    assert reports.spreadsheet_text("-") == "'-"

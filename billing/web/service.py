@@ -304,9 +304,8 @@ def failed_queue(session: Session, query: QueueQuery, now: datetime) -> list[ops
 
 
 def _csv_text(value: Any) -> str:
-    """A cell a spreadsheet shows as text: one starting like a formula gets a quote first."""
-    text = "" if value is None else str(value)
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+    """A cell a spreadsheet shows as text (see ``reports.spreadsheet_text``)."""
+    return "" if value is None else reports.spreadsheet_text(str(value))
 
 
 def queue_csv(rows: Sequence[ops.FailedCharge]) -> str:
