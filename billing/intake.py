@@ -221,6 +221,14 @@ def check_alias(value: object) -> tuple[str | None, str | None]:
         return None, problem
     if any(ch.isspace() for ch in alias):
         return None, "alias contains white space"
+    hidden = next((ch for ch in alias if unicodedata.category(ch).startswith("C")), None)
+    if hidden is not None:
+        # Control, format (zero-width, bidi) and unassigned characters: never in an alias
+        # the gateway issued, and invisible on a screen, so named by code point.
+        return None, (
+            f"alias contains an invisible character (U+{ord(hidden):04X}) at position "
+            f"{alias.index(hidden) + 1}"
+        )
     if redact(alias) == PAN_MARK:
         return None, (
             "alias is a card number, not an alias: send the ALIAS that Klik & Pay returned "

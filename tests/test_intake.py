@@ -561,3 +561,18 @@ def test_cli_import_prints_every_problem_and_exits_2(sqlite_url: str) -> None:
     assert 'line 4: customer_ip "300.1.1.1" is not an IP address' in done.stderr
     assert "Traceback" not in done.stderr
     assert count(sqlite_url) == 0
+
+
+@pytest.mark.parametrize(
+    ("alias", "shown"),
+    [("ab\u200bcd", "U+200B"), ("\u2060abcd", "U+2060"),
+     ("ab\u202ecd", "U+202E"), ("abc\ufeff", "U+FEFF")],
+)  # fmt: skip
+def test_an_alias_with_an_invisible_character_is_named(alias: str, shown: str) -> None:
+    """A zero-width space pasted from a spreadsheet makes an alias the gateway never
+    issued: every charge of it would fail. Refused at the door, the character named."""
+    value, problem = intake.check_alias(alias)
+    assert value is None
+    assert problem is not None and shown in problem and "invisible" in problem
+    assert intake.check_alias("AbC-123_x") == ("AbC-123_x", None)
+    assert intake.check_alias("abcd\x07") == (None, "alias contains a control character")
