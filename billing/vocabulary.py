@@ -34,6 +34,8 @@ class ChargeState(enum.StrEnum):
 OPEN_STATES = (ChargeState.PENDING, ChargeState.QUEUED, ChargeState.IN_FLIGHT)
 #: States that wait for a person: the failed-charge queue (with flagged charges, below).
 ATTENTION_STATES = (ChargeState.FAILED, ChargeState.UNKNOWN)
+#: States in which the books hold the period's money (collected, or authorized).
+PAID_STATES = (ChargeState.APPROVED, ChargeState.AUTHORIZED)
 
 
 class SubscriptionStatus(enum.StrEnum):
@@ -122,6 +124,9 @@ class Review(enum.StrEnum):
     POSSIBLE_DOUBLE_CHARGE = "possible_double_charge"  # ... and another attempt was too
     AMOUNT_MISMATCH = "amount_mismatch"  # approved, but not for the amount asked
     TX_REUSED = "tx_reused"  # approved with a transaction number another charge holds
+    #: a person resolved it as approved, then the gateway's own answer for that attempt
+    #: said no money moved (declined, or never received)
+    RESOLUTION_CONTRADICTED = "resolution_contradicted"
 
 
 #: Flags saying the card was charged for the period by an attempt the books do not hold:

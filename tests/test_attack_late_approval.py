@@ -126,3 +126,28 @@ def test_resolve_declined_of_a_late_approved_charge_keeps_it_flagged(db_url, gat
     assert still_flagged or booked, (
         "an approved charge left the queue as declined: its money is in no book and no queue"
     )
+
+
+# A person resolved an unknown charge as approved (the back office seemed to say so); then
+# the gateway's own answer for that very attempt arrives, and it is a decline. The books
+# hold money the gateway says it never took: a person must be told, not a silent row.
+def test_a_late_decline_contradicting_a_persons_approved_resolution_is_flagged(
+    db_url, gateway, make_harness
+):
+    h = make_harness(db_url, read_timeout=20)
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    charge_id, first = _unknown_with_a_held_call(h, gateway, alias, decline="51")
+    with session_scope(db_url) as session:
+        ops.resolve(
+            session, charge_id, approved=True, tx="1234567890", by="bob",
+            reason="the back office shows a payment", plans=h.plans,
+        )  # fmt: skip
+    assert charge_id not in _queue(db_url)
+
+    gateway.release(alias)  # attempt 1's answer: declined (51, insufficient funds)
+    first.join()
+
+    assert _approved_calls(gateway, alias) == []
+    state, _, review = _queue(db_url)[charge_id]
+    assert state == ChargeState.APPROVED and review == "resolution_contradicted"
+    # An older attempt's decline after a person's retry was approved contradicts nothing.

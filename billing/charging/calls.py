@@ -50,6 +50,7 @@ from billing.vocabulary import (
     AUTHORIZED,
     CHARGEABLE,
     COLLECTED,
+    PAID_STATES,
     STATUS_EVENTS,
     SUBSCRIPTION_CANCELLED,
     Call,
@@ -669,6 +670,8 @@ class Calls:
         stopped = None
         if approval is not None:
             stopped = late_approval(session, claim.charge.id, approval, claim.number, now)
+        elif isinstance(result, Declined | NotSent):
+            contradicted(session, claim.charge.id, claim.number, now)
         sub = load_subscription(session, claim.charge.subscription_id, lock=True)
         answered = getattr(result, "amount", None)
         self._ledger(
@@ -801,7 +804,7 @@ def late_approval(
         )
     )
     if not booked:
-        paid = Charge.state.in_([ChargeState.APPROVED, ChargeState.AUTHORIZED])
+        paid = Charge.state.in_(list(PAID_STATES))
         lifecycle.flag(
             session,
             charge_id,
@@ -814,4 +817,16 @@ def late_approval(
     return None
 
 
-__all__ = ["Calls", "ChargeResult", "Claim", "late_approval"]
+def contradicted(session: Session, charge_id: int, number: int, now: datetime) -> None:
+    """The gateway's own answer for attempt ``number`` says no money moved (a decline, or
+    a call it never received), yet the charge is paid on that attempt: only a person's
+    resolution can have booked it (an on-time approval of the attempt would have been its
+    answer). Flag it: the books hold money the gateway says it never took. The condition
+    is the row's (still paid, still that attempt), so a retry meanwhile is not flagged."""
+    lifecycle.flag(
+        session, charge_id, lifecycle.add_flag(Review.RESOLUTION_CONTRADICTED), now=now,
+        where=[Charge.attempts == number, Charge.state.in_(list(PAID_STATES))],
+    )  # fmt: skip
+
+
+__all__ = ["Calls", "ChargeResult", "Claim", "contradicted", "late_approval"]

@@ -276,14 +276,22 @@ def flags_of(review: str | None) -> tuple[Review, ...]:
     return tuple(Review(part) for part in (review or "").split(",") if part)
 
 
-def flag(session: Session, charge_id: int, review: Any, *, now: datetime) -> ChargeRow | Lost:
+def flag(
+    session: Session,
+    charge_id: int,
+    review: Any,
+    *,
+    now: datetime,
+    where: Sequence[ColumnElement[bool]] = (),
+) -> ChargeRow | Lost:
     """Set the charge's review flags (an SQL expression of the row, see :func:`add_flag`),
-    whatever its state: a person must look at it. The state does not change."""
+    whatever its state (or only while the row meets ``where``): a person must look at it.
+    The state does not change."""
     row = (
         session.connection()
         .execute(
             update(Charge)
-            .where(Charge.id == charge_id)
+            .where(Charge.id == charge_id, *where)
             .values(review=review, updated_at=now)
             .returning(*CHARGE_COLUMNS)
         )
