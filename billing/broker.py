@@ -64,6 +64,15 @@ DEAD_LETTER_EXCHANGE = "billing.dead"
 AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
 
 
+def _connect(connection: Connection) -> None:
+    """Connect now, or raise Kombu's ``OperationalError`` within ``CONNECT_TIMEOUT`` (one
+    try: a person's command says the broker is unreachable instead of waiting)."""
+    connection.ensure_connection(  # type: ignore[no-untyped-call]
+        max_retries=1, interval_start=0, interval_step=0, interval_max=0,
+        timeout=CONNECT_TIMEOUT,
+    )  # fmt: skip
+
+
 def is_amqp(broker_url: str) -> bool:
     """Whether the broker is RabbitMQ (and so counts deliveries and dead-letters itself)."""
     return broker_url.startswith(AMQP_SCHEMES)
@@ -117,6 +126,16 @@ def declare_dead_letters(connection: Connection, settings: Settings) -> None:
         dead_letters_queue(settings).bind(channel).declare()  # type: ignore[no-untyped-call]
 
 
+def delete_queues(settings: Settings) -> None:
+    """RabbitMQ: delete the billing queue of ``settings`` and its dead-letter queue, with
+    whatever they hold (for a run that made a queue of its own, such as the demo)."""
+    with sending_app(settings).connection_for_write() as connection:
+        _connect(connection)
+        with connection.channel() as channel:
+            for queue in (billing_queue(settings), dead_letters_queue(settings)):
+                queue.bind(channel).delete()  # type: ignore[no-untyped-call]
+
+
 #: Dead letters moved from RabbitMQ's dead-letter queue per drain at most, so that one
 #: drain (an engine sweep, a person's ``billing deadletters list``) never runs for long.
 DRAIN_BATCH = 500
@@ -135,10 +154,7 @@ def drain_dead_letters(settings: Settings, app: Celery | None = None) -> list[in
         return []
     moved: list[int] = []
     with (app or sending_app(settings)).connection_for_write() as connection:
-        connection.ensure_connection(
-            max_retries=1, interval_start=0, interval_step=0, interval_max=0,
-            timeout=CONNECT_TIMEOUT,
-        )  # fmt: skip
+        _connect(connection)
         with connection.channel() as channel:
             queue = dead_letters_queue(settings).bind(channel)  # type: ignore[no-untyped-call]
             queue.declare()
@@ -301,10 +317,7 @@ def send_task(settings: Settings, name: str, args: list[Any], kwargs: dict[str, 
 def ensure_reachable(settings: Settings) -> None:
     """Raise kombu's ``OperationalError`` within a few seconds when the broker is down."""
     with sending_app(settings).connection_for_write() as connection:
-        connection.ensure_connection(
-            max_retries=1, interval_start=0, interval_step=0, interval_max=0,
-            timeout=CONNECT_TIMEOUT,
-        )  # fmt: skip
+        _connect(connection)
 
 
 def send_retried(number: int, settings: Settings) -> str:
@@ -366,6 +379,7 @@ __all__ = [
     "dead_letter_queue",
     "dead_letters_queue",
     "declare_dead_letters",
+    "delete_queues",
     "dispatched_state",
     "drain_dead_letters",
     "ensure_reachable",

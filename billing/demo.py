@@ -3,7 +3,8 @@
 It starts the sandbox gateway, a worker and beat as real processes (the same commands a
 user runs), imports sample subscriptions that are due now, waits until every one is
 settled, prints the ledger, the failed-charge queue and the events the shop would get,
-and stops everything it started. Redis at ``BILLING_BROKER_URL`` is used when it answers;
+and stops everything it started. The broker at ``BILLING_BROKER_URL`` (Redis or RabbitMQ)
+is used when it answers, on a queue of the demo's own (on RabbitMQ deleted at the end);
 otherwise an embedded broker (kombu's SQLAlchemy transport on a SQLite file) needs no server.
 """
 
@@ -23,9 +24,11 @@ from pathlib import Path
 
 import redis
 import requests
+from kombu.exceptions import OperationalError
 from rich.console import Console
 from sqlalchemy import func, select
 
+from billing import broker as brokers
 from billing.db import session_scope
 from billing.harness.base import HarnessError, billing_command, wait_for
 from billing.harness.ports import port_or_free
@@ -58,15 +61,36 @@ console = Console()
 
 
 def pick_broker(workdir: Path) -> str:
-    """Redis when it answers, else an embedded broker on a SQLite file."""
-    url = get_settings().broker_url
+    """The configured Redis or RabbitMQ when it answers, else an embedded broker on a
+    SQLite file."""
+    settings = get_settings()
+    url = settings.broker_url
     if url.startswith("redis"):
         try:
             if redis.Redis.from_url(url, socket_connect_timeout=0.5).ping():
                 return url
         except redis.RedisError:
             pass
+    elif brokers.is_amqp(url):
+        try:
+            brokers.ensure_reachable(settings)
+            return url
+        except (OperationalError, OSError):
+            pass
     return f"sqla+sqlite:///{workdir / 'broker.db'}"
+
+
+def remove_queues(broker_url: str, queue: str) -> None:
+    """RabbitMQ: delete the demo's own queue and its dead-letter queue (a quorum queue
+    outlives its consumers; Redis and the embedded broker leave nothing behind)."""
+    if not brokers.is_amqp(broker_url):
+        return
+    try:
+        brokers.delete_queues(
+            get_settings().model_copy(update={"broker_url": broker_url, "queue": queue})
+        )
+    except (OperationalError, OSError) as exc:
+        console.print(f"[yellow]the demo's queue {queue} was not deleted: {exc}[/yellow]")
 
 
 class Demo:
@@ -117,13 +141,14 @@ def run_demo(
     workdir.mkdir(parents=True)
     db_url = f"sqlite:///{workdir / 'billing.db'}"
     broker = pick_broker(workdir)
+    queue = f"demo-{uuid.uuid4().hex[:8]}"
     console.rule("[bold]klikandpay-billing demo")
     with SandboxProcess(KEYS, log=workdir / "sandbox.log") as sandbox:
         env = {
             **os.environ,
             "BILLING_DATABASE_URL": db_url,
             "BILLING_BROKER_URL": broker,
-            "BILLING_QUEUE": f"demo-{uuid.uuid4().hex[:8]}",
+            "BILLING_QUEUE": queue,
             "BILLING_PLANS_FILE": str(DEMO_PLANS),
             "BILLING_GATEWAY_URL": sandbox.url,
             "BILLING_ENGINE_SWEEP_SECONDS": "1",
@@ -144,6 +169,7 @@ def run_demo(
         finally:
             # Workers first: their calls in flight finish against a sandbox still there.
             demo.processes.stop_all(STOP_SECONDS)
+            remove_queues(broker, queue)
 
 
 def _run(demo: Demo, started: float, *, timeout: float, serve: bool, console_port: int) -> int:

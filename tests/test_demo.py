@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from billing.harness.rabbitmq import rabbitmqctl
+
 pytestmark = pytest.mark.slow
 BILLING = str(Path(sys.executable).with_name("billing"))
 
@@ -29,3 +31,19 @@ def test_demo_ends_with_the_hard_decline_and_the_unknown_in_the_failed_queue(tmp
     assert "2 charge(s)" in queue  # the soft declines recovered on the short ladder
     assert "charge.approved" in done.stdout  # the events the shop would have been sent
     assert elapsed < 60
+
+
+def test_the_demo_runs_on_rabbitmq_and_leaves_no_queue_behind(tmp_path, rabbit):
+    """With ``BILLING_BROKER_URL=amqp://…`` the demo uses that RabbitMQ (not the embedded
+    broker), and deletes the quorum queues it made for itself."""
+    done = subprocess.run(
+        [BILLING, "demo", "--workdir", str(tmp_path / "demo")],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "COLUMNS": "200", "BILLING_BROKER_URL": rabbit.url},
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"broker   127.0.0.1:5672/{rabbit.name}" in done.stdout
+    assert "hard_decline" in done.stdout and "charge.approved" in done.stdout
+    queues = rabbitmqctl("list_queues", "-p", rabbit.name, "--no-table-headers", "name")
+    assert not [name for name in queues.split() if name.startswith("demo-")], queues
