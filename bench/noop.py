@@ -54,8 +54,9 @@ CONTROL_TIMEOUT = 10.0
 SETTLE_TIMEOUT = 15.0
 
 
-def succeeded_line(task: str) -> str:
-    """What Celery logs once per finished task (``Task NAME[ID] succeeded in ...``)."""
+def task_line(task: str) -> str:
+    """What Celery's log lines of a task start with: once when it is received and once
+    when it succeeded (``Task NAME[ID] succeeded in ...``): 2N lines for N tasks done."""
     return f"Task {task}["
 
 
@@ -222,7 +223,7 @@ def measure_rabbit(ctx: Context, vhost: RabbitVhost) -> dict[str, Any]:
             raise BenchFailed(f"no-op: {staged} of {n} messages queued")
         log = ctx.workdir / f"{WORKER}.log"
         # "Task billing.noop[...]" is logged at "received" and at "succeeded".
-        counter = LogCounter(log, succeeded_line(broker.NOOP_TASK))
+        counter = LogCounter(log, task_line(broker.NOOP_TASK))
         already = counter.read()
         meter = Meter(processes.managed[WORKER].pid, tree=True).start()
         began = time.time()

@@ -16,7 +16,7 @@ import pytest
 
 from bench.config import PLANS_TOML, load_config, parse_broker
 from bench.measure import parse_queues
-from bench.noop import LogCounter, succeeded_line
+from bench.noop import LogCounter, task_line
 from bench.report import (
     MEMORY_LABELS,
     _comparable_run,
@@ -69,7 +69,7 @@ def test_queue_figures_from_rabbitmqctl() -> None:
 
 
 def test_log_counter_counts_a_needle_cut_between_reads() -> None:
-    needle = succeeded_line("billing.noop")
+    needle = task_line("billing.noop")
     counter = LogCounter(Path("/nonexistent"), needle)
     line = f"INFO celery: {needle}abc] succeeded in 0.001s: None\n"
     assert counter.feed(line[:20]) == 0
