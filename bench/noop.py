@@ -13,7 +13,8 @@ hold N "succeeded" lines for the task. CPU is the supervisor's and all its child
 
 RabbitMQ has no ``RENAME``, and a quorum queue cannot be moved. There the worker is told
 to stop consuming its queue (Celery's remote control, ``cancel_consumer``, answered by
-each of its processes), the N messages are sent to that queue, and ``add_consumer`` hands
+each of its processes; each answers before it cancels, so the bench then waits until
+RabbitMQ lists no consumer of the queue), the N messages are sent to that queue, and ``add_consumer`` hands
 them over at once: again the worker starts on a full queue. A look at the queue is a
 ``rabbitmqctl`` call (0.3 s, an Erlang VM), too slow to time a drain by; done is the
 worker's log holding N "succeeded" lines for the task (read as it grows, every 20 ms; a
@@ -38,7 +39,7 @@ from bench.floor import Meter
 from bench.measure import rabbit_queues
 from bench.ours import start_worker
 from billing import broker
-from billing.harness.rabbitmq import RabbitVhost
+from billing.harness.rabbitmq import RabbitVhost, rabbitmqctl
 from billing.harness.workers import Processes
 from billing.settings import Settings
 
@@ -216,6 +217,8 @@ def measure_rabbit(ctx: Context, vhost: RabbitVhost) -> dict[str, Any]:
     app = broker.sending_app(Settings(broker_url=ctx.broker_url, queue=queue))
     try:
         control(app, "cancel_consumer", queue, config.worker_processes)
+        # Each process answers before it cancels (Celery defers it to its event loop).
+        _wait_no_consumers(vhost, queue)
         console.log(f"sending {n} no-op messages to the worker's queue, its consumers cancelled")
         send_seconds = send_noops(ctx.broker_url, queue, n)
         staged = _staged(vhost, queue, n)
@@ -244,6 +247,34 @@ def measure_rabbit(ctx: Context, vhost: RabbitVhost) -> dict[str, Any]:
         "supervisor and all its children"
     )
     return _figures(n, done - began, meter, send_seconds, how)
+
+
+def consumers(text: str, queue: str) -> int | None:
+    """``rabbitmqctl list_queues --no-table-headers name consumers`` -> the consumers of
+    ``queue`` (None: not listed, or no figure yet)."""
+    for line in text.splitlines():
+        fields = line.split("\t")
+        if len(fields) == 2 and fields[0] == queue and fields[1].strip().isdigit():
+            return int(fields[1])
+    return None
+
+
+def _wait_no_consumers(vhost: RabbitVhost, queue: str) -> None:
+    """Until RabbitMQ says nobody consumes ``queue`` (the cancels done), or fail."""
+    deadline = time.monotonic() + CONTROL_TIMEOUT
+    while True:
+        out = rabbitmqctl(
+            "list_queues", "-p", vhost.name, "--no-table-headers", "name", "consumers"
+        )
+        left = consumers(out, queue)
+        if left == 0:
+            return
+        if time.monotonic() > deadline:
+            raise BenchFailed(
+                f"no-op: {left} consumer(s) of {queue!r} still there {CONTROL_TIMEOUT:g} s "
+                "after cancel_consumer"
+            )
+        time.sleep(0.2)
 
 
 def _staged(vhost: RabbitVhost, queue: str, n: int) -> int:

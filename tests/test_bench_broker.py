@@ -16,7 +16,7 @@ import pytest
 
 from bench.config import PLANS_TOML, load_config, parse_broker
 from bench.measure import parse_queues
-from bench.noop import LogCounter, task_line
+from bench.noop import LogCounter, consumers, task_line
 from bench.report import (
     MEMORY_LABELS,
     _comparable_run,
@@ -145,3 +145,11 @@ def test_the_other_broker_s_run_is_set_beside(tmp_path: Path) -> None:
     assert line.startswith("Brokers side by side (RabbitMQ vs Redis, 20260101T000002Z-n300.json)")
     assert "throughput (charges/s) 80.00 vs 100.00" in line
     assert "broker memory peak above idle (MB) 0.50 vs 1.00" in line
+
+
+def test_consumers_of_a_queue_from_rabbitmqctl() -> None:
+    out = "noop-1\t2\nnoop-10\t0\nnoop-2\t\n"
+    assert consumers(out, "noop-1") == 2
+    assert consumers(out, "noop-10") == 0
+    assert consumers(out, "noop-2") is None  # no figure yet
+    assert consumers(out, "noop-3") is None
