@@ -14,7 +14,7 @@ hold N "succeeded" lines for the task. CPU is the supervisor's and all its child
 RabbitMQ has no ``RENAME``, and a quorum queue cannot be moved. There the worker is told
 to stop consuming its queue (Celery's remote control, ``cancel_consumer``, answered by
 each of its processes; each answers before it cancels, so the bench then waits until
-RabbitMQ lists no consumer of the queue), the N messages are sent to that queue, and ``add_consumer`` hands
+each logged its cancel), the N messages are sent to that queue, and ``add_consumer`` hands
 them over at once: again the worker starts on a full queue. A look at the queue is a
 ``rabbitmqctl`` call (0.3 s, an Erlang VM), too slow to time a drain by; done is the
 worker's log holding N "succeeded" lines for the task (read as it grows, every 20 ms; a
@@ -39,7 +39,7 @@ from bench.floor import Meter
 from bench.measure import rabbit_queues
 from bench.ours import start_worker
 from billing import broker
-from billing.harness.rabbitmq import RabbitVhost, rabbitmqctl
+from billing.harness.rabbitmq import RabbitVhost
 from billing.harness.workers import Processes
 from billing.settings import Settings
 
@@ -51,6 +51,8 @@ WORKER = "noop-worker"
 UNACKED = "unacked"
 #: Seconds the worker's processes have to answer a remote-control command (RabbitMQ).
 CONTROL_TIMEOUT = 10.0
+#: Seconds given to a worker process's cancel once it logged it (one round trip).
+CANCEL_SETTLE = 0.5
 #: Seconds RabbitMQ's queue figures may lag behind the worker's log (RabbitMQ).
 SETTLE_TIMEOUT = 15.0
 
@@ -193,18 +195,28 @@ def settled(vhost: RabbitVhost, queue: str) -> tuple[int, int]:
         time.sleep(0.5)
 
 
-def wait_logged(counter: LogCounter, n: int, timeout: float, alive: Callable[[], bool]) -> float:
-    """Poll the log until it holds ``n`` needles; the time it did."""
+def wait_logged(
+    counter: LogCounter, n: int, timeout: float, alive: Callable[[], bool]
+) -> tuple[float, float]:
+    """Poll the log until it holds ``n`` more needles: the times the first was seen (the
+    drain began: a process runs a deferred ``add_consumer`` within its 2 s wait for
+    messages, and that wait is not Celery's cost) and the last."""
     deadline = time.monotonic() + timeout
-    while counter.read() < n:
+    start = counter.read()
+    first: float | None = None
+    while counter.read() < start + n:
+        if first is None and counter.count > start:
+            first = time.time()
         if not alive():
             raise BenchFailed("the worker exited while it drained the no-op messages")
         if time.monotonic() > deadline:
             raise BenchFailed(
-                f"no-op: {counter.count} of {n} tasks logged as finished after {timeout:g} s"
+                f"no-op: {(counter.count - start) // 2} of {n // 2} tasks logged as finished "
+                f"after {timeout:g} s"
             )
         time.sleep(POLL)
-    return time.time()
+    done = time.time()
+    return (done if first is None else first), done
 
 
 def measure_rabbit(ctx: Context, vhost: RabbitVhost) -> dict[str, Any]:
@@ -218,22 +230,19 @@ def measure_rabbit(ctx: Context, vhost: RabbitVhost) -> dict[str, Any]:
     try:
         control(app, "cancel_consumer", queue, config.worker_processes)
         # Each process answers before it cancels (Celery defers it to its event loop).
-        _wait_no_consumers(vhost, queue)
+        log = ctx.workdir / f"{WORKER}.log"
+        _wait_cancelled(log, queue, config.worker_processes, lambda: processes.alive(WORKER))
         console.log(f"sending {n} no-op messages to the worker's queue, its consumers cancelled")
         send_seconds = send_noops(ctx.broker_url, queue, n)
         staged = _staged(vhost, queue, n)
         if staged != n:
             raise BenchFailed(f"no-op: {staged} of {n} messages queued")
-        log = ctx.workdir / f"{WORKER}.log"
         # "Task billing.noop[...]" is logged at "received" and at "succeeded".
         counter = LogCounter(log, task_line(broker.NOOP_TASK))
-        already = counter.read()
+        counter.read()
         meter = Meter(processes.managed[WORKER].pid, tree=True).start()
-        began = time.time()
         control(app, "add_consumer", queue, config.worker_processes)
-        done = wait_logged(
-            counter, already + 2 * n, config.timeout, lambda: processes.alive(WORKER)
-        )
+        began, done = wait_logged(counter, 2 * n, config.timeout, lambda: processes.alive(WORKER))
         meter.stop()
         left = settled(vhost, queue)
     finally:
@@ -242,39 +251,33 @@ def measure_rabbit(ctx: Context, vhost: RabbitVhost) -> dict[str, Any]:
         raise BenchFailed(f"no-op: {left[0]} messages ready, {left[1]} unacked after the drain")
     how = (
         "RabbitMQ: the worker's consumers cancelled (remote control), billing.noop sent N "
-        "times to its queue (publisher confirms), the consumers added again; until its log "
-        "holds N tasks succeeded (the queue then checked empty, nothing unacked); CPU of the "
-        "supervisor and all its children"
+        "times to its queue (publisher confirms), the consumers added again; from the first "
+        "task in its log to N tasks succeeded (polled every 20 ms; the queue then checked "
+        "empty, nothing unacked); CPU of the supervisor and all its children from the "
+        "add_consumer on"
     )
     return _figures(n, done - began, meter, send_seconds, how)
 
 
-def consumers(text: str, queue: str) -> int | None:
-    """``rabbitmqctl list_queues --no-table-headers name consumers`` -> the consumers of
-    ``queue`` (None: not listed, or no figure yet)."""
-    for line in text.splitlines():
-        fields = line.split("\t")
-        if len(fields) == 2 and fields[0] == queue and fields[1].strip().isdigit():
-            return int(fields[1])
-    return None
+def _wait_cancelled(log: Path, queue: str, processes: int, alive: Callable[[], bool]) -> None:
+    """Until each of the worker's ``processes`` logged that it cancels ``queue``, then
+    ``CANCEL_SETTLE`` s for the cancel itself (sent right after the line, one round trip).
 
-
-def _wait_no_consumers(vhost: RabbitVhost, queue: str) -> None:
-    """Until RabbitMQ says nobody consumes ``queue`` (the cancels done), or fail."""
+    Not RabbitMQ's ``consumers`` figure: for a quorum queue it said 0 while a process
+    still consumed. A process's loop runs the deferred cancel within its 2 s wait for
+    messages (Celery's ``synloop``), so this takes at most about that."""
+    counter = LogCounter(log, f"Canceling queue {queue}")
     deadline = time.monotonic() + CONTROL_TIMEOUT
-    while True:
-        out = rabbitmqctl(
-            "list_queues", "-p", vhost.name, "--no-table-headers", "name", "consumers"
-        )
-        left = consumers(out, queue)
-        if left == 0:
-            return
+    while counter.read() < processes:
+        if not alive():
+            raise BenchFailed("the no-op worker exited while it cancelled its consumers")
         if time.monotonic() > deadline:
             raise BenchFailed(
-                f"no-op: {left} consumer(s) of {queue!r} still there {CONTROL_TIMEOUT:g} s "
-                "after cancel_consumer"
+                f"no-op: {counter.count} of {processes} worker processes cancelled "
+                f"{queue!r} within {CONTROL_TIMEOUT:g} s of cancel_consumer"
             )
-        time.sleep(0.2)
+        time.sleep(POLL)
+    time.sleep(CANCEL_SETTLE)
 
 
 def _staged(vhost: RabbitVhost, queue: str, n: int) -> int:

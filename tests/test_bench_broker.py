@@ -9,14 +9,16 @@ misread figure or a run compared with the other broker's would still print a tab
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench.config import PLANS_TOML, load_config, parse_broker
+from bench.config import PLANS_TOML, BenchFailed, load_config, parse_broker
 from bench.measure import parse_queues
-from bench.noop import LogCounter, consumers, task_line
+from bench.noop import LogCounter, task_line, wait_logged
 from bench.report import (
     MEMORY_LABELS,
     _comparable_run,
@@ -147,9 +149,26 @@ def test_the_other_broker_s_run_is_set_beside(tmp_path: Path) -> None:
     assert "broker memory peak above idle (MB) 0.50 vs 1.00" in line
 
 
-def test_consumers_of_a_queue_from_rabbitmqctl() -> None:
-    out = "noop-1\t2\nnoop-10\t0\nnoop-2\t\n"
-    assert consumers(out, "noop-1") == 2
-    assert consumers(out, "noop-10") == 0
-    assert consumers(out, "noop-2") is None  # no figure yet
-    assert consumers(out, "noop-3") is None
+def test_the_drain_is_timed_from_the_first_task_logged(tmp_path: Path) -> None:
+    log = tmp_path / "noop-worker.log"
+    log.write_text("Task billing.noop[0] received\nTask billing.noop[0] succeeded\n")
+    counter = LogCounter(log, task_line("billing.noop"))
+    counter.read()  # what was logged before the drain is not counted
+
+    def write_later() -> None:
+        time.sleep(0.3)
+        with log.open("a") as out:
+            out.write("Task billing.noop[1] received\n")
+        time.sleep(0.3)
+        with log.open("a") as out:
+            out.write("Task billing.noop[1] succeeded\n")
+
+    writer = threading.Thread(target=write_later)
+    asked = time.time()
+    writer.start()
+    began, done = wait_logged(counter, 2, timeout=10, alive=lambda: True)
+    writer.join()
+    assert began - asked >= 0.25
+    assert 0.2 <= done - began <= 1.5
+    with pytest.raises(BenchFailed, match="no-op: 0 of 1 tasks"):
+        wait_logged(counter, 2, timeout=0.1, alive=lambda: True)
