@@ -171,10 +171,13 @@ def _figures(n: int, seconds: float, meter: Meter, send_seconds: float, how: str
     }
 
 
-def control(app: Celery, command: str, queue: str, processes: int) -> None:
+def control(app: Celery, command: str, queue: str, processes: int, reply: bool = True) -> None:
     """``command`` (``cancel_consumer`` / ``add_consumer``) of ``queue`` to every Celery
-    process of the worker; each must answer that it did."""
+    process of the worker; with ``reply``, each must answer that it will."""
     method: Callable[..., Any] = getattr(app.control, command)
+    if not reply:
+        method(queue, reply=False)
+        return
     replies = method(queue, reply=True, timeout=CONTROL_TIMEOUT, limit=processes)
     answered = [reply for reply in replies or [] if isinstance(reply, dict)]
     if len(answered) < processes:
@@ -198,11 +201,11 @@ def settled(vhost: RabbitVhost, queue: str) -> tuple[int, int]:
 def wait_logged(
     counter: LogCounter, n: int, timeout: float, alive: Callable[[], bool]
 ) -> tuple[float, float]:
-    """Poll the log until it holds ``n`` more needles: the times the first was seen (the
-    drain began: a process runs a deferred ``add_consumer`` within its 2 s wait for
-    messages, and that wait is not Celery's cost) and the last."""
+    """Poll the log until it holds ``n`` needles more than ``counter`` has counted: the times
+    the first was seen (the drain began: a process runs a deferred ``add_consumer`` within
+    its 2 s wait for messages, and that wait is not Celery's cost) and the last."""
     deadline = time.monotonic() + timeout
-    start = counter.read()
+    start = counter.count
     first: float | None = None
     while counter.read() < start + n:
         if first is None and counter.count > start:
@@ -241,14 +244,21 @@ def measure_rabbit(ctx: Context, vhost: RabbitVhost) -> dict[str, Any]:
         counter = LogCounter(log, task_line(broker.NOOP_TASK))
         counter.read()
         meter = Meter(processes.managed[WORKER].pid, tree=True).start()
-        control(app, "add_consumer", queue, config.worker_processes)
+        # No waiting for the answers: the drain starts meanwhile (checked in the log below).
+        control(app, "add_consumer", queue, config.worker_processes, reply=False)
         began, done = wait_logged(counter, 2 * n, config.timeout, lambda: processes.alive(WORKER))
         meter.stop()
+        started = LogCounter(log, f"Started consuming from {queue}").read()
         left = settled(vhost, queue)
     finally:
         processes.stop_all()
     if left != (0, 0):
         raise BenchFailed(f"no-op: {left[0]} messages ready, {left[1]} unacked after the drain")
+    if started < config.worker_processes:
+        raise BenchFailed(
+            f"no-op: {started} of {config.worker_processes} worker processes consumed again "
+            "after add_consumer (the others' share was drained by fewer)"
+        )
     how = (
         "RabbitMQ: the worker's consumers cancelled (remote control), billing.noop sent N "
         "times to its queue (publisher confirms), the consumers added again; from the first "

@@ -172,3 +172,15 @@ def test_the_drain_is_timed_from_the_first_task_logged(tmp_path: Path) -> None:
     assert 0.2 <= done - began <= 1.5
     with pytest.raises(BenchFailed, match="no-op: 0 of 1 tasks"):
         wait_logged(counter, 2, timeout=0.1, alive=lambda: True)
+
+
+def test_tasks_logged_before_the_wait_began_count(tmp_path: Path) -> None:
+    """The drain may start while the bench still sends add_consumer: its first tasks are
+    in the log before the wait's first read, and must not be taken as the baseline."""
+    log = tmp_path / "noop-worker.log"
+    log.write_text("")
+    counter = LogCounter(log, task_line("billing.noop"))
+    counter.read()
+    log.write_text("Task billing.noop[1] received\nTask billing.noop[1] succeeded\n")
+    began, done = wait_logged(counter, 2, timeout=1, alive=lambda: True)
+    assert began <= done
