@@ -99,7 +99,7 @@ def _comparable_run(config: Config) -> tuple[Path, dict[str, Any]] | None:
             other = saved["config"]
             same = _setting(other) == mine and other.get("broker", "redis") == config.broker
             if same and other["n"] != config.n:
-                broker_memory(saved["ours"])
+                broker_memory(saved["ours"])  # a result without the figure: KeyError, skipped
                 found.append((other["n"] in ISSUE_SIZES, path.name, path, saved))
     if not found:
         return None
@@ -118,7 +118,7 @@ def other_broker_run(
         with contextlib.suppress(KeyError, TypeError):
             other = saved["config"]
             if other.get("broker", "redis") != broker and (*_setting(other), other["n"]) == mine:
-                figures(saved)
+                figures(saved)  # a result without the figures: KeyError, skipped
                 found.append((path.name, path, saved))
     if not found:
         return None
