@@ -248,10 +248,6 @@ def measure(ctx: Context) -> dict[str, Any]:
     logs = processes.log(WORKER)
     cpu = meter.cpu
     peak = max((sample[1] for sample in sampler.samples), default=idle)
-    if ctx.rabbit is not None:
-        # A look a second may all fall below the idle looks (a queue process's memory moves
-        # by kilobytes): the idle looks are looks of the run too, so the peak is never less.
-        peak = max(peak, idle)
     return {
         "charges": n,
         "approved": approved,
