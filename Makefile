@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo console screenshots test test-slow test-rabbitmq lint format bench bench-smoke bench-configs bench-scale chaos clean
+.PHONY: demo console screenshots test test-slow test-rabbitmq lint format bench bench-smoke bench-smoke-rabbitmq bench-configs bench-scale chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -58,6 +58,11 @@ bench: $(STAMP)
 # The same run, small enough for CI: it fails when the run fails, never on a slow machine.
 bench-smoke: $(STAMP)
 	BENCH_N=300 BENCH_SEQUENTIAL_N=40 BENCH_PROBE_N=40 $(PY) -m bench.run
+
+# The same on RabbitMQ (BENCH_BROKER=amqp): a virtual host of its own on the machine's
+# RabbitMQ, created and deleted by the run.
+bench-smoke-rabbitmq: $(STAMP)
+	BENCH_BROKER=amqp BENCH_N=300 BENCH_SEQUENTIAL_N=40 BENCH_PROBE_N=40 $(PY) -m bench.run
 
 # The worker under a few `billing worker` option sets (BENCH_CONFIGS), one table.
 bench-configs: $(STAMP)

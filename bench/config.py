@@ -50,6 +50,9 @@ sweep = "0 3 1 * *"
 timezone = "UTC"
 """
 MB = 1024 * 1024
+#: ``BENCH_BROKER``: the run's own ``redis-server`` (the default), or ``amqp``: a fresh
+#: virtual host on the machine's RabbitMQ, with the project's RabbitMQ configuration.
+BROKERS = ("redis", "amqp")
 #: Below this share of approved charges a run measures a misconfiguration, not the worker.
 #: Above it, the odd ``unknown`` (an answer lost under load) is reported, not fatal.
 MIN_APPROVED = 0.99
@@ -67,6 +70,8 @@ class Config:
     """What to run, from ``BENCH_*`` variables; each default is the issue's setting."""
 
     n: int = 20_000
+    #: The broker of the workers, the sweep and the no-op row: one of ``BROKERS``.
+    broker: str = "redis"
     latency_ms: float = 50.0
     #: C: the worker's calls at a time in all (processes x pool size), and the floors' threads.
     concurrency: int = 64
@@ -166,6 +171,19 @@ def parse_worker_args(raw: str) -> tuple[tuple[str, ...], int, str, int]:
     return args, processes, pool, size
 
 
+def parse_broker(raw: str) -> str:
+    """``BENCH_BROKER`` -> one of ``BROKERS`` (empty: ``redis``); anything else is an error."""
+    value = raw.strip()
+    if not value:
+        return BROKERS[0]
+    if value not in BROKERS:
+        raise ConfigError(
+            f"BENCH_BROKER: {value!r} is not a broker of the bench: "
+            + " or ".join(repr(name) for name in BROKERS)
+        )
+    return value
+
+
 def load_config(env: Mapping[str, str]) -> Config:
     """Read ``BENCH_*``; a bad value raises ``ConfigError`` naming the variable."""
     n = _int(env, "BENCH_N", 20_000)
@@ -173,6 +191,7 @@ def load_config(env: Mapping[str, str]) -> Config:
     concurrency = _int(env, "BENCH_CONCURRENCY", processes * size)
     return Config(
         n=n,
+        broker=parse_broker(env.get("BENCH_BROKER", "")),
         latency_ms=_float(env, "BENCH_LATENCY_MS", 50.0),
         concurrency=concurrency,
         worker_args=args,

@@ -6,7 +6,8 @@ N due subscriptions are loaded, ``billing worker`` is started exactly as a user 
 2C, through the harness (``billing.harness.workers``). The bench sends the
 ``billing.sweep_plan`` message beat sends at month start and waits until every charge has
 settled. Throughput, CPU (the supervisor and all its children, from ``/proc``), sweep speed,
-Redis memory and PostgreSQL's counters are measured meanwhile.
+the broker's memory (Redis's ``used_memory``, or on RabbitMQ the memory of the run's
+queues: ``bench.measure``) and PostgreSQL's counters are measured meanwhile.
 """
 
 from __future__ import annotations
@@ -37,35 +38,47 @@ from bench.config import (
 from bench.context import Context
 from bench.floor import Meter, process_tree
 from bench.measure import (
+    RABBIT_EVERY,
     PgStats,
+    RabbitSampler,
     RedisSampler,
     db_figures,
     idle_memory,
+    rabbit_idle_memory,
     settle_stats,
     table_writes,
 )
+from billing import broker
 from billing.harness.databases import plain_url
 from billing.harness.workers import Processes
 from billing.models import OPEN_STATES, ChargeState
+from billing.settings import Settings
 
 #: The name the worker command goes by in the harness and its log (``worker.log``).
 WORKER = "worker"
 
 
 def worker_env(ctx: Context, queue: str) -> dict[str, str]:
-    """The worker's environment: the run's services, its own queue, the in-flight bound."""
-    return {
+    """The worker's environment: the run's services, its own queue, the in-flight bound.
+
+    On RabbitMQ no Redis: ``BILLING_REDIS_URL`` is left out (and not inherited), as a user
+    of RabbitMQ with the bench's plans (no ``max_charges_per_second``) runs the worker; one
+    that needed Redis would refuse to start (``billing.ratelimit.require_redis``)."""
+    env = {
         **os.environ,
         KEY_ENV: PRIVATE_KEY,
         "BILLING_DATABASE_URL": ctx.url,
         "BILLING_BROKER_URL": ctx.broker_url,
-        "BILLING_REDIS_URL": ctx.broker_url,
         "BILLING_QUEUE": queue,
         "BILLING_GATEWAY_URL": ctx.sandbox.url,
         "BILLING_PLANS_FILE": str(ctx.plans),
         "BILLING_MAX_IN_FLIGHT": str(ctx.config.max_in_flight),
         "PYTHONUNBUFFERED": "1",
     }
+    env.pop("BILLING_REDIS_URL", None)
+    if ctx.redis_url is not None:
+        env["BILLING_REDIS_URL"] = ctx.redis_url
+    return env
 
 
 def start_worker(
@@ -92,16 +105,13 @@ def start_worker(
 
 
 def send_sweep(broker_url: str, queue: str) -> None:
-    """The message beat sends when the plan's sweep is due."""
-    from celery import Celery
-
+    """The message beat sends when the plan's sweep is due, with the project's Celery
+    configuration (on RabbitMQ a plain app would declare the quorum queue as a classic one
+    and be refused)."""
     from schedules.beat import SWEEP_PLAN
 
-    app = Celery(broker=broker_url)
-    try:
-        app.send_task(SWEEP_PLAN, args=[PLAN], queue=queue)
-    finally:
-        app.close()
+    app = broker.sending_app(Settings(broker_url=broker_url, queue=queue))
+    app.send_task(SWEEP_PLAN, args=[PLAN], queue=queue)
 
 
 @dataclass
@@ -192,11 +202,13 @@ def measure(ctx: Context) -> dict[str, Any]:
     profiler = profiling.WorkerProfile(ctx.workdir) if config.profile else None
     processes = start_worker(ctx, queue, profiler.env() if profiler else None)
     try:
-        idle = idle_memory(broker_url)
+        idle = rabbit_idle_memory(ctx.rabbit) if ctx.rabbit else idle_memory(broker_url)
         tables0 = table_writes(url)
         settle_stats()
         stats0 = PgStats.read(config.pg_admin_url, database)
-        sampler = RedisSampler(broker_url, queue)
+        sampler: RabbitSampler | RedisSampler = (
+            RabbitSampler(ctx.rabbit, queue) if ctx.rabbit else RedisSampler(broker_url, queue)
+        )
         supervisor = processes.managed[WORKER].pid
         meter = Meter(supervisor, tree=True)
         sandbox_meter = Meter(ctx.sandbox.pid)
@@ -256,15 +268,7 @@ def measure(ctx: Context) -> dict[str, Any]:
         },
         "charging_seconds": timings["last_ledger"] - progress.rows_at,
         "sweep_message_delay_s": timings["sweep_start"] - sent_at,
-        "redis": {
-            "idle_bytes": idle,
-            "peak_bytes": peak,
-            "peak_above_idle_bytes": peak - idle,
-            "server_peak_bytes": sampler.server_peak,
-            "max_queue_length": max((sample[2] for sample in sampler.samples), default=0),
-            "max_unacked": max((sample[3] for sample in sampler.samples), default=0),
-            "samples": len(sampler.samples),
-        },
+        **broker_memory(ctx, sampler, idle, peak),
         "db": db_figures(stats, n, tables),
         "worker": {
             "command": " ".join(("billing worker", *config.worker_args)),
@@ -276,6 +280,36 @@ def measure(ctx: Context) -> dict[str, Any]:
         },
         **({"profile": profiler.report(config.results_dir, n)} if profiler else {}),
     }
+
+
+def broker_memory(
+    ctx: Context, sampler: RedisSampler | RabbitSampler, idle: int, peak: int
+) -> dict[str, Any]:
+    """The broker's memory during the run: ``redis`` (``used_memory``) or ``rabbitmq``
+    (the run's queues), under the key the report reads it by."""
+    figures: dict[str, Any] = {
+        "idle_bytes": idle,
+        "peak_bytes": peak,
+        "peak_above_idle_bytes": peak - idle,
+        "max_queue_length": max((sample[2] for sample in sampler.samples), default=0),
+        "max_unacked": max((sample[3] for sample in sampler.samples), default=0),
+        "samples": len(sampler.samples),
+    }
+    if isinstance(sampler, RabbitSampler):
+        assert ctx.rabbit is not None
+        return {
+            "rabbitmq": {
+                **figures,
+                "vhost": ctx.rabbit.name,
+                "every_s": RABBIT_EVERY,
+                "sampler_cpu_seconds": sampler.cpu_seconds,
+                "how": "sum of the memory of every queue of the run's vhost (rabbitmqctl "
+                "list_queues name messages_ready messages_unacknowledged memory), every "
+                f"{RABBIT_EVERY:g} s; idle: the median of 3 looks with the worker connected; "
+                "queued and unacked: the worker's queue",
+            }
+        }
+    return {"redis": {**figures, "server_peak_bytes": sampler.server_peak}}
 
 
 def _worker_timings(url: str) -> dict[str, Any]:

@@ -103,7 +103,7 @@ def measure(ctx: Context) -> dict[str, Any]:
     settings = Settings(
         database_url=url,
         broker_url=broker_url,
-        redis_url=broker_url,
+        redis_url=ctx.redis_url,
         gateway_url=gateway.url,
         plans_file=plans,
         max_in_flight=n,

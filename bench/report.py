@@ -32,6 +32,14 @@ COLUMNS = (
 #: The ratio columns: ours against each floor (and the sequential script).
 RATIOS = (("writes", "ours/writes"), ("floor", "ours/floor"), ("sequential", "ours/seq."))
 
+#: What each ``BENCH_BROKER`` is called in the table.
+BROKER_NAMES = {"redis": "Redis", "amqp": "RabbitMQ"}
+#: The broker's memory row, by the key ``bench.ours`` stores its figures under.
+MEMORY_LABELS = {
+    "redis": "Redis peak above idle (MB)",
+    "rabbitmq": "RabbitMQ queues' peak memory above idle (MB)",
+}
+
 #: The two sizes the issue compares Redis memory at.
 ISSUE_SIZES = (20_000, 100_000)
 #: The issue's setting: the default ``billing worker`` (no extra arguments) at C = 64.
@@ -46,32 +54,97 @@ def _target(
     return {"target": name, "wanted": wanted, "value": value, "ok": ok, "note": note}
 
 
+def broker_memory(ours: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The row label and figures of the broker's memory in an "ours" part: Redis's, or
+    the RabbitMQ queues' (results from before ``BENCH_BROKER`` hold Redis's)."""
+    key = "rabbitmq" if "rabbitmq" in ours else "redis"
+    return MEMORY_LABELS[key], ours[key]
+
+
+def _setting(config: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What two runs must share to be compared: C, worker arguments, in-flight bound,
+    latency (results from before ``BENCH_BROKER`` ran on Redis)."""
+    return (
+        config["concurrency"],
+        list(config.get("worker_args", ["(older run)"])),
+        config["max_in_flight"],
+        config["latency_ms"],
+    )
+
+
+def _saved_runs(directory: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The readable results in ``directory`` (unreadable ones are skipped)."""
+    found: list[tuple[Path, dict[str, Any]]] = []
+    if not directory.is_dir():
+        return found
+    for path in directory.glob("*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            saved = json.loads(path.read_text())
+            if isinstance(saved, dict) and isinstance(saved.get("config"), dict):
+                found.append((path, saved))
+    return found
+
+
 def _comparable_run(config: Config) -> tuple[Path, dict[str, Any]] | None:
-    """A saved run with the same C, processes, in-flight bound and latency but another N.
+    """A saved run on the same broker, with the same C, processes, in-flight bound and
+    latency but another N.
 
     The issue compares N=100,000 with N=20,000: runs at those two sizes are preferred (a
     smoke run is not much of a comparison), then the newest; unreadable results are skipped.
     """
-    if not config.results_dir.is_dir():
-        return None
-    mine = (config.concurrency, list(config.worker_args), config.max_in_flight, config.latency_ms)
+    mine = _setting(asdict(config))
     found: list[tuple[bool, str, Path, dict[str, Any]]] = []
-    for path in config.results_dir.glob("*.json"):
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            saved = json.loads(path.read_text())
+    for path, saved in _saved_runs(config.results_dir):
+        with contextlib.suppress(KeyError, TypeError):
             other = saved["config"]
-            theirs = (
-                other["concurrency"],
-                list(other.get("worker_args", ["(older run)"])),
-                other["max_in_flight"],
-                other["latency_ms"],
-            )
-            if theirs == mine and other["n"] != config.n:
+            same = _setting(other) == mine and other.get("broker", "redis") == config.broker
+            if same and other["n"] != config.n:
+                broker_memory(saved["ours"])  # a result without the figure: KeyError, skipped
                 found.append((other["n"] in ISSUE_SIZES, path.name, path, saved))
     if not found:
         return None
     _, _, path, saved = max(found, key=lambda item: (item[0], item[1]))
     return path, saved
+
+
+def other_broker_run(
+    config: Mapping[str, Any], directory: Path
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest saved run of the same setting and N on the other broker, if any."""
+    mine = (*_setting(config), config["n"])
+    broker = config.get("broker", "redis")
+    found: list[tuple[str, Path, dict[str, Any]]] = []
+    for path, saved in _saved_runs(directory):
+        with contextlib.suppress(KeyError, TypeError):
+            other = saved["config"]
+            if other.get("broker", "redis") != broker and (*_setting(other), other["n"]) == mine:
+                figures(saved)  # a result without the figures: KeyError, skipped
+                found.append((path.name, path, saved))
+    if not found:
+        return None
+    _, path, saved = max(found, key=lambda item: item[0])
+    return path, saved
+
+
+def figures(results: Mapping[str, Any]) -> dict[str, float]:
+    """The figures set side by side across brokers, from one run's results."""
+    ours, noop = results["ours"], results["noop"]
+    return {
+        "throughput (charges/s)": float(ours["throughput"]),
+        "CPU per charge (ms)": float(ours["cpu_per_charge_ms"]),
+        "no-op CPU per message (ms)": float(noop["cpu_per_message_ms"]),
+        "no-op messages/s": float(noop["messages_per_second"]),
+        "broker memory peak above idle (MB)": broker_memory(ours)[1]["peak_above_idle_bytes"] / MB,
+    }
+
+
+def side_by_side(results: Mapping[str, Any], other: Mapping[str, Any], name: str) -> str:
+    """One line: this run's figures beside the other broker's (``other``, saved as ``name``)."""
+    mine_broker = BROKER_NAMES[results["config"].get("broker", "redis")]
+    theirs_broker = BROKER_NAMES[other["config"].get("broker", "redis")]
+    mine, theirs = figures(results), figures(other)
+    pairs = "; ".join(f"{label} {mine[label]:,.2f} vs {theirs[label]:,.2f}" for label in mine)
+    return f"Brokers side by side ({mine_broker} vs {theirs_broker}, {name}): {pairs}."
 
 
 def targets(config: Config, results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -83,7 +156,11 @@ def targets(config: Config, results: dict[str, Any]) -> list[dict[str, Any]]:
         if at_issue
         else "not the issue's setting (N=20000, 50 ms, C=64, default worker): indicative"
     )
-    peak_mb = ours["redis"]["peak_above_idle_bytes"] / MB
+    memory_label, memory = broker_memory(ours)
+    peak_mb = memory["peak_above_idle_bytes"] / MB
+    on_redis = config.broker == "redis"
+    # "Redis peak above idle (MB)" -> "Redis peak": what the two memory targets are about.
+    memory_name = memory_label.removesuffix(" above idle (MB)")
     rows = [
         _target(
             "throughput vs raw floor",
@@ -113,18 +190,22 @@ def targets(config: Config, results: dict[str, Any]) -> list[dict[str, Any]]:
             ours["sweep"]["per_second"] >= 20_000,
         ),
         _target(
-            "Redis peak above idle (MB)",
-            "< 32 at N=100000",
+            memory_label,
+            "< 32 at N=100000" if on_redis else "(Redis's: < 32 at N=100000)",
             peak_mb,
-            peak_mb < 32 if config.n >= 100_000 else None,
-            "" if config.n >= 100_000 else "judged at N=100000; shown for comparison",
+            peak_mb < 32 if on_redis and config.n >= 100_000 else None,
+            ""
+            if on_redis and config.n >= 100_000
+            else "judged at N=100000; shown for comparison"
+            if on_redis
+            else "issue 15's target is Redis's memory: shown, not judged",
         ),
     ]
     other = _comparable_run(config)
     if other is None:
         rows.append(
             _target(
-                "Redis peak independent of N",
+                f"{memory_name} independent of N",
                 "no more at larger N",
                 None,
                 None,
@@ -133,13 +214,13 @@ def targets(config: Config, results: dict[str, Any]) -> list[dict[str, Any]]:
         )
     else:
         path, saved = other
-        theirs = saved["ours"]["redis"]["peak_above_idle_bytes"] / MB
+        theirs = broker_memory(saved["ours"])[1]["peak_above_idle_bytes"] / MB
         small, large = (theirs, peak_mb) if config.n > saved["config"]["n"] else (peak_mb, theirs)
         # Sampling every 100 ms sees a few messages more or less: 10 % or 0.25 MB of slack.
         ok = large <= max(small * 1.1, small + 0.25)
         rows.append(
             _target(
-                "Redis peak independent of N",
+                f"{memory_name} independent of N",
                 "no more at larger N",
                 peak_mb,
                 ok,
@@ -157,6 +238,7 @@ def summarize(
     sequential = parts["sequential"]
     results: dict[str, Any] = {
         "started_at": started.isoformat(),
+        "broker": config.broker,
         "config": {**asdict(config), "results_dir": str(config.results_dir)},
         "machine": {
             "host": platform.node(),
@@ -189,7 +271,8 @@ def render(results: dict[str, Any], out: Console) -> None:
     parts = [results[key] for key, _ in COLUMNS]
     worker = ours["worker"]
     table = Table(
-        title=f"make bench: N={config['n']:,}, latency {config['latency_ms']:g} ms, "
+        title=f"make bench on {BROKER_NAMES[config.get('broker', 'redis')]}: "
+        f"N={config['n']:,}, latency {config['latency_ms']:g} ms, "
         f"C={config['concurrency']}: {worker['command']} ({worker['processes']} x "
         f"{worker['pool_size']} {worker['pool']}), in flight <= {config['max_in_flight']}",
         caption=f"sequential: {seq['charges']} charges measured"
@@ -216,9 +299,8 @@ def render(results: dict[str, Any], out: Console) -> None:
     row("sandbox CPU per charge (ms)", "sandbox_cpu_per_charge_ms", 2)
     table.add_row("machine CPU busy (%)", *(_fmt(part["machine_busy"] * 100, 0) for part in parts))
     table.add_row("sweep (subscriptions/s)", _fmt(ours["sweep"]["per_second"], 0))
-    table.add_row(
-        "Redis peak above idle (MB)", _fmt(ours["redis"]["peak_above_idle_bytes"] / MB, 2)
-    )
+    memory_label, memory = broker_memory(ours)
+    table.add_row(memory_label, _fmt(memory["peak_above_idle_bytes"] / MB, 2))
     row("DB transactions per charge", "db.commits_per_charge", 2, ratio=True)
     row("DB rows written per charge", "db.rows_written_per_charge", 2, ratio=True)
     row("DB connections opened per charge", "db.connections_per_charge", 3)
@@ -267,7 +349,7 @@ def _time_for_n(part: dict[str, Any]) -> str:
 def _notes(results: dict[str, Any]) -> list[str]:
     """What the table cannot say: how the sweep and the statements were counted, the load."""
     ours, probe, machine = results["ours"], results["probe"], results["machine"]
-    sweep, redis_, charge = ours["sweep"], ours["redis"], probe["charge"]
+    sweep, charge = ours["sweep"], probe["charge"]
     task = sweep["task_seconds_from_log"]
     profile = ours.get("profile")
     return [
@@ -284,9 +366,7 @@ def _notes(results: dict[str, Any]) -> list[str]:
         f"Sweep speed: {sweep['how']}. The first gateway call came "
         f"{sweep['first_attempt_after_s']:.2f} s after the sweep began"
         + (f"; Celery logged the sweep task at {task:.2f} s." if task is not None else "."),
-        f"Redis: idle {redis_['idle_bytes'] / MB:.2f} MB, peak {redis_['peak_bytes'] / MB:.2f} "
-        f"MB; at most {redis_['max_queue_length']} messages queued and {redis_['max_unacked']} "
-        "unacked.",
+        *_broker_notes(ours),
         f"SQL statements: counted in process ({probe['how']}): per charge "
         f"{charge['statements']:.1f} statements, {charge['commits']:.1f} commits "
         f"({charge['server_transactions']:.1f} transactions in PostgreSQL), "
@@ -294,6 +374,35 @@ def _notes(results: dict[str, Any]) -> list[str]:
         f"swept subscription {probe['sweep_per_subscription']['statements']:.3f} statements.",
         f"Noise: {machine['note']} (load average at start "
         f"{machine['load_average_at_start'][0]:.2f}, {machine['cpus']} CPUs).",
+        *(
+            [side_by_side(results, other[1], other[0].name)]
+            if (
+                other := other_broker_run(results["config"], Path(results["config"]["results_dir"]))
+            )
+            else []
+        ),
+    ]
+
+
+def _broker_notes(ours: Mapping[str, Any]) -> list[str]:
+    """The broker's memory in words, and on RabbitMQ why no Redis ran."""
+    if "rabbitmq" not in ours:
+        redis_ = ours["redis"]
+        return [
+            f"Redis: idle {redis_['idle_bytes'] / MB:.2f} MB, peak {redis_['peak_bytes'] / MB:.2f}"
+            f" MB; at most {redis_['max_queue_length']} messages queued and "
+            f"{redis_['max_unacked']} unacked."
+        ]
+    rabbit = ours["rabbitmq"]
+    return [
+        f"RabbitMQ (vhost {rabbit['vhost']}, created and deleted by the run): the run's queues "
+        f"held {rabbit['idle_bytes'] / MB:.2f} MB idle, {rabbit['peak_bytes'] / MB:.2f} MB at "
+        f"the peak ({rabbit['how']}; {rabbit['samples']} looks, which cost "
+        f"{rabbit['sampler_cpu_seconds']:.1f} s of CPU outside every figure but machine busy); "
+        f"at most {rabbit['max_queue_length']} messages ready and {rabbit['max_unacked']} "
+        "unacked. No Redis ran: the bench's plans set no max_charges_per_second (so the "
+        "worker needs none, billing.ratelimit.require_redis) and on RabbitMQ the quorum "
+        "queue counts deliveries (x-delivery-limit), not Redis (billing.deliveries).",
     ]
 
 

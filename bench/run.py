@@ -1,6 +1,7 @@
 """``make bench``: one command, one run, one machine (``python -m bench.run``).
 
-It starts what it needs (its own Redis, its own PostgreSQL database, the sandbox with a
+It starts what it needs (its own broker: a Redis, or with ``BENCH_BROKER=amqp`` a RabbitMQ
+virtual host; its own PostgreSQL database, the sandbox with a
 latency: ``bench.context``), then takes each measurement of ``MEASUREMENTS`` in turn
 against the same services: the real worker (``bench.ours``), Celery's own cost per message
 (``bench.noop``), the raw floor, the same-writes floor and the sequential script
@@ -44,7 +45,7 @@ class Measurement:
     measure: Callable[[context.Context], dict[str, Any]]
 
 
-#: Taken in this order, each against the same Redis, database and sandbox.
+#: Taken in this order, each against the same broker, database and sandbox.
 MEASUREMENTS = (
     Measurement("ours", "the worker", ours.measure),
     Measurement("noop", "Celery's own cost: no-op messages", noop.measure),
@@ -58,12 +59,13 @@ MEASUREMENTS = (
 def measure_all(
     config: Config, measurements: Sequence[Measurement] = MEASUREMENTS
 ) -> dict[str, dict[str, Any]]:
-    """Each measurement against one Redis, database and sandbox, all stopped afterwards."""
+    """Each measurement against one broker, database and sandbox, all stopped afterwards."""
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
     parts: dict[str, dict[str, Any]] = {}
     ok = False
     try:
-        console.log("starting Redis, PostgreSQL database and sandbox")
+        broker = "a RabbitMQ vhost" if config.broker == "amqp" else "Redis"
+        console.log(f"starting {broker}, PostgreSQL database and sandbox")
         with context.started(config, workdir) as ctx:
             for measurement in measurements:
                 console.log(measurement.title)
