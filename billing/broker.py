@@ -126,14 +126,28 @@ def declare_dead_letters(connection: Connection, settings: Settings) -> None:
         dead_letters_queue(settings).bind(channel).declare()  # type: ignore[no-untyped-call]
 
 
-def delete_queues(settings: Settings) -> None:
+def delete_queues(settings: Settings) -> str | None:
     """RabbitMQ: delete the billing queue of ``settings`` and its dead-letter queue, with
-    whatever they hold (for a run that made a queue of its own, such as the demo)."""
-    with sending_app(settings).connection_for_write() as connection:
-        _connect(connection)
-        with connection.channel() as channel:
-            for queue in (billing_queue(settings), dead_letters_queue(settings)):
-                queue.bind(channel).delete()  # type: ignore[no-untyped-call]
+    whatever they hold (for a run that made a queue of its own, such as the demo). None
+    when done, else what stopped it."""
+    try:
+        with sending_app(settings).connection_for_write() as connection:
+            _connect(connection)
+            with connection.channel() as channel:
+                for queue in (billing_queue(settings), dead_letters_queue(settings)):
+                    queue.bind(channel).delete()  # type: ignore[no-untyped-call]
+    except (OperationalError, OSError) as exc:
+        return str(exc)
+    return None
+
+
+def is_reachable(settings: Settings) -> bool:
+    """Whether the broker answers within ``CONNECT_TIMEOUT`` (see :func:`ensure_reachable`)."""
+    try:
+        ensure_reachable(settings)
+    except (OperationalError, OSError):
+        return False
+    return True
 
 
 #: Dead letters moved from RabbitMQ's dead-letter queue per drain at most, so that one
@@ -384,6 +398,7 @@ __all__ = [
     "drain_dead_letters",
     "ensure_reachable",
     "is_amqp",
+    "is_reachable",
     "move_dead_letters",
     "send_charges",
     "send_many",

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import redis
 import requests
-from kombu.exceptions import OperationalError
 from rich.console import Console
 from sqlalchemy import func, select
 
@@ -71,12 +70,8 @@ def pick_broker(workdir: Path) -> str:
                 return url
         except redis.RedisError:
             pass
-    elif brokers.is_amqp(url):
-        try:
-            brokers.ensure_reachable(settings)
-            return url
-        except (OperationalError, OSError):
-            pass
+    elif brokers.is_amqp(url) and brokers.is_reachable(settings):
+        return url
     return f"sqla+sqlite:///{workdir / 'broker.db'}"
 
 
@@ -85,12 +80,10 @@ def remove_queues(broker_url: str, queue: str) -> None:
     outlives its consumers; Redis and the embedded broker leave nothing behind)."""
     if not brokers.is_amqp(broker_url):
         return
-    try:
-        brokers.delete_queues(
-            get_settings().model_copy(update={"broker_url": broker_url, "queue": queue})
-        )
-    except (OperationalError, OSError) as exc:
-        console.print(f"[yellow]the demo's queue {queue} was not deleted: {exc}[/yellow]")
+    asked = get_settings().model_copy(update={"broker_url": broker_url, "queue": queue})
+    problem = brokers.delete_queues(asked)
+    if problem is not None:
+        console.print(f"[yellow]the demo's queue {queue} was not deleted: {problem}[/yellow]")
 
 
 class Demo:
