@@ -191,7 +191,7 @@ class Charge(Base):
     __tablename__ = "charges"
     __table_args__ = (
         UniqueConstraint("subscription_id", "period"),
-        Index("ix_charges_dispatch", "state", "next_attempt_at"),
+        Index("ix_charges_dispatch", "state", "next_attempt_at", "id"),
         Index("ix_charges_review", "review"),
         Index("ix_charges_tx", "tx"),
     )

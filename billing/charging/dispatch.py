@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, text, update
+from psycopg.errors import LockNotAvailable
+from sqlalchemy import Select, func, select, text, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from billing.charging import lifecycle
@@ -26,16 +28,49 @@ log = logging.getLogger("billing.engine")
 #: Key of the PostgreSQL advisory lock that serialises dispatching, so that two beats or
 #: many finishing charges never send more than ``max_in_flight`` between them.
 DISPATCH_LOCK = 0x4B50_0001
+#: Longest wait for another dispatch to finish (a dispatch holds the lock for two short
+#: statements, milliseconds); past it this one gives up and the engine sweep fills the room.
+DISPATCH_LOCK_WAIT = "5s"
 
 
 def _lock_dispatch(session: Session) -> bool:
-    """Serialise dispatchers on PostgreSQL; SQLite serialises writers by itself."""
+    """Serialise dispatchers on PostgreSQL (SQLite serialises writers by itself).
+
+    A dispatch that meets another *waits* for it, then counts the room afresh: the other
+    counted before this one's charge finished, so giving up would leave that slot empty
+    until the next engine sweep (and for ever where no beat runs). The lock is this
+    transaction's first: it holds no row while it waits, so it cannot deadlock.
+    """
     if session.get_bind().dialect.name != "postgresql":
         return True
-    return bool(
-        session.connection().scalar(
-            text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": DISPATCH_LOCK}
+    connection = session.connection()
+    connection.execute(text(f"SET LOCAL lock_timeout = '{DISPATCH_LOCK_WAIT}'"))
+    try:
+        with connection.begin_nested():
+            connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": DISPATCH_LOCK})
+    except OperationalError as exc:
+        if not isinstance(exc.orig, LockNotAvailable):
+            raise
+        return False  # waited DISPATCH_LOCK_WAIT: the engine sweep fills the room instead
+    return True
+
+
+def due_charges(now: datetime, room: int) -> Select[int]:
+    """The IDs of the ``room`` due pending charges first in line (oldest due first, then
+    by ID) whose subscriptions may be charged. Read in index order on PostgreSQL
+    (``ix_charges_dispatch``: state, next_attempt_at, id), so a dispatch costs the same
+    with a hundred thousand charges waiting as with ten: a sweep's charges share one
+    ``next_attempt_at``, and without ``id`` in the index every dispatch sorted them all."""
+    return (
+        select(Charge.id)
+        .join(Subscription, Subscription.id == Charge.subscription_id)
+        .where(
+            Charge.state == ChargeState.PENDING,
+            Charge.next_attempt_at <= now,
+            Subscription.status.in_(CHARGEABLE),
         )
+        .order_by(Charge.next_attempt_at, Charge.id)
+        .limit(room)
     )
 
 
@@ -58,17 +93,7 @@ class Dispatch:
             room = self.ctx.settings.max_in_flight - int(busy or 0)
             if room <= 0:
                 return 0
-            due = (
-                select(Charge.id)
-                .join(Subscription, Subscription.id == Charge.subscription_id)
-                .where(
-                    Charge.state == ChargeState.PENDING,
-                    Charge.next_attempt_at <= now,
-                    Subscription.status.in_(CHARGEABLE),
-                )
-                .order_by(Charge.next_attempt_at, Charge.id)
-                .limit(room)
-            )
+            due = due_charges(now, room)
             moved = lifecycle.move_many(
                 session,
                 "dispatch",
@@ -104,4 +129,4 @@ class Dispatch:
         return len(ids)
 
 
-__all__ = ["DISPATCH_LOCK", "Dispatch"]
+__all__ = ["DISPATCH_LOCK", "Dispatch", "due_charges"]
