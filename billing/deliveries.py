@@ -73,6 +73,8 @@ class PoisonMessage(Exception):
     """A message given up on after the delivery limit (stored as its dead letter's error)."""
 
     def __init__(self, deliveries: int, limit: int, by: str) -> None:
+        self.deliveries = deliveries
+        self.limit = limit
         super().__init__(
             f"{deliveries} deliveries ended without the task finishing (its worker process "
             f"died each time); dead-lettered by {by} past the delivery limit of {limit} "

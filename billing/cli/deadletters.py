@@ -148,6 +148,9 @@ def requeue(letter: LetterId, by: By = None) -> None:
         send=lambda name, args, kwargs: broker.send_task(get_settings(), name, args, kwargs),
     )
     out.print(f"dead letter {number}: {name} sent again as task {task_id}", markup=False)
+    note = broker.requeued_charges(get_settings().database_url, number)
+    if note:
+        out.print(f"note: {note}", markup=False)
 
 
 def register(app: typer.Typer) -> None:
