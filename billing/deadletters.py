@@ -17,6 +17,9 @@ the message's deliveries kept dying (its task killed the worker process) past th
 limit, counted by the workers (``billing.deliveries``); ``rabbitmq`` — RabbitMQ's own
 delivery limit sent it to the dead-letter queue, and it was moved here from there
 (``billing.broker.drain_dead_letters``). All three are listed, shown and requeued alike.
+A letter of either delivery limit is stored by ``billing.broker.record_poison``, which also
+moves the charges of a charge message still ``queued`` to the failed-charge queue
+(``poison``) in the letter's transaction.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ One view for every broker: on RabbitMQ, the poison messages the quorum queue dea
 (its delivery limit) are moved from the dead-letter queue into the table first (the engine
 sweep does so too), so that they are listed, shown and requeued like the others; each
 letter says where it came from (``from``: the task raised, or which delivery limit).
+
+A poison charge message has moved its charges still queued to the failed-charge queue
+(``poison``): requeueing its letter sends a task that leaves them as they are, and
+``requeue`` says so; ``billing failed retry`` sends such a charge again.
 """
 
 from __future__ import annotations
