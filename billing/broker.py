@@ -28,8 +28,10 @@ Two brokers, one set of guarantees (:func:`celery_config`):
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -37,15 +39,22 @@ from celery import Celery
 from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 from kombu.exceptions import OperationalError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from billing import deadletters
+from billing.charging import poison as poisoned
+from billing.charging.context import worker_name
 from billing.db import read_scope
 from billing.deliveries import PoisonMessage
 from billing.durations import format_delay
 from billing.engine import Engine
 from billing.errors import BillingError
-from billing.models import Charge, ChargeState, SubscriptionStatus
+from billing.models import Charge, ChargeState, SubscriptionStatus, utcnow
 from billing.settings import Settings
+from billing.vocabulary import ATTENTION_STATES
+
+log = logging.getLogger("billing.broker")
 
 #: Task names, shared by the workers' tasks (``tasks/``) and what sends them.
 CHARGE_TASK = "billing.charge"
@@ -193,6 +202,103 @@ def move_dead_letters(settings: Settings) -> str | None:
     return f"{len(moved)} letter(s) moved from RabbitMQ's dead-letter queue" if moved else None
 
 
+@dataclass(frozen=True)
+class Poisoned:
+    """A poison message's dead letter, and its charges: failed now, or left as they were."""
+
+    letter: int
+    failed: list[int]
+    untouched: list[int]
+
+
+def charge_ids_of(task_name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> list[int]:
+    """The charges a message of ``task_name`` makes (none: not a charge message). What is
+    not a charge ID (a message sent by hand with anything in it) is left out."""
+    if task_name == CHARGE_TASK:
+        found: Any = [args[0] if args else kwargs.get("charge_id")]
+    elif task_name == CHARGE_BATCH_TASK:
+        found = args[0] if args else kwargs.get("charge_ids")
+    else:
+        return []
+    if not isinstance(found, list | tuple):
+        return []
+    return [n for n in found if isinstance(n, int) and not isinstance(n, bool)]
+
+
+def record_poison(
+    url: str,
+    *,
+    task_name: str,
+    task_id: str | None,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    poison: PoisonMessage,
+    source: str,
+    traceback: str | None = None,
+) -> Poisoned:
+    """Dead-letter a message the delivery limit gave up on, and fail its charges still
+    ``queued`` (``billing.charging.poison``), in one transaction: both brokers' paths end
+    here (the workers' count on Redis, the drain of RabbitMQ's dead-letter queue).
+
+    Without the second part the engine sweep would send those charges again after
+    ``requeue_after_seconds``, and the same poison would kill workers every ten minutes for
+    ever. One transaction: a drain that dies before its acknowledgement finds the letter
+    stored next time and skips it, its charges failed with it.
+    """
+    charges: list[poisoned.PoisonedCharges] = []
+
+    def fail_charges(session: Session, letter: int) -> None:
+        done = poisoned.fail_queued(
+            session, charge_ids_of(task_name, args, kwargs), letter=letter,
+            deliveries=poison.deliveries, actor=worker_name(), now=utcnow(),
+        )  # fmt: skip
+        charges.append(done)
+
+    letter = deadletters.record(
+        url, task_name=task_name, task_id=task_id, args=list(args), kwargs=kwargs, exc=poison,
+        traceback=traceback, source=source, then=fail_charges,
+    )  # fmt: skip
+    done = Poisoned(letter, charges[0].failed, charges[0].untouched)
+    if done.failed:
+        log.error(
+            "charge(s) %s of dead letter %d moved to the failed-charge queue (poison): "
+            "billing failed list --reason poison",
+            ", ".join(map(str, done.failed)), letter,
+        )  # fmt: skip
+    if done.untouched:
+        log.warning(
+            "charge(s) %s of dead letter %d left as they were: no longer queued",
+            ", ".join(map(str, done.untouched)), letter,
+        )  # fmt: skip
+    return done
+
+
+def requeued_charges(url: str, letter_id: int) -> str | None:
+    """For a requeued letter of a charge message, what its task will find (None: not a
+    charge message, or every charge is still ``queued``, which the task makes as usual).
+
+    A charge that is not ``queued`` is left as it is by the task (its claim loses): one
+    failed as poison is sent again by a person's ``billing failed retry``, not by this.
+    """
+    with read_scope(url) as session:
+        letter = deadletters.get(session, letter_id)
+        stored = letter.args or {}
+        ids = charge_ids_of(letter.task_name, stored.get("args") or [], stored.get("kwargs") or {})
+        rows = session.execute(
+            select(Charge.id, Charge.state, Charge.reason).where(Charge.id.in_(ids))
+        ).all()
+    moved = sorted(row for row in rows if row.state != ChargeState.QUEUED)
+    if not moved:
+        return None
+    states = ", ".join(
+        f"{row.id} is {row.state}" + (f" ({row.reason})" if row.reason else "") for row in moved
+    )
+    failed = [str(row.id) for row in moved if row.state in ATTENTION_STATES]
+    them = "it" if len(failed) == 1 else "them"
+    retry = f"; `billing failed retry {' / '.join(failed)}` sends {them} again" if failed else ""
+    return f"the task leaves what is not queued as it is: charge {states}{retry}"
+
+
 def _store_broker_letter(settings: Settings, message: Any) -> int | None:
     """One message of the dead-letter queue as a letter (None: stored by an earlier drain)."""
     headers = dict(message.headers or {})
@@ -211,13 +317,13 @@ def _store_broker_letter(settings: Settings, message: Any) -> int | None:
     reason = str(headers.get("x-first-death-reason") or deaths[0].get("reason") or "unknown")
     deliveries = int(headers.get("x-delivery-count") or settings.delivery_limit + 1)
     exc = PoisonMessage(deliveries, settings.delivery_limit, f"RabbitMQ ({reason})")
-    return deadletters.record(
+    return record_poison(
         settings.database_url, task_name=task_name, task_id=task_id,
         args=list(args) if isinstance(args, list | tuple) else [args],
         kwargs=dict(kwargs) if isinstance(kwargs, dict) else {},
-        exc=exc, source=deadletters.SOURCE_RABBITMQ,
+        poison=exc, source=deadletters.SOURCE_RABBITMQ,
         traceback=f"dead-lettered by RabbitMQ from queue {settings.queue!r}: {reason}\n",
-    )  # fmt: skip
+    ).letter  # fmt: skip
 
 
 def countdown(seconds: float) -> int:
@@ -386,9 +492,11 @@ __all__ = [
     "DEAD_LETTER_EXCHANGE",
     "EXCHANGE",
     "NOOP_TASK",
+    "Poisoned",
     "batches",
     "billing_queue",
     "celery_config",
+    "charge_ids_of",
     "countdown",
     "dead_letter_queue",
     "dead_letters_queue",
@@ -400,6 +508,8 @@ __all__ = [
     "is_amqp",
     "is_reachable",
     "move_dead_letters",
+    "record_poison",
+    "requeued_charges",
     "send_charges",
     "send_many",
     "send_retried",

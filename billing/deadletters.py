@@ -17,6 +17,9 @@ the message's deliveries kept dying (its task killed the worker process) past th
 limit, counted by the workers (``billing.deliveries``); ``rabbitmq`` — RabbitMQ's own
 delivery limit sent it to the dead-letter queue, and it was moved here from there
 (``billing.broker.drain_dead_letters``). All three are listed, shown and requeued alike.
+A letter of either delivery limit is stored by ``billing.broker.record_poison``, which also
+moves the charges of a charge message still ``queued`` to the failed-charge queue
+(``poison``) in the letter's transaction.
 """
 
 from __future__ import annotations
@@ -203,9 +206,14 @@ def record(
     exc: BaseException,
     traceback: str | None = None,
     source: str = SOURCE_TASK,
+    then: Callable[[Session, int], None] | None = None,
 ) -> int:
     """Store one failed task, its arguments as :func:`stored_arguments` keeps them and its
-    exception scrubbed of the values removed; return its dead-letter ID."""
+    exception scrubbed of the values removed; return its dead-letter ID.
+
+    ``then(session, letter_id)`` runs in the letter's own transaction, for what must land
+    with it or not at all (``billing.broker.record_poison``: the letter's charges).
+    """
     stored, kept = stored_arguments(task_name, args, kwargs)
     text = traceback or "".join(tb.format_exception(exc))
     with session_scope(url) as session:
@@ -220,6 +228,8 @@ def record(
         )
         session.add(letter)
         session.flush()
+        if then is not None:
+            then(session, letter.id)
         return letter.id
 
 

@@ -18,8 +18,10 @@ A message is its task ID *and* its retry number: Celery keeps the task ID across
 ``self.retry``, and each retry is a new message with its own deliveries.
 
 Nothing is lost by giving up on a message: a charge's state in the database says what
-happened (``queued``: the engine sweep sends it again with a new message; ``in_flight``:
-the stuck sweep makes it ``unknown`` for a person).
+happened. Still ``queued`` (the worker died before the claim), it goes to the failed-charge
+queue with the letter (``poison``, ``billing.broker.record_poison``), rather than being sent
+again by the engine sweep to die again; ``in_flight``: the stuck sweep makes it
+``unknown`` for a person.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ class PoisonMessage(Exception):
     """A message given up on after the delivery limit (stored as its dead letter's error)."""
 
     def __init__(self, deliveries: int, limit: int, by: str) -> None:
+        self.deliveries = deliveries
+        self.limit = limit
         super().__init__(
             f"{deliveries} deliveries ended without the task finishing (its worker process "
             f"died each time); dead-lettered by {by} past the delivery limit of {limit} "

@@ -74,6 +74,7 @@ class FailureReason(enum.StrEnum):
     VELOCITY_GUARD = "velocity_guard"  # held: charged successfully too recently
     UNKNOWN_PLAN = "unknown_plan"  # held: its plan or account left the plans file
     LATE_APPROVAL = "late_approval"  # an earlier attempt's approval came after a retry began
+    POISON = "poison"  # its message killed a worker past the delivery limit; never sent
     VALIDATE_DECLINED = "validate_declined"
     VALIDATE_NOT_SENT = "validate_not_sent"
     VALIDATE_UNKNOWN = "validate_unknown"

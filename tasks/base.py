@@ -116,14 +116,14 @@ class BillingTask(Task):
         if not dead_letters_after(redeliveries, counter.limit):
             return
         poison = PoisonMessage(redeliveries, counter.limit, "the workers (Redis delivery count)")
-        letter = deadletters.record(
+        done = broker.record_poison(
             get_settings().database_url, task_name=self.name, task_id=task_id,
-            args=list(args), kwargs=dict(kwargs), exc=poison, source=deadletters.SOURCE_REDIS,
+            args=list(args), kwargs=dict(kwargs), poison=poison, source=deadletters.SOURCE_REDIS,
         )  # fmt: skip
         counter.finished(task_id, retries)
         log.error(
             "task %s[%s] killed its worker %d times; dead letter %d (billing deadletters show %d)",
-            self.name, task_id, redeliveries, letter, letter,
+            self.name, task_id, redeliveries, done.letter, done.letter,
         )  # fmt: skip
         raise Ignore()
 

@@ -4,6 +4,8 @@ worker every time, and (RabbitMQ) how a countdown travels on a quorum queue.
 - A poison message (a task that kills its worker process on every delivery) ends as a dead
   letter after the delivery limit — RabbitMQ's quorum queue counts, on Redis the task base
   class does — and is not delivered again, while the worker keeps charging everything else.
+  A poison *charge* message (its worker dies before the claim) also moves its charge to the
+  failed-charge queue (``poison``), so that the engine sweep never sends it again.
 - On RabbitMQ a not-sent charge's retry countdown travels through Celery's native delayed
   delivery (the topic exchange): it arrives on time, more than twice in a row (celery#10111:
   the routing key used to grow with each retry until the message was stuck), is not lost
@@ -34,12 +36,12 @@ from billing import broker
 from billing.db import session_scope
 from billing.harness.base import billing_command
 from billing.harness.rabbitmq import RabbitNode, RabbitVhost, can_start_nodes
-from billing.models import ChargeState, DeadLetter, LedgerEntry, Subscription, utcnow
+from billing.models import Charge, ChargeState, DeadLetter, LedgerEntry, Subscription, utcnow
 from billing.settings import Settings
 from tasks.app import POISON_TASKS_ENV
-from tasks.poison import EXIT_PROCESS
+from tasks.poison import EXIT_PROCESS, POISON_CHARGES_ENV
 from tests.fixtures.processes import Cluster, wait_until
-from tests.test_invariants import _env_for, _one_call_per_alias, _states, _subscribe
+from tests.test_invariants import _env_for, _one_call_per_alias, _queued, _states, _subscribe
 
 pytestmark = pytest.mark.slow
 
@@ -109,6 +111,65 @@ def test_a_poison_message_is_dead_lettered_after_the_limit_and_charging_goes_on(
     again = _letters(pg_url)[1]
     assert (again.task_name, again.source) == (EXIT_PROCESS, source)
     assert again.task_id != task_id
+
+
+#: Seconds a charge stays ``queued`` before the engine sweep sends it again, in the test of
+#: a poison charge: far longer than its LIMIT + 1 deaths take (a few seconds, more on a busy
+#: machine: a re-send before the charge failed would be delivered and killed again), short
+#: enough to wait out.
+REQUEUE_AFTER = 30
+
+
+def test_a_poison_charge_ends_in_the_failed_queue_and_is_not_sent_again(
+    broker_url, cluster, gateway, pg_url, tmp_path
+):
+    poisoned = tmp_path / "poison-charges"
+    _env_for(
+        cluster, gateway, BILLING_BROKER_URL=broker_url, BILLING_DELIVERY_LIMIT=str(LIMIT),
+        BILLING_REQUEUE_AFTER_SECONDS=str(REQUEUE_AFTER),
+        **{POISON_TASKS_ENV: "1", POISON_CHARGES_ENV: str(poisoned)},
+    )  # fmt: skip
+    aliases = gateway.seed_aliases("1234567", 3)
+    _subscribe(pg_url, aliases)
+    ids = sorted(_queued(pg_url, gateway))
+    queued_at = time.monotonic()
+    poison = ids[0]
+    poisoned.write_text(f"{poison}\n")
+    for charge_id in ids:
+        _send(cluster, broker.CHARGE_TASK, charge_id)
+    cluster.worker("w1", pool="prefork", concurrency=2)
+    cluster.beat("b1")  # the engine sweep: requeue_lost, and (RabbitMQ) the drain
+
+    wait_until(lambda: _charge(pg_url, poison).state == ChargeState.FAILED, timeout=90)
+    wait_until(lambda: _states(pg_url)[ChargeState.APPROVED] == 2, timeout=60)
+    # Past the cutoff, and a few engine sweeps more: nothing sends it again.
+    time.sleep(max(0.0, queued_at + REQUEUE_AFTER + 5 - time.monotonic()))
+
+    runs = poisoned.with_name(poisoned.name + ".runs").read_text().splitlines()
+    assert len(runs) == LIMIT + 1 and {r.split()[0] for r in runs} == {str(poison)}, runs
+    charge = _charge(pg_url, poison)
+    assert (charge.state, charge.reason) == (ChargeState.FAILED, "poison")
+    (letter,) = _letters(pg_url)
+    assert (letter.task_name, letter.args["args"]) == (broker.CHARGE_TASK, [poison])
+    assert f"dead letter {letter.id}" in (charge.last_message or "")
+    assert gateway.calls(alias=aliases[ids.index(poison)], script="duplicate") == []
+    _one_call_per_alias(gateway, aliases)
+    failed = json.loads(_billing(cluster, "failed", "list", "--json"))
+    assert [(row["charge_id"], row["reason"]) for row in failed] == [(poison, "poison")]
+    poisoned.write_text("")  # the cause is fixed
+    # A requeued letter meets a failed charge: the task leaves it, and the CLI says so.
+    said = _billing(cluster, "deadletters", "requeue", str(letter.id), "--by", "tester")
+    assert f"charge {poison} is failed (poison)" in said
+    assert f"billing failed retry {poison}" in said
+    # A person's retry sends it, as for any failed charge.
+    _billing(cluster, "failed", "retry", str(poison), "--by", "tester")
+    wait_until(lambda: _charge(pg_url, poison).state == ChargeState.APPROVED, timeout=60)
+    _one_call_per_alias(gateway, aliases)
+
+
+def _charge(url: str, charge_id: int) -> Charge:
+    with session_scope(url) as session:
+        return session.get_one(Charge, charge_id)
 
 
 def _billing(cluster: Cluster, *args: str) -> str:

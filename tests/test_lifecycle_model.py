@@ -4,8 +4,9 @@ The hand-written race tests (``tests/test_charge_races.py``) each pin one interl
 hypothesis drives a ``RuleBasedStateMachine`` over the real engine and a real database
 (PostgreSQL and SQLite), and tries many: periods falling due, workers claiming, answers
 arriving on time, late (an old attempt's, after a person's retry) or never, the stuck
-sweep, lost messages sent again, a person's retry / resolve / discard, pause / resume /
-cancel, captures of deferred charges and refunds.
+sweep, lost messages sent again, poison messages dead-lettered (their queued charges
+failed), a person's retry / resolve / discard, pause / resume / cancel, captures of
+deferred charges and refunds.
 
 What the model keeps on the Python side is only what the gateway *did*: which attempt it
 approved, for which period, and what validations and refunds it approved. That is the truth
@@ -62,10 +63,11 @@ from hypothesis.stateful import (
 )
 from sqlalchemy import select
 
-from billing import ops, subscriptions
+from billing import broker, ops, subscriptions
 from billing.charging.calls import Claim
 from billing.charging.settlement import SettlementResult
 from billing.db import get_engine, read_scope, session_scope
+from billing.deliveries import PoisonMessage
 from billing.engine import Engine
 from billing.errors import BillingError
 from billing.models import Charge, LedgerEntry, Subscription
@@ -366,6 +368,29 @@ class LifecycleModel(RuleBasedStateMachine):
         claim = call.claim
         if call.decided is None and charged and claim.number > self.checked.get(claim.charge.id, 0):
             self._decide(call, "approved")
+
+    # Seldom (every fourth step at most), next to the workers' and the engine's work.
+    @precondition(lambda self: (self.h.sent or self.messages) and self.steps % 4 == 2)
+    @rule(data=st.data(), batch=st.booleans())
+    def a_message_is_poison(self, data: st.DataObject, batch: bool) -> None:
+        """A message (mostly the next, or an earlier one delivered again) kills every worker that
+        takes it until the delivery limit dead-letters it; with ``batch``, a message of
+        every charge sent so far. Its charges still queued go to the failed queue."""
+        if self.h.sent and (not self.messages or data.draw(st.integers(0, 3), label="next") < 3):
+            charge_id = self.h.sent.pop(0)
+            self.messages.append(charge_id)
+        else:
+            charge_id = data.draw(st.sampled_from(self.messages), label="message")
+        task, args = (
+            (broker.CHARGE_BATCH_TASK, [sorted(set(self.messages))])
+            if batch
+            else (broker.CHARGE_TASK, [charge_id])
+        )
+        done = broker.record_poison(
+            self.url, task_name=task, task_id=f"model-{self.steps}", args=args, kwargs={},
+            poison=PoisonMessage(6, 5, "the model"), source="redis",
+        )  # fmt: skip
+        event(f"poison: {len(done.failed)} failed, {len(done.untouched)} untouched")
 
     # --- a person ---------------------------------------------------------------------
 

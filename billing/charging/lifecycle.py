@@ -93,6 +93,11 @@ TRANSITIONS: dict[str, Transition] = {
             "an earlier attempt was approved while a retry waited: the retry stops",
         ),
         Transition(
+            "poison", (S.QUEUED,), (S.FAILED,),
+            "its message was dead-lettered (it killed its worker past the delivery limit) "
+            "before the charge was claimed: nothing was sent",
+        ),
+        Transition(
             "settle", (S.AUTHORIZED, S.APPROVED), (S.AUTHORIZED, S.APPROVED),
             "a validation, release or refund call is claimed",
         ),

@@ -10,6 +10,10 @@ One view for every broker: on RabbitMQ, the poison messages the quorum queue dea
 (its delivery limit) are moved from the dead-letter queue into the table first (the engine
 sweep does so too), so that they are listed, shown and requeued like the others; each
 letter says where it came from (``from``: the task raised, or which delivery limit).
+
+A poison charge message has moved its charges still queued to the failed-charge queue
+(``poison``): requeueing its letter sends a task that leaves them as they are, and
+``requeue`` says so; ``billing failed retry`` sends such a charge again.
 """
 
 from __future__ import annotations
@@ -148,6 +152,9 @@ def requeue(letter: LetterId, by: By = None) -> None:
         send=lambda name, args, kwargs: broker.send_task(get_settings(), name, args, kwargs),
     )
     out.print(f"dead letter {number}: {name} sent again as task {task_id}", markup=False)
+    note = broker.requeued_charges(get_settings().database_url, number)
+    if note:
+        out.print(f"note: {note}", markup=False)
 
 
 def register(app: typer.Typer) -> None:

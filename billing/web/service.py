@@ -897,7 +897,9 @@ def requeue(backend: Backend, user: SignedIn, letter_id: int) -> Done:
     name, task_id = deadletters.requeue(
         backend.url, letter_id, by=actor(user), send=backend.send_task
     )
-    return Done(f"dead letter {letter_id}: {name} sent again as task {task_id}")
+    note = broker.requeued_charges(backend.url, letter_id)
+    sent = f"dead letter {letter_id}: {name} sent again as task {task_id}"
+    return Done(f"{sent}; {note}" if note else sent)
 
 
 # --- events -------------------------------------------------------------------------------
