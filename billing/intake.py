@@ -214,25 +214,41 @@ def check_plan(value: object, plans: PlanSet) -> tuple[str | None, str | None]:
     return plan, None
 
 
+#: The characters of an alias: printable ASCII (``!`` to ``~``; white space is refused
+#: on its own). The sandbox issues hex; Klik & Pay's aliases are ASCII tokens.
+ALIAS_FIRST, ALIAS_LAST = "\x21", "\x7e"
+_JOINERS = re.compile(r"[^0-9A-Za-z]")
+
+
 def check_alias(value: object) -> tuple[str | None, str | None]:
-    """``(alias, problem)``: one word, and never a card number sent in its place."""
+    """``(alias, problem)``: one word of printable ASCII, and never a card number sent in
+    its place or inside it."""
     alias, problem = _text({"alias": value}, "alias")
     if problem or alias is None:
         return None, problem
     if any(ch.isspace() for ch in alias):
         return None, "alias contains white space"
-    hidden = next((ch for ch in alias if unicodedata.category(ch).startswith("C")), None)
-    if hidden is not None:
-        # Control, format (zero-width, bidi) and unassigned characters: never in an alias
-        # the gateway issued, and invisible on a screen, so named by code point.
+    odd = next((ch for ch in alias if not ALIAS_FIRST <= ch <= ALIAS_LAST), None)
+    if odd is not None:
+        # A zero-width space pasted from a spreadsheet, a full-width digit typed through an
+        # input method, a look-alike letter: never in an alias the gateway issued, often
+        # invisible on a screen, so named by code point. (A card number in full-width
+        # digits is refused here too: the card-number check below reads ASCII digits.)
+        name = unicodedata.name(odd, "unnamed")
         return None, (
-            f"alias contains an invisible character (U+{ord(hidden):04X}) at position "
-            f"{alias.index(hidden) + 1}"
+            f"alias contains U+{ord(odd):04X} ({name}) at position {alias.index(odd) + 1}: "
+            "an alias Klik & Pay issues is printable ASCII"
         )
     if redact(alias) == PAN_MARK:
         return None, (
             "alias is a card number, not an alias: send the ALIAS that Klik & Pay returned "
             "for the card's first payment (card numbers are never stored)"
+        )
+    # Inside it too, whatever joins its digit groups (``4111_1111_…``, ``4111/1111/…``).
+    if PAN_MARK in redact(alias) or PAN_MARK in redact(_JOINERS.sub("", alias)):
+        return None, (
+            "alias holds a card number: send the ALIAS that Klik & Pay returned for the "
+            "card's first payment (card numbers are never stored)"
         )
     return alias, None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -565,14 +566,28 @@ def test_cli_import_prints_every_problem_and_exits_2(sqlite_url: str) -> None:
 
 @pytest.mark.parametrize(
     ("alias", "shown"),
-    [("ab\u200bcd", "U+200B"), ("\u2060abcd", "U+2060"),
-     ("ab\u202ecd", "U+202E"), ("abc\ufeff", "U+FEFF")],
+    [("ab\u200bcd", "U+200B"), ("\u2060abcd", "U+2060"), ("ab\u202ecd", "U+202E"),
+     ("abc\ufeff", "U+FEFF"), ("ab\u034fcd", "U+034F"), ("ab\u3164cd", "U+3164"),
+     ("ab\u2800cd", "U+2800"), ("\uff14111111111111111", "U+FF14"),
+     ("\u0664\u0661\u0661\u0661", "U+0664"), ("p\u0430ypal", "U+0430")],
 )  # fmt: skip
-def test_an_alias_with_an_invisible_character_is_named(alias: str, shown: str) -> None:
-    """A zero-width space pasted from a spreadsheet makes an alias the gateway never
-    issued: every charge of it would fail. Refused at the door, the character named."""
+def test_an_alias_with_a_character_outside_printable_ascii_is_named(alias: str, shown: str) -> None:
+    """A zero-width space pasted from a spreadsheet, a full-width card number typed through
+    an input method, a Cyrillic look-alike: an alias the gateway never issued (or a card
+    number in disguise). Refused at the door, the character named by its code point."""
     value, problem = intake.check_alias(alias)
     assert value is None
-    assert problem is not None and shown in problem and "invisible" in problem
-    assert intake.check_alias("AbC-123_x") == ("AbC-123_x", None)
+    assert problem is not None and shown in problem and "printable ASCII" in problem
+    assert not re.search(r"\d{4}", problem.replace(shown, ""))  # no card digits echoed
+    assert intake.check_alias("AbC-123_x+/=") == ("AbC-123_x+/=", None)
     assert intake.check_alias("abcd\x07") == (None, "alias contains a control character")
+
+
+@pytest.mark.parametrize(
+    "alias",
+    ["x4111111111111111", "4111_1111_1111_1111", "4111/1111/1111/1111", "tok4111111111111111end"],
+)
+def test_an_alias_holding_a_card_number_is_refused(alias: str) -> None:
+    value, problem = intake.check_alias(alias)
+    assert value is None and problem is not None and "card number" in problem
+    assert "4111" not in problem
