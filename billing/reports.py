@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -237,17 +238,42 @@ def _csv_cell(value: Any) -> str:
     return spreadsheet_text(str(value))
 
 
-#: What a spreadsheet reads as the start of a formula in a cell (OWASP's CSV injection list).
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-_NUMBER = re.compile(r"-?\d+(\.\d+)?")
+#: What a spreadsheet reads as the start of a formula in a cell (OWASP's CSV injection
+#: list, and the full-width forms some spreadsheets take for them).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\uff1d", "\uff0b", "\uff0d", "\uff20")
+#: What may split a cell when a spreadsheet guesses another separator (French and German
+#: Excel split a ``.csv`` at ``;``): each part is a cell of its own there.
+CELL_SPLITTERS = ",;\t|"
+_NUMBER = re.compile(r"-?\d+(\.\d+)?", re.ASCII)
+
+
+def _looks_like_formula(part: str) -> bool:
+    """Whether ``part`` starts like a formula once what a spreadsheet may trim is gone
+    (spaces, no-break spaces, zero-width and other invisible characters)."""
+    start = next(
+        (ch for ch in part if not (ch.isspace() or unicodedata.category(ch)[0] in "CZ")),
+        "",
+    )
+    return bool(part) and (part.startswith(FORMULA_STARTS) or start in FORMULA_STARTS)
 
 
 def spreadsheet_text(text: str) -> str:
-    """A CSV cell a spreadsheet shows as text and never runs: one starting like a formula
-    gets a quote first, except a plain number (a refund's ``-10.00`` stays a number)."""
-    if text.startswith(FORMULA_STARTS) and not _NUMBER.fullmatch(text):
-        return "'" + text
-    return text
+    """A CSV cell a spreadsheet shows as text and never runs, however it splits the row.
+
+    A cell starting like a formula gets a quote first (a plain number such as a refund's
+    ``-10.00`` stays a number); so does every part after a character a spreadsheet may take
+    for a separator (``x;=cmd|…`` is two cells in a French Excel), the quote going right
+    after that character.
+    """
+    if _looks_like_formula(text) and not _NUMBER.fullmatch(text):
+        text = "'" + text
+    if not any(ch in text for ch in CELL_SPLITTERS):
+        return text
+    parts = re.split(f"([{re.escape(CELL_SPLITTERS)}])", text)
+    return "".join(
+        "'" + part if index % 2 == 0 and index and _looks_like_formula(part) else part
+        for index, part in enumerate(parts)
+    )
 
 
 # --- the report -----------------------------------------------------------------------

@@ -192,6 +192,34 @@ def test_a_cell_that_starts_like_a_formula_is_exported_as_text(
         text = io.StringIO()
         reports.export(reports.ledger_rows(session), "csv", text)
     (row,) = csv.DictReader(io.StringIO(text.getvalue()))
-    assert row["message"] == row["external_ref"] == "'" + hostile
+    assert row["message"] == row["external_ref"]
+    assert row["message"].startswith("'") and row["message"].replace("'", "") == hostile
     assert reports.spreadsheet_text("-10.00") == "-10.00"
     assert reports.spreadsheet_text("-") == "'-"
+
+
+@pytest.mark.parametrize(
+    ("cell", "safe"),
+    [(" =1+1", "' =1+1"), ("\u00a0=1+1", "'\u00a0=1+1"), ("\u200b=1", "'\u200b=1"),
+     ("\uff1d1+1", "'\uff1d1+1"), ("-\u0661\u0662", "'-\u0661\u0662"),
+     ("x;=cmd|' /C calc'!A0", "x;'=cmd|' /C calc'!A0"), ("a, +1", "a,' +1"),
+     ("ok;fine", "ok;fine"), ("-10.00", "-10.00"), ("{\"soft\": false}", "{\"soft\": false}")],
+)  # fmt: skip
+def test_no_part_of_a_cell_runs_however_a_spreadsheet_trims_or_splits_it(
+    cell: str, safe: str
+) -> None:
+    assert reports.spreadsheet_text(cell) == safe
+
+
+def test_a_cell_split_at_a_semicolon_holds_no_formula(sqlite_url: str) -> None:
+    """French Excel opens a .csv split at ``;``: every part must be text there too."""
+    hostile = "x;=1+1;@SUM(A1);-2+3"
+    with session_scope(sqlite_url) as session:
+        sub = add_subscription(session, hostile)
+        charge = add_charge(session, sub, state=ChargeState.FAILED)
+        book(session, charge, "declined", "0.00", T0, code="05", message=hostile)
+        text = io.StringIO()
+        reports.export(reports.ledger_rows(session), "csv", text)
+    for row in csv.reader(io.StringIO(text.getvalue()), delimiter=";"):
+        for cell in row:
+            assert not cell.lstrip('"').startswith(("=", "+", "-", "@")), (cell, row)
