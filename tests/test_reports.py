@@ -179,19 +179,24 @@ def test_export_refuses_an_unknown_format(sqlite_url: str) -> None:
         reports.export([], "xml", io.StringIO())
 
 
+def _exported_with(url: str, hostile: str) -> str:
+    """The ledger's CSV with one row whose reference and message are ``hostile``."""
+    with session_scope(url) as session:
+        sub = add_subscription(session, hostile)
+        charge = add_charge(session, sub, state=ChargeState.FAILED)
+        book(session, charge, "declined", "0.00", T0, code="05", message=hostile)
+        text = io.StringIO()
+        reports.export(reports.ledger_rows(session), "csv", text)
+    return text.getvalue()
+
+
 @pytest.mark.parametrize("hostile", ['=HYPERLINK("http://x")', "+1+1", "-2+3", "@SUM(A1)", "\t=1"])
 def test_a_cell_that_starts_like_a_formula_is_exported_as_text(
     sqlite_url: str, hostile: str
 ) -> None:
     """A gateway's message or a shop's reference is whatever they sent: a spreadsheet must
     show it, never run it. Amounts stay numbers (a refund's ``-10.00`` is not text)."""
-    with session_scope(sqlite_url) as session:
-        sub = add_subscription(session, hostile)
-        charge = add_charge(session, sub, state=ChargeState.FAILED)
-        book(session, charge, "declined", "0.00", T0, code="05", message=hostile)
-        text = io.StringIO()
-        reports.export(reports.ledger_rows(session), "csv", text)
-    (row,) = csv.DictReader(io.StringIO(text.getvalue()))
+    (row,) = csv.DictReader(io.StringIO(_exported_with(sqlite_url, hostile)))
     assert row["message"] == row["external_ref"]
     assert row["message"].startswith("'") and row["message"].replace("'", "") == hostile
     assert reports.spreadsheet_text("-10.00") == "-10.00"
@@ -214,12 +219,6 @@ def test_no_part_of_a_cell_runs_however_a_spreadsheet_trims_or_splits_it(
 def test_a_cell_split_at_a_semicolon_holds_no_formula(sqlite_url: str) -> None:
     """French Excel opens a .csv split at ``;``: every part must be text there too."""
     hostile = "x;=1+1;@SUM(A1);-2+3"
-    with session_scope(sqlite_url) as session:
-        sub = add_subscription(session, hostile)
-        charge = add_charge(session, sub, state=ChargeState.FAILED)
-        book(session, charge, "declined", "0.00", T0, code="05", message=hostile)
-        text = io.StringIO()
-        reports.export(reports.ledger_rows(session), "csv", text)
-    for row in csv.reader(io.StringIO(text.getvalue()), delimiter=";"):
+    for row in csv.reader(io.StringIO(_exported_with(sqlite_url, hostile)), delimiter=";"):
         for cell in row:
             assert not cell.lstrip('"').startswith(("=", "+", "-", "@")), (cell, row)
