@@ -182,6 +182,8 @@ class Stats:
 
     kills: Counter[str] = field(default_factory=Counter)
     broker_restarts: int = 0
+    #: RabbitMQ: the clean stop and start at set-up (see ``RabbitNode.settle``).
+    clean_restarts: int = 0
     pg_connections_cut: int = 0
     pg_cuts: int = 0
     outages: int = 0
@@ -307,6 +309,7 @@ class Run:
             # registrations down as a long-running broker's are (rabbitmq/ra#443), so that
             # the crash below tests this project, not a young node's lost queue.
             self.broker.settle()
+            self.stats.clean_restarts += 1
             self.say("rabbitmq stopped and started cleanly once: the queues are on disk")
         self.stats.phases["set up"] = time.monotonic() - t0
         self.say(f"{len(WORKERS)} workers and {BEATS} beats running")
@@ -362,7 +365,7 @@ class Run:
                 self.stats.broker_restarts += 1
                 done_broker = True
                 lost = (
-                    "SIGKILL, restarted: what it confirmed is kept"
+                    "node killed with SIGKILL and started again"
                     if isinstance(self.broker, RabbitNode)
                     else "restarted: every message lost"
                 )
@@ -414,6 +417,10 @@ class Run:
         states = self.states()
         self.stats.phases["settle"] = time.monotonic() - t0
         self.say(f"settled: {dict(sorted(states.items()))}")
+        # Listening sockets again, after every restart (a restarted broker or worker binds
+        # anew), before anything is stopped.
+        seen = {str(item) for item in self.listeners}
+        self.listeners += [item for item in self.check_listeners() if str(item) not in seen]
         self.processes.stop_all()
         self.say("workers and beats stopped")
         return states
@@ -431,7 +438,13 @@ class Run:
         print(
             f"\nchaos: {sum(self.stats.kills.values())} worker kills "
             f"({dict(sorted(self.stats.kills.items()))}), {self.stats.broker_restarts} "
-            f"{self.config.broker} restart, {self.stats.pg_cuts} PostgreSQL cut "
+            f"{self.config.broker} restart"
+            + (
+                f" (and {self.stats.clean_restarts} clean one at set-up)"
+                if self.stats.clean_restarts
+                else ""
+            )
+            + f", {self.stats.pg_cuts} PostgreSQL cut "
             f"({self.stats.pg_connections_cut} connections), {self.stats.outages} sandbox "
             f"outage; {letters} dead letter(s)",
             flush=True,

@@ -331,11 +331,15 @@ def test_charge_messages_rabbitmq_confirmed_survive_a_clean_restart_and_a_crash(
 
     broker.send_charges(app, list(range(1, 11)), settings.charge_batch)  # 3 messages
     node.settle()  # a clean stop and start (and the queue's registration on disk)
+    wait_until(lambda: _ready(node.url, queue) >= 3, timeout=30)
     assert _ready(node.url, queue) == 3
 
     broker.send_charges(app, list(range(11, 19)), settings.charge_batch)  # 2 more
     node.restart()  # SIGKILL: nothing flushed on the way out
 
+    # Right after a restart a quorum queue may still be replaying its log: its count
+    # catches up within moments (and must reach every message confirmed).
+    wait_until(lambda: _ready(node.url, queue) >= 5, timeout=30)
     assert _ready(node.url, queue) == 5
     with Connection(node.url) as connection, connection.channel() as channel:
         bodies = []

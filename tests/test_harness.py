@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from billing import migrate
+from billing.harness import rabbitmq
 from billing.harness import redis as redis_server
 from billing.harness.base import HarnessError, wait_for
 from billing.harness.databases import PostgresDatabase
@@ -133,3 +134,55 @@ def test_stopping_a_process_group_leaves_no_child_behind(tmp_path: Path) -> None
     processes.stop_all(timeout=5)
 
     wait_for(lambda: _gone(child), 10, f"child {child} ending")
+
+
+def _node_processes(name: str) -> list[int]:
+    """Every process started with RabbitMQ node ``name`` in its environment."""
+    wanted = f"RABBITMQ_NODENAME={name}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+needs_nodes = pytest.mark.skipif(
+    not rabbitmq.can_start_nodes(), reason="a RabbitMQ node of its own needs root"
+)
+
+
+@pytest.mark.slow
+@needs_nodes
+def test_a_killed_rabbitmq_node_was_killed_not_stopped(tmp_path: Path) -> None:
+    """``kill`` is a crash of the node's own VM, and says so when there is nothing to kill
+    (it used to fall back to a SIGTERM of the starting script: a clean stop)."""
+    node = rabbitmq.RabbitNode(tmp_path).start()
+    try:
+        vm = node.vm
+        assert vm is not None and vm in _node_processes(node.name)
+        node.kill()
+        assert not rabbitmq.answers(port=node.port) and vm not in _node_processes(node.name)
+        with pytest.raises(HarnessError, match="not running"):
+            node.kill()
+        node.start()  # the same data and ports: it comes back
+        assert rabbitmq.answers(port=node.port)
+    finally:
+        node.stop()
+    assert not _node_processes(node.name) and node.home is None
+
+
+@pytest.mark.slow
+@needs_nodes
+def test_a_rabbitmq_node_that_cannot_start_leaves_nothing_running(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        node = rabbitmq.RabbitNode(tmp_path, port=taken.getsockname()[1])
+        with pytest.raises(HarnessError):
+            node.start(timeout=30)
+    assert not _node_processes(node.name)
+    assert node.home is None

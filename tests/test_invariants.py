@@ -239,6 +239,7 @@ def test_6_the_broker_restarted_mid_run_charges_nothing_twice_and_loses_nothing(
     wait_until(lambda: _states(pg_url)[ChargeState.APPROVED] >= 5, timeout=60, step=0.05)
 
     own_broker.restart()
+    assert _states(pg_url)[ChargeState.APPROVED] < 60  # the restart met work under way
 
     wait_until(lambda: _settled(pg_url, 60), timeout=120)
     states = _states(pg_url)
@@ -247,6 +248,8 @@ def test_6_the_broker_restarted_mid_run_charges_nothing_twice_and_loses_nothing(
     assert states[ChargeState.APPROVED] + states[ChargeState.UNKNOWN] == len(recorded) == 60
     if own_broker.loses_messages:
         assert "re-sending" in cluster.log("w1")  # messages really were lost, and sent again
+    else:  # the worker really lost its broker mid-run, and came back to it
+        assert "Connection to broker lost" in cluster.log("w1")
 
 
 def test_7_the_rate_limit_holds_across_two_worker_processes(cluster, gateway, pg_url, tmp_path):

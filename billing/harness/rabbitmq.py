@@ -40,7 +40,7 @@ from pathlib import Path
 from types import TracebackType
 
 from billing.defaults import BIND_HOST
-from billing.harness.base import HarnessError, stop, tail, wait_for
+from billing.harness.base import HarnessError, reap, stop, tail, wait_for
 from billing.harness.ports import free_port
 
 #: Where the machine's RabbitMQ listens, and the account tests and CI use (RabbitMQ's
@@ -160,6 +160,8 @@ class RabbitNode:
     dist_port: int = field(default_factory=free_port)
     home: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
+    #: The node's Erlang VM, checked at start (the pid :meth:`kill` sends SIGKILL to).
+    vm: int | None = None
 
     @property
     def url(self) -> str:
@@ -193,11 +195,13 @@ class RabbitNode:
             "RABBITMQ_CONFIG_FILE": str(home / "rabbitmq"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(home / "enabled_plugins"),
             "RABBITMQ_PID_FILE": str(home / "pid"),
+            # Erlang distribution on loopback too (the AMQP listener is in rabbitmq.conf).
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
         }
 
     def start(self, timeout: float = NODE_START_TIMEOUT) -> RabbitNode:
         """Start the node and return once it accepts AMQP connections."""
-        if self.proc is not None and self.proc.poll() is None:
+        if self._vm_alive():
             raise HarnessError(f"RabbitMQ node {self.name} is running already")
         if not can_start_nodes():
             raise HarnessError(
@@ -211,9 +215,66 @@ class RabbitNode:
                 [RABBITMQ_SERVER], stdout=out, stderr=subprocess.STDOUT, env=self._env(home),
                 start_new_session=True,
             )  # fmt: skip
-        wait_for(self._answers, timeout, f"RabbitMQ node {self.name} on port {self.port}", 0.2)
-        rabbitmqctl("await_startup", node=self.name)
+        try:
+            wait_for(self._answers, timeout, f"RabbitMQ node {self.name} on port {self.port}", 0.2)
+            rabbitmqctl("await_startup", node=self.name)
+            self.vm = self._verified_vm()
+        except BaseException:
+            self._abandon()  # a node that did not start must not outlive the run
+            raise
         return self
+
+    def _verified_vm(self) -> int:
+        """The node's Erlang VM, found by its environment (``HarnessError`` if none)."""
+        pid = self._find_vm()
+        if pid is None:
+            raise HarnessError(f"RabbitMQ node {self.name}: its Erlang VM was not found")
+        return pid
+
+    def _node_pids(self) -> dict[int, str]:
+        """Every process started with this node's name in its environment (its starting
+        script, ``su``, the Erlang VM and the VM's helpers), by pid, with its name."""
+        wanted = f"RABBITMQ_NODENAME={self.name}".encode()
+        found: dict[int, str] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                    found[int(entry.name)] = (entry / "comm").read_text().strip()
+            except OSError:
+                continue
+        return found
+
+    def _find_vm(self) -> int | None:
+        """The node's ``beam.smp`` (RabbitMQ 3.10 passes the node's name in the environment,
+        not on the command line; the pid file is written late in the boot, so a node
+        failing to boot has none)."""
+        return next((pid for pid, name in self._node_pids().items() if name == "beam.smp"), None)
+
+    def _vm_alive(self) -> bool:
+        if self.vm is None:
+            return False
+        try:
+            os.kill(self.vm, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def _abandon(self) -> None:
+        """SIGKILL every process of the node (its VM, the starting script and ``su``) and
+        remove its folder: after a failed start nothing of it may be left running."""
+        for pid in self._node_pids():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        if self.proc is not None:
+            stop(self.proc, timeout=10, sig=signal.SIGKILL)
+        with contextlib.suppress(HarnessError):
+            wait_for(lambda: not self._node_pids(), 10, f"{self.name} to die")
+        self.vm = None
+        self.stop()
 
     def _answers(self) -> bool:
         assert self.proc is not None
@@ -224,45 +285,44 @@ class RabbitNode:
             )
         return answers(port=self.port, timeout=0.5)
 
-    def _beam_pid(self) -> int | None:
-        """The node's Erlang VM (Debian's script starts it under ``su``, in a session of
-        its own, so the process group of ``proc`` does not hold it)."""
-        if self.home is None:
-            return None
-        try:
-            return int((self.home / "pid").read_text().strip())
-        except (OSError, ValueError):
-            return None
-
     def process_groups(self) -> list[int]:
         """The process groups the node runs in: its starting script's and its VM's."""
         groups = [self.proc.pid] if self.proc is not None and self.proc.poll() is None else []
-        pid = self._beam_pid()
+        pid = self.vm
         if pid is not None:
             with contextlib.suppress(OSError):
                 groups.append(os.getpgid(pid))
         return groups
 
     def kill(self) -> None:
-        """SIGKILL the node's VM: a crash, with whatever it had not yet written to disk."""
-        pid = self._beam_pid()
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        """SIGKILL the node's VM: a crash, with whatever it had not yet written to disk.
+
+        Never a clean stop in disguise: the VM is the one checked at start, and a node
+        whose VM cannot be killed is an error, not a quiet SIGTERM to its script."""
+        if self.vm is None or not self._vm_alive():
+            raise HarnessError(f"RabbitMQ node {self.name} is not running: nothing to kill")
+        try:
+            os.kill(self.vm, signal.SIGKILL)
+        except OSError as exc:
+            raise HarnessError(f"RabbitMQ node {self.name}: SIGKILL failed: {exc}") from None
+        wait_for(lambda: not self._vm_alive(), 30, f"{self.name} to die")
+        self.vm = None
         if self.proc is not None:
-            stop(self.proc, timeout=30)
-        wait_for(lambda: not answers(port=self.port, timeout=0.2), 30, f"{self.name} to die")
+            reap(self.proc, timeout=30)
 
     def shutdown(self) -> None:
         """A clean stop (``rabbitmqctl stop``): the node writes everything and exits."""
-        if self.proc is None or self.proc.poll() is not None:
+        if not self._vm_alive():
             return
         try:
             rabbitmqctl("stop", node=self.name)
+            wait_for(lambda: not self._vm_alive(), 30, f"{self.name} to stop")
         except (HarnessError, subprocess.TimeoutExpired):
             self.kill()
             return
-        stop(self.proc, timeout=30)
+        self.vm = None
+        if self.proc is not None:
+            reap(self.proc, timeout=30)
 
     def restart(self, down_for: float = NODE_DOWN_FOR) -> None:
         """Kill the node (SIGKILL) and start it again on the same ports and data."""
@@ -287,7 +347,7 @@ class RabbitNode:
             self.home = None
 
     def __enter__(self) -> RabbitNode:
-        return self if self.proc is not None else self.start()
+        return self if self._vm_alive() else self.start()
 
     def __exit__(
         self,
