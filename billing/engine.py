@@ -204,8 +204,8 @@ class Engine:
             # Whatever failed (the database, or the broker: Kombu's OperationalError is
             # neither SQLAlchemy's nor an OSError), the charge itself is recorded: raising
             # would make its task an error and dead-letter a message whose charge was made.
-            # Safe to drop: charges this moved to queued are sent again by the engine sweep
-            # (requeue_lost), and due ones it did not reach by its next dispatch.
+            # Safe to drop: charges whose send failed are pending again (Dispatch._unsend),
+            # and every due charge is sent by the next dispatch or engine sweep.
             log.warning("refill after a charge failed: %s", exc)
 
 

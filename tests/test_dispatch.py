@@ -8,11 +8,15 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import psycopg
-from sqlalchemy import create_engine
+import pytest
+from kombu.exceptions import OperationalError
+from sqlalchemy import create_engine, select
 
+from billing import broker
 from billing.charging.dispatch import DISPATCH_LOCK, due_charges
 from billing.db import session_scope
 from billing.models import Charge, ChargeState
+from billing.settings import Settings
 
 
 def _plain(url: str) -> str:
@@ -78,3 +82,26 @@ def test_a_dispatch_waits_for_another_and_then_fills_the_room(pg_url, gateway, m
         holder.rollback()
     worker.join(10)
     assert results == [2] and len(h.take_sent()) == 2
+
+
+def test_a_dispatch_whose_send_fails_leaves_its_charges_to_the_next_one(
+    db_url, gateway, make_harness
+):
+    """A send that fails (the broker is down) used to leave its charges ``queued``: no
+    message anywhere, yet counted in flight until ``BILLING_REQUEUE_AFTER_SECONDS`` (10
+    minutes) — a broker blip froze dispatching that long. They go back to ``pending``, and
+    the next dispatch sends them at once."""
+    h = make_harness(db_url, max_in_flight=10)
+    for i, alias in enumerate(gateway.seed_aliases("1234567", 3)):
+        h.subscribe(f"shop-{i}", alias)
+    dead = broker.sending_app(Settings(broker_url="redis://127.0.0.1:1/0", queue="nowhere"))
+    working = h.engine.ctx.dispatcher
+    h.engine.ctx.dispatcher = lambda ids: broker.send_charges(dead, ids, 8)
+
+    with pytest.raises(OperationalError):
+        h.engine.sweep_plan("monthly")
+
+    with session_scope(db_url) as session:
+        assert set(session.scalars(select(Charge.state))) == {ChargeState.PENDING}
+    h.engine.ctx.dispatcher = working
+    assert h.engine.dispatch_due() == 3 and len(h.take_sent()) == 3

@@ -104,8 +104,27 @@ class Dispatch:
             )
         ids = [charge.id for charge in moved]
         if ids:
-            self.ctx.dispatcher(ids)
+            try:
+                self.ctx.dispatcher(ids)
+            except Exception:
+                self._unsend(ids, now)
+                raise
         return len(ids)
+
+    def _unsend(self, ids: list[int], now: datetime) -> None:
+        """The send of ``ids`` failed: those still queued by this dispatch go back to
+        pending, due now, so the next dispatch sends them (not the requeue, 10 minutes on).
+
+        Safe whatever part of the send got through: a message that did reach the broker
+        finds its charge pending and is not claimed (a claim takes only a queued charge),
+        or, sent again by the next dispatch, one of the two messages claims it and the
+        other finds it claimed. ``queued_at = now`` keeps a later dispatch's move."""
+        with session_scope(self.ctx.url) as session:
+            back = lifecycle.move_many(
+                session, "unsent", to=ChargeState.PENDING, now=now,
+                where=[Charge.id.in_(ids), Charge.queued_at == now],
+            )  # fmt: skip
+        log.warning("send failed: %d charge(s) due again for the next dispatch", len(back))
 
     def requeue_lost(self, now: datetime) -> int:
         """Send again the messages of charges queued too long ago (the broker lost them).

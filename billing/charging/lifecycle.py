@@ -75,6 +75,10 @@ TRANSITIONS: dict[str, Transition] = {
     for t in (
         Transition("dispatch", (S.PENDING,), (S.QUEUED,), "a due charge's message is sent"),
         Transition(
+            "unsent", (S.QUEUED,), (S.PENDING,),
+            "its dispatch's send failed (the broker is down): due again, for the next dispatch",
+        ),
+        Transition(
             "claim", (S.QUEUED,), (S.IN_FLIGHT,),
             "a worker takes it; the attempt is committed before the call",
         ),
