@@ -505,7 +505,7 @@ class Calls:
         # ``record_surely`` answers by recording again (safe: see ``recorded_surely``).
         with connect_unpinged(self.ctx.url) as conn, conn.begin() as transaction:
             written = hotpath.approve(conn, approval, endpoints=endpoint_filters(conn), now=now)
-            if written is None:
+            if not written:
                 transaction.rollback()
                 return False
         return True
