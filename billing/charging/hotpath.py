@@ -38,6 +38,7 @@ from sqlalchemy import (
     Select,
     String,
     Table,
+    any_,
     bindparam,
     case,
     exists,
@@ -85,6 +86,13 @@ SUB_PREFIX = "s_"
 _TIME = DateTime(timezone=True)
 
 
+def _one_of(column: Any, values: Sequence[str]) -> Any:
+    """``column = ANY(values)``, the values one constant array. ``column.in_(a_list)`` is
+    an expanding parameter: SQLAlchemy then rewrites the whole statement's text at every
+    run (its post-compile step), and the text it sends is not fixed."""
+    return column == any_(literal(list(values), ARRAY(String)))
+
+
 def _values(names: Sequence[str], table: Any, prefix: str) -> list[Any]:
     """One typed parameter per column: ``prefix`` + name, typed as the column."""
     return [bindparam(prefix + name, type_=table.c[name].type) for name in names]
@@ -120,7 +128,7 @@ def claim_statement() -> Select[Any]:
     sources = [state.value for state in claim.sources]
     locked = (
         select(C.c.id, C.c.subscription_id)
-        .where(C.c.id == bindparam("p_charge_id"), C.c.state.in_(sources))
+        .where(C.c.id == bindparam("p_charge_id"), _one_of(C.c.state, sources))
         .with_for_update()
         .cte("locked")
     )
@@ -134,16 +142,17 @@ def claim_statement() -> Select[Any]:
         update(C)
         .where(
             C.c.id == select(locked.c.id).scalar_subquery(),
-            C.c.state.in_(sources),
+            _one_of(C.c.state, sources),
             sub.c.id == C.c.subscription_id,
-            sub.c.status.in_([status.value for status in CHARGEABLE]),
+            _one_of(sub.c.status, [status.value for status in CHARGEABLE]),
             or_(
                 C.c.manual,
                 sub.c.last_charged_at.is_(None),
                 sub.c.last_charged_at <= bindparam("p_gap_start", type_=_TIME),
             ),
-            C.c.plan.in_(bindparam("p_plans", expanding=True)),
-            C.c.currency.in_(bindparam("p_currencies", expanding=True)),
+            # ``= ANY(array)``, not an expanding ``IN``: see ``_one_of``.
+            C.c.plan == any_(bindparam("p_plans", type_=ARRAY(String))),
+            C.c.currency == any_(bindparam("p_currencies", type_=ARRAY(String))),
         )
         .values(
             state=claim.targets[0].value,
@@ -259,7 +268,7 @@ def approve_statement(deferred: bool, mismatch: bool) -> Select[Any]:
         update(C)
         .where(
             C.c.id == bindparam("p_charge_id"),
-            C.c.state.in_([state.value for state in answer.sources]),
+            _one_of(C.c.state, [state.value for state in answer.sources]),
             C.c.attempts == bindparam("p_number"),
             lifecycle.CURRENT,
         )
