@@ -27,6 +27,7 @@ SQLite has no data-modifying ``WITH``: it always takes the general path.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -45,6 +46,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     or_,
     select,
     true,
@@ -81,16 +83,22 @@ L = cast(Table, LedgerEntry.__table__)
 E = cast(Table, Event.__table__)
 D = cast(Table, EventDelivery.__table__)
 
+#: What a constant written into a statement may look like (``_one_of``).
+_CONSTANT = re.compile(r"[a-z_]+")
 #: The columns of a subscription returned beside a charge's, under this prefix.
 SUB_PREFIX = "s_"
 _TIME = DateTime(timezone=True)
 
 
 def _one_of(column: Any, values: Sequence[str]) -> Any:
-    """``column = ANY(values)``, the values one constant array. ``column.in_(a_list)`` is
-    an expanding parameter: SQLAlchemy then rewrites the whole statement's text at every
-    run (its post-compile step), and the text it sends is not fixed."""
-    return column == any_(literal(list(values), ARRAY(String)))
+    """``column IN ('a', 'b')`` with the values written into the statement: they are our
+    own constants (states, statuses). ``column.in_(a_list)`` would be an expanding
+    parameter, which makes SQLAlchemy rewrite the whole statement's text at every run
+    (its post-compile step); a bound array would be inspected by psycopg at every run."""
+    for value in values:
+        if not _CONSTANT.fullmatch(value):
+            raise ValueError(f"not a constant that may be written into SQL: {value!r}")
+    return column.in_([literal_column(f"'{value}'", String) for value in values])
 
 
 def _values(names: Sequence[str], table: Any, prefix: str) -> list[Any]:
