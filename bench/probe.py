@@ -40,7 +40,8 @@ class SqlCount:
 
 @contextlib.contextmanager
 def count_sql(url: str) -> Iterator[SqlCount]:
-    """Count statements by verb, commits, pool checkouts (a pre-ping each) and new connections."""
+    """Count statements by verb, commits, pool checkouts (a ping each, but for the hot path's:
+    ``billing.db.connect_unpinged``) and new connections."""
     from sqlalchemy import event
 
     engine = get_engine(url)
@@ -124,7 +125,7 @@ def measure(ctx: Context) -> dict[str, Any]:
         gateway.set_latency(config.latency_ms)
         dispose_all()
     settle_stats()
-    # PostgreSQL's count: SQLAlchemy's pre-ping on each checkout is a transaction of its own.
+    # PostgreSQL's count: a checkout's ping is a transaction of its own (not the hot path's).
     server = PgStats.read(config.pg_admin_url, database).minus(stats0)
     if len(sent) != n or outcomes["approved"] != n:
         raise BenchFailed(f"probe: {len(sent)} of {n} charges sent, outcomes {dict(outcomes)}")

@@ -14,11 +14,12 @@ interleaving. Read-only work (listings, reports, the metrics scrape) uses
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.errors import NotFound
@@ -81,6 +82,39 @@ PARSED_QUERY_PARAMS = 128
 
 _ENGINES: dict[str, Engine] = {}
 
+#: Key in a pooled connection's ``info``: opened since its last checkout (nothing to ping).
+_FRESH = "billing_fresh"
+#: Set while :func:`connect_unpinged` checks a connection out in this thread.
+_UNPINGED = threading.local()
+
+
+def _mark_fresh(_dbapi_connection: Any, record: Any) -> None:
+    record.info[_FRESH] = True
+
+
+def _pinger(engine: Engine) -> Any:
+    """SQLAlchemy's ``pool_pre_ping``, as a checkout listener that can be skipped.
+
+    Like ``pool_pre_ping``: a connection is pinged when it is checked out again (not when
+    it was just opened); one found disconnected makes the pool drop every connection as
+    old as it and check out a new one (``InvalidatePoolError``, SQLAlchemy's documented
+    checkout protocol). Unlike it, :func:`connect_unpinged` skips the ping: on the charge
+    hot path it was a PostgreSQL transaction of its own, two per charge.
+    """
+    dialect = engine.dialect
+
+    def ping(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if record.info.pop(_FRESH, False) or getattr(_UNPINGED, "active", False):
+            return
+        try:
+            dialect.do_ping(dbapi_connection)
+        except dialect.loaded_dbapi.Error as error:
+            if dialect.is_disconnect(error, dbapi_connection, None):
+                raise exc.InvalidatePoolError(f"pre-ping failed: {error}") from error
+            raise
+
+    return ping
+
 
 def _cache_long_queries() -> None:
     """Raise psycopg's parse-cache limits to ours (its documented behaviour is unchanged:
@@ -110,11 +144,27 @@ def get_engine(url: str) -> Engine:
         else:
             _cache_long_queries()
             # Connections open lazily: the pool costs nothing until threads need it.
-            engine = create_engine(
-                url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW
-            )
+            engine = create_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
+            event.listen(engine.pool, "connect", _mark_fresh)
+            event.listen(engine.pool, "checkout", _pinger(engine))
         _ENGINES[url] = engine
     return engine
+
+
+def connect_unpinged(url: str) -> Connection:
+    """A pooled connection checked out without the ping every other checkout makes.
+
+    Only for statements that are tried again when the connection turns out to be broken
+    (``DBAPIError.connection_invalidated``), and only where a second try is provably safe
+    (``billing.charging.calls``). A broken connection invalidates the pool as a failed
+    ping does, so the second try gets a new connection.
+    """
+    engine = get_engine(url)
+    _UNPINGED.active = True
+    try:
+        return engine.connect()
+    finally:
+        _UNPINGED.active = False
 
 
 def get_sessionmaker(url: str, *, read_only: bool = False) -> sessionmaker[Session]:

@@ -789,7 +789,7 @@ def load_plans(path: str | Path) -> PlanSet:
     return parse_plans(text, source=source)
 
 
-_CACHE: dict[str, tuple[tuple[int, int], PlanSet]] = {}
+_CACHE: dict[str, tuple[tuple[int, int, int, int], PlanSet]] = {}
 _CACHE_LOCK = threading.Lock()
 
 
@@ -805,14 +805,18 @@ def get_plans(settings: Settings | None = None) -> PlanSet:
 
         settings = get_settings()
     path = Path(settings.plans_file)
-    key = str(path.resolve())
+    # The absolute path, not the resolved one: resolving reads every component's link
+    # (a syscall each, twice per charge). ``stat`` follows links, and the stamp names the
+    # file, so a link moved to another file (a config mount's swap) is still seen.
+    key = os.path.abspath(path)
     try:
         stat = path.stat()
     except FileNotFoundError:
         raise PlanFileError(printable(str(path)), ["file not found"]) from None
     except OSError as exc:
         raise PlanFileError(printable(str(path)), [f"cannot be read: {exc.strerror}"]) from None
-    stamp = (stat.st_mtime_ns, stat.st_size)
+    # The file itself too (device, inode): a link moved to another file is another stamp.
+    stamp = (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
     with _CACHE_LOCK:
         cached = _CACHE.get(key)
         if cached is not None and cached[0] == stamp:

@@ -178,16 +178,16 @@ def _scrubbed(text: str, secrets: Iterable[str], mark: Callable[[str], str]) -> 
     looked for with its full pattern (one per secret, compiled once), since an encoded
     form of it remains.
     """
-    wanted = list(secrets)
+    wanted = [(secret, _forms_of(secret)) for secret in secrets]
     if not wanted:
         return text
-    for secret in wanted:
-        for form in _plain_forms(secret):
+    for secret, forms in wanted:
+        for form in forms:
             if form in text:
                 text = text.replace(form, mark(secret))
     views = _views(text)
-    for secret in wanted:
-        if any(form in view for form in _plain_forms(secret) for view in views):
+    for secret, forms in wanted:
+        if any(form in view for form in forms for view in views):
             # A function, not a replacement string: that would read backslashes as escapes.
             text = _secret_regex(secret).sub(functools.partial(_constant, mark(secret)), text)
     return text
@@ -246,8 +246,17 @@ def _secret_regex(secret: str) -> re.Pattern[str]:
 
 # --- secrets a process knows ------------------------------------------------------------
 
-_remembered: dict[str, None] = {}
+#: Each remembered secret and its plain forms (``_plain_forms``), worked out once: every
+#: log line is redacted with all of them, and the forms cost more than the search.
+_remembered: dict[str, tuple[str, ...]] = {}
 _remembered_lock = threading.Lock()
+
+
+def _forms_of(secret: str) -> tuple[str, ...]:
+    """``_plain_forms(secret)``, kept for a remembered secret. Others (a card number given
+    for one payment) are worked out at each call, so that no cache holds them."""
+    forms = _remembered.get(secret)
+    return forms if forms is not None else _plain_forms(secret)
 
 
 def remember_secrets(*values: str | None) -> None:
@@ -256,7 +265,7 @@ def remember_secrets(*values: str | None) -> None:
         for value in values:
             if value and len(value) >= MIN_SECRET_LENGTH:
                 _remembered.pop(value, None)
-                _remembered[value] = None
+                _remembered[value] = _plain_forms(value)
         while len(_remembered) > MAX_REMEMBERED:
             del _remembered[next(iter(_remembered))]
 

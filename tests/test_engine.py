@@ -341,6 +341,69 @@ def test_an_outcome_is_recorded_even_if_the_database_connection_drops_once(
     assert len(gateway.calls(alias=alias, script="duplicate")) == 1
 
 
+def _cut_every_connection(url: str) -> int:
+    """``pg_terminate_backend`` every other connection to the database (a restart, as the
+    pooled connections see it); how many were cut."""
+    import psycopg
+
+    from billing.harness.databases import plain_url
+
+    with psycopg.connect(plain_url(url), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return len(rows)
+
+
+def test_a_charge_after_every_pooled_connection_was_cut_is_claimed_and_recorded_once(
+    pg_url, gateway, make_harness
+):
+    # The hot path checks connections out without a ping: a pool whose connections all
+    # died between two charges (PostgreSQL restarted) must still claim, call and record.
+    h = make_harness(pg_url)
+    first, second = gateway.seed_aliases("1234567", 2)
+    subs = [h.subscribe("shop-1", first), h.subscribe("shop-2", second)]
+    h.engine.sweep_plan("monthly")
+    one, two = sorted(h.take_sent())
+    assert h.engine.charge(one).status == "done"  # the pool now holds a used connection
+    assert _cut_every_connection(pg_url) >= 1
+
+    assert h.engine.charge(two).status == "done"
+
+    assert [h.charge(sub).state for sub in subs] == [ChargeState.APPROVED] * 2
+    assert len(gateway.calls(alias=second, script="duplicate")) == 1
+
+
+def test_the_hot_path_pings_no_connection(pg_url, gateway, make_harness, monkeypatch):
+    # A ping is a PostgreSQL transaction of its own; the claim and the approval are
+    # retried on a broken connection instead (billing.charging.calls).
+    from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+
+    h = make_harness(pg_url)
+    aliases = gateway.seed_aliases("1234567", 3)
+    for index, alias in enumerate(aliases):
+        h.subscribe(f"shop-{index}", alias)
+    h.engine.sweep_plan("monthly")
+    ids = sorted(h.take_sent())
+    assert h.engine.charge(ids[0]).status == "done"  # warm: the pool's connection is reused
+    pings: list[object] = []
+    original = PGDialect_psycopg.do_ping
+
+    def counted(self: PGDialect_psycopg, dbapi_connection: object) -> bool:
+        pings.append(dbapi_connection)
+        return bool(original(self, dbapi_connection))
+
+    monkeypatch.setattr(PGDialect_psycopg, "do_ping", counted)
+
+    assert [h.engine.charge(i).status for i in ids[1:]] == ["done", "done"]
+
+    assert pings == []
+    with session_scope(pg_url) as session:  # every other checkout still pings
+        session.execute(select(1))
+    assert len(pings) == 1
+
+
 def test_an_amount_change_applies_from_the_next_period_not_yet_charged(
     pg_url, gateway, make_harness, tmp_path
 ):

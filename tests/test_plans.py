@@ -640,6 +640,28 @@ def test_get_plans_rereads_only_when_the_file_changes(tmp_path: Path) -> None:
         get_plans(settings)
 
 
+def test_get_plans_sees_a_link_moved_to_another_file_of_the_same_size_and_time(
+    tmp_path: Path,
+) -> None:
+    # As a mounted config is updated: the link is swapped to a new file in one move.
+    old, new = tmp_path / "old.toml", tmp_path / "new.toml"
+    old.write_text(plan_text(amount='"29.90"'))
+    new.write_text(plan_text(amount='"39.90"'))
+    stamp = old.stat().st_mtime_ns
+    for each in (old, new):
+        os.utime(each, ns=(stamp, stamp))
+    link = tmp_path / "plans.toml"
+    link.symlink_to(old)
+    settings = Settings(plans_file=link)
+    assert get_plans(settings).plan("pro-monthly").amount == Decimal("29.90")
+
+    moved = tmp_path / "moved.toml"
+    moved.symlink_to(new)
+    moved.replace(link)
+
+    assert get_plans(settings).plan("pro-monthly").amount == Decimal("39.90")
+
+
 # --- billing plans check -----------------------------------------------------------------
 
 

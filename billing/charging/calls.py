@@ -31,7 +31,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from sqlalchemy import case, exists, insert, select, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from billing import dunning, ledger, metrics, widths
@@ -39,7 +39,7 @@ from billing.charging import hotpath, lifecycle, newcard
 from billing.charging.context import Context, recorded_surely
 from billing.charging.lifecycle import CURRENT, Lost
 from billing.charging.rows import ChargeRow, SubRow, load_subscription
-from billing.db import get_engine, is_sqlite, session_scope
+from billing.db import connect_unpinged, is_sqlite, session_scope
 from billing.errors import BillingError, ConfigError, InvalidInput, NotFound
 from billing.events import charge_event, endpoint_filters, subscription_event
 from billing.models import Attempt, Charge, LedgerEntry, utcnow
@@ -228,12 +228,30 @@ class Calls:
             with contextlib.suppress(ConfigError):
                 keys[currency] = account.private_key()
         gap = timedelta(hours=self.ctx.settings.min_charge_gap_hours)
-        with get_engine(self.ctx.url).connect() as conn:
-            claimed = hotpath.claim(
-                conn.execution_options(isolation_level="AUTOCOMMIT"), charge_id, now=now,
-                gap_start=now - gap, plans=list(plans.plans), currencies=list(keys),
-                worker=self.ctx.actor,
-            )  # fmt: skip
+
+        def claim_once() -> hotpath.Claimed | None:
+            with connect_unpinged(self.ctx.url) as conn:
+                return hotpath.claim(
+                    conn.execution_options(isolation_level="AUTOCOMMIT"), charge_id, now=now,
+                    gap_start=now - gap, plans=list(plans.plans), currencies=list(keys),
+                    worker=self.ctx.actor,
+                )  # fmt: skip
+
+        try:
+            claimed = claim_once()
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            # Safe to run again: the claim is one conditional statement (``queued ->
+            # in_flight``, committed on its own), and no call is made before it returns. If
+            # the broken connection had committed it, the second run finds the charge no
+            # longer queued and claims nothing (the general claim then answers
+            # "not_claimed", and the stuck sweep makes that in-flight charge unknown, for a
+            # person); if not, this is the only claim. It is never claimed twice. The
+            # connection was checked out without a ping (``connect_unpinged``); the error
+            # invalidated the pool, so this run gets a new connection.
+            log.warning("charge %s: the claim's connection was broken; claiming again", charge_id)
+            claimed = claim_once()
         if claimed is None:
             return None
         charge = claimed.charge
@@ -484,9 +502,11 @@ class Calls:
         approval = self._approval(claim, result, now)
         if approval is None:
             return False
-        with get_engine(self.ctx.url).connect() as conn, conn.begin() as transaction:
+        # Checked out without a ping: a broken connection raises OperationalError, which
+        # ``record_surely`` answers by recording again (safe: see ``recorded_surely``).
+        with connect_unpinged(self.ctx.url) as conn, conn.begin() as transaction:
             written = hotpath.approve(conn, approval, endpoints=endpoint_filters(conn), now=now)
-            if written is None:
+            if not written:
                 transaction.rollback()
                 return False
         return True

@@ -27,6 +27,7 @@ SQLite has no data-modifying ``WITH``: it always takes the general path.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -38,12 +39,14 @@ from sqlalchemy import (
     Select,
     String,
     Table,
+    any_,
     bindparam,
     case,
     exists,
     func,
     insert,
     literal,
+    literal_column,
     or_,
     select,
     true,
@@ -80,9 +83,22 @@ L = cast(Table, LedgerEntry.__table__)
 E = cast(Table, Event.__table__)
 D = cast(Table, EventDelivery.__table__)
 
+#: What a constant written into a statement may look like (``_one_of``).
+_CONSTANT = re.compile(r"[a-z_]+")
 #: The columns of a subscription returned beside a charge's, under this prefix.
 SUB_PREFIX = "s_"
 _TIME = DateTime(timezone=True)
+
+
+def _one_of(column: Any, values: Sequence[str]) -> Any:
+    """``column IN ('a', 'b')`` with the values written into the statement: they are our
+    own constants (states, statuses). ``column.in_(a_list)`` would be an expanding
+    parameter, which makes SQLAlchemy rewrite the whole statement's text at every run
+    (its post-compile step); a bound array would be inspected by psycopg at every run."""
+    for value in values:
+        if not _CONSTANT.fullmatch(value):
+            raise ValueError(f"not a constant that may be written into SQL: {value!r}")
+    return column.in_([literal_column(f"'{value}'", String) for value in values])
 
 
 def _values(names: Sequence[str], table: Any, prefix: str) -> list[Any]:
@@ -120,7 +136,7 @@ def claim_statement() -> Select[Any]:
     sources = [state.value for state in claim.sources]
     locked = (
         select(C.c.id, C.c.subscription_id)
-        .where(C.c.id == bindparam("p_charge_id"), C.c.state.in_(sources))
+        .where(C.c.id == bindparam("p_charge_id"), _one_of(C.c.state, sources))
         .with_for_update()
         .cte("locked")
     )
@@ -134,16 +150,17 @@ def claim_statement() -> Select[Any]:
         update(C)
         .where(
             C.c.id == select(locked.c.id).scalar_subquery(),
-            C.c.state.in_(sources),
+            _one_of(C.c.state, sources),
             sub.c.id == C.c.subscription_id,
-            sub.c.status.in_([status.value for status in CHARGEABLE]),
+            _one_of(sub.c.status, [status.value for status in CHARGEABLE]),
             or_(
                 C.c.manual,
                 sub.c.last_charged_at.is_(None),
                 sub.c.last_charged_at <= bindparam("p_gap_start", type_=_TIME),
             ),
-            C.c.plan.in_(bindparam("p_plans", expanding=True)),
-            C.c.currency.in_(bindparam("p_currencies", expanding=True)),
+            # ``= ANY(array)``, not an expanding ``IN``: see ``_one_of``.
+            C.c.plan == any_(bindparam("p_plans", type_=ARRAY(String))),
+            C.c.currency == any_(bindparam("p_currencies", type_=ARRAY(String))),
         )
         .values(
             state=claim.targets[0].value,
@@ -259,7 +276,7 @@ def approve_statement(deferred: bool, mismatch: bool) -> Select[Any]:
         update(C)
         .where(
             C.c.id == bindparam("p_charge_id"),
-            C.c.state.in_([state.value for state in answer.sources]),
+            _one_of(C.c.state, [state.value for state in answer.sources]),
             C.c.attempts == bindparam("p_number"),
             lifecycle.CURRENT,
         )
@@ -274,7 +291,7 @@ def approve_statement(deferred: bool, mismatch: bool) -> Select[Any]:
             updated_at=bindparam("p_now", type_=_TIME),
             **money,
         )
-        .returning(*CHARGE_COLUMNS)
+        .returning(C.c.id)
         .cte("moved")
     )
     now = bindparam("p_now", type_=_TIME)
@@ -310,7 +327,7 @@ def approve_statement(deferred: bool, mismatch: bool) -> Select[Any]:
                 (due_now, bindparam("p_next_due", type_=_TIME)), else_=S.c.next_charge_at
             ),
         )
-        .returning(*(S.c[name] for name in SUB_FIELDS))
+        .returning(S.c.id)
         .cte("advanced")
     )
     was_advanced = exists(select(advanced.c.id))
@@ -343,8 +360,11 @@ def approve_statement(deferred: bool, mismatch: bool) -> Select[Any]:
         )
         .cte("delivered")
     )
+    # Only whether it was written comes back: the caller built the rows it writes
+    # (``Approval``), and some forty columns of charge and subscription read back, each
+    # described and converted by the driver, cost more CPU than the rest of the result.
     return (
-        select(moved, *(advanced.c[name].label(SUB_PREFIX + name) for name in SUB_FIELDS))
+        select(moved.c.id)
         .select_from(moved.join(advanced, true()))
         .add_cte(finished, written, deliveries)
     )
@@ -371,9 +391,9 @@ def approve(
     *,
     endpoints: Sequence[tuple[str, tuple[str, ...]]],
     now: datetime,
-) -> tuple[ChargeRow, SubRow] | None:
-    """Record the approval in ``conn``'s transaction in one statement: the charge and the
-    subscription as written, or ``None`` when a guard did not hold (then nothing but the
+) -> bool:
+    """Record the approval in ``conn``'s transaction in one statement: ``True`` once written
+    (the rows are ``approval``'s), ``False`` when a guard did not hold (then nothing but the
     charge's move may have been written: the caller rolls back, takes the general path)."""
     charge, seen = approval.charge, approval.seen
     event = event_row(
@@ -408,11 +428,7 @@ def approve(
         **{"e_" + name: event.columns[name] for name in _EVENT_COLUMNS},
     }
     statement = approve_statement(approval.deferred, approval.mismatch)
-    row = conn.execute(statement, values).one_or_none()
-    if row is None:
-        return None
-    mapping = row._mapping
-    return ChargeRow.of(row), SubRow(**{name: mapping[SUB_PREFIX + name] for name in SUB_FIELDS})
+    return conn.execute(statement, values).one_or_none() is not None
 
 
 __all__ = [
