@@ -46,7 +46,7 @@ from billing import deadletters
 from billing.charging import poison as poisoned
 from billing.charging.context import worker_name
 from billing.db import read_scope
-from billing.deliveries import PoisonMessage
+from billing.deliveries import BrokerDeadLetter, PoisonMessage
 from billing.durations import format_delay
 from billing.engine import Engine
 from billing.errors import BillingError
@@ -69,6 +69,8 @@ CONNECT_TIMEOUT = 5.0
 #: name), and the exchange its dead letters go to.
 EXCHANGE = "billing"
 DEAD_LETTER_EXCHANGE = "billing.dead"
+#: The reason RabbitMQ gives a message it dead-lettered past ``x-delivery-limit``.
+DELIVERY_LIMIT_REASON = "delivery_limit"
 #: URL schemes of RabbitMQ (py-amqp, Celery's default AMQP transport).
 AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
 
@@ -315,14 +317,23 @@ def _store_broker_letter(settings: Settings, message: Any) -> int | None:
         args, kwargs = [], {}
     deaths = headers.get("x-death") or [{}]
     reason = str(headers.get("x-first-death-reason") or deaths[0].get("reason") or "unknown")
+    args = list(args) if isinstance(args, list | tuple) else [args]
+    kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
+    traceback = f"dead-lettered by RabbitMQ from queue {settings.queue!r}: {reason}\n"
+    if reason != DELIVERY_LIMIT_REASON:
+        # Rejected (Celery rejects a malformed message without requeueing it), expired...:
+        # a letter, but no evidence that the message kills workers, so its charges are left
+        # alone — a message naming charge IDs must not fail them just by being dead-lettered.
+        return deadletters.record(
+            settings.database_url, task_name=task_name, task_id=task_id, args=args,
+            kwargs=kwargs, exc=BrokerDeadLetter(reason), source=deadletters.SOURCE_RABBITMQ,
+            traceback=traceback,
+        )  # fmt: skip
     deliveries = int(headers.get("x-delivery-count") or settings.delivery_limit + 1)
     exc = PoisonMessage(deliveries, settings.delivery_limit, f"RabbitMQ ({reason})")
     return record_poison(
-        settings.database_url, task_name=task_name, task_id=task_id,
-        args=list(args) if isinstance(args, list | tuple) else [args],
-        kwargs=dict(kwargs) if isinstance(kwargs, dict) else {},
-        poison=exc, source=deadletters.SOURCE_RABBITMQ,
-        traceback=f"dead-lettered by RabbitMQ from queue {settings.queue!r}: {reason}\n",
+        settings.database_url, task_name=task_name, task_id=task_id, args=args, kwargs=kwargs,
+        poison=exc, source=deadletters.SOURCE_RABBITMQ, traceback=traceback,
     ).letter  # fmt: skip
 
 

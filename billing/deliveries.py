@@ -82,3 +82,14 @@ class PoisonMessage(Exception):
             f"died each time); dead-lettered by {by} past the delivery limit of {limit} "
             "(BILLING_DELIVERY_LIMIT) instead of being delivered again"
         )
+
+
+class BrokerDeadLetter(Exception):
+    """A message the broker dead-lettered for another reason than the delivery limit."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(
+            f"dead-lettered by RabbitMQ ({reason}), not past the delivery limit: not a poison "
+            "message, so the charges it names are left as they are"
+        )

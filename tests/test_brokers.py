@@ -347,3 +347,37 @@ def test_charge_messages_rabbitmq_confirmed_survive_a_clean_restart_and_a_crash(
             bodies.append(message.decode()[0])
     sent = sorted(i for args in bodies for i in (args[0] if isinstance(args[0], list) else args))
     assert sent == list(range(1, 19))
+
+
+def test_a_letter_rabbitmq_dead_lettered_for_another_reason_fails_no_charge(
+    rabbit, pg_url, gateway, make_harness
+):
+    """Only the delivery limit makes a message poison. One RabbitMQ dead-lettered because a
+    worker rejected it (Celery rejects a message with a bad ``eta`` without requeueing it)
+    is kept as a letter, and the charges it names are left queued — anyone who can publish
+    a message naming charge IDs must not be able to fail them."""
+    h = make_harness(pg_url)
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    h.subscribe("shop-1", alias)
+    h.engine.sweep_plan("monthly")
+    (charge_id,) = h.take_sent()
+    settings = Settings(
+        broker_url=rabbit.url, database_url=pg_url, queue=f"q-{uuid.uuid4().hex[:6]}"
+    )
+    headers = {
+        "task": broker.CHARGE_BATCH_TASK, "id": "rejected-1", "retries": 0,
+        "x-first-death-reason": "rejected",
+    }  # fmt: skip
+    with broker.sending_app(settings).connection_for_write() as connection:
+        broker.declare_dead_letters(connection, settings)
+        connection.Producer().publish(
+            [[[charge_id]], {}, {}], exchange=broker.DEAD_LETTER_EXCHANGE,
+            routing_key=settings.queue, headers=headers, serializer="json",
+        )  # fmt: skip
+
+    (letter_id,) = broker.drain_dead_letters(settings)
+
+    assert h.charge(h.charge_sub(charge_id)).state == ChargeState.QUEUED
+    (letter,) = _letters(pg_url)
+    assert letter.id == letter_id and "rejected" in letter.exc_message
+    assert h.engine.charge(charge_id).status == "done"  # its real message still charges it
