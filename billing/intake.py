@@ -222,7 +222,7 @@ _JOINERS = re.compile(r"[^0-9A-Za-z]")
 
 def check_alias(value: object) -> tuple[str | None, str | None]:
     """``(alias, problem)``: one word of printable ASCII, and never a card number sent in
-    its place or inside it."""
+    its place."""
     alias, problem = _text({"alias": value}, "alias")
     if problem or alias is None:
         return None, problem
@@ -239,16 +239,14 @@ def check_alias(value: object) -> tuple[str | None, str | None]:
             f"alias contains U+{ord(odd):04X} ({name}) at position {alias.index(odd) + 1}: "
             "an alias Klik & Pay issues is printable ASCII"
         )
-    if redact(alias) == PAN_MARK:
+    # A card number sent as the alias, also with its groups joined by any character
+    # (``4111_1111_…``, ``4111/1111/…``). Only the whole alias: a digit run *inside* an
+    # alias can pass the card check by chance (1 in about 1,250 of the sandbox's hex
+    # aliases holds one), and Klik & Pay's own alias format is not documented.
+    if PAN_MARK in (redact(alias), redact(_JOINERS.sub("", alias))):
         return None, (
             "alias is a card number, not an alias: send the ALIAS that Klik & Pay returned "
             "for the card's first payment (card numbers are never stored)"
-        )
-    # Inside it too, whatever joins its digit groups (``4111_1111_…``, ``4111/1111/…``).
-    if PAN_MARK in redact(alias) or PAN_MARK in redact(_JOINERS.sub("", alias)):
-        return None, (
-            "alias holds a card number: send the ALIAS that Klik & Pay returned for the "
-            "card's first payment (card numbers are never stored)"
         )
     return alias, None
 

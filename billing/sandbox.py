@@ -59,7 +59,6 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 from billing import defaults
 from billing.errors import ConfigError, InvalidInput
 from billing.money import format_amount, parse_amount
-from billing.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -741,9 +740,7 @@ class SandboxState:
     def _new_alias_locked(self) -> str:
         while True:
             alias = secrets.token_hex(10)
-            # Hex can hold a run of decimal digits that passes the Luhn check: such an
-            # alias would be refused as holding a card number, so none is issued.
-            if alias not in self._aliases and redact(alias) == alias:
+            if alias not in self._aliases:
                 return alias
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -584,10 +585,18 @@ def test_an_alias_with_a_character_outside_printable_ascii_is_named(alias: str, 
 
 
 @pytest.mark.parametrize(
-    "alias",
-    ["x4111111111111111", "4111_1111_1111_1111", "4111/1111/1111/1111", "tok4111111111111111end"],
+    "alias", ["4111111111111111", "4111_1111_1111_1111", "4111/1111/1111/1111"]
 )
-def test_an_alias_holding_a_card_number_is_refused(alias: str) -> None:
+def test_an_alias_that_is_a_card_number_is_refused(alias: str) -> None:
     value, problem = intake.check_alias(alias)
     assert value is None and problem is not None and "card number" in problem
     assert "4111" not in problem
+
+
+def test_a_hex_alias_is_accepted_whatever_digits_it_holds() -> None:
+    """A digit run inside a hex alias can pass the card check by chance: such an alias is
+    Klik & Pay's (or the sandbox's), never refused as a card number."""
+    lucky = "9133143977569f3205ec"  # 13 digits that pass the Luhn check, then hex
+    assert intake.check_alias(lucky) == (lucky, None)
+    aliases = [secrets.token_hex(10) for _ in range(20_000)]
+    assert [a for a in aliases if intake.check_alias(a)[1] is not None] == []
