@@ -242,8 +242,9 @@ def _csv_cell(value: Any) -> str:
 #: list, and the full-width forms some spreadsheets take for them).
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\uff1d", "\uff0b", "\uff0d", "\uff20")
 #: What may split a cell when a spreadsheet guesses another separator (French and German
-#: Excel split a ``.csv`` at ``;``): each part is a cell of its own there.
-CELL_SPLITTERS = ",;\t|"
+#: Excel split a ``.csv`` at ``;``) or a reader takes the file line by line: each part is a
+#: cell of its own there.
+CELL_SPLITTERS = ",;\t|\r\n"
 _NUMBER = re.compile(r"-?\d+(\.\d+)?", re.ASCII)
 
 

@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, select
 from billing import broker
 from billing.charging.dispatch import DISPATCH_LOCK, due_charges
 from billing.db import session_scope
-from billing.models import Charge, ChargeState
+from billing.models import Charge, ChargeState, utcnow
 from billing.settings import Settings
 
 
@@ -105,3 +105,25 @@ def test_a_dispatch_whose_send_fails_leaves_its_charges_to_the_next_one(
         assert set(session.scalars(select(Charge.state))) == {ChargeState.PENDING}
     h.engine.ctx.dispatcher = working
     assert h.engine.dispatch_due() == 3 and len(h.take_sent()) == 3
+
+
+def test_a_requeue_whose_send_fails_leaves_its_charges_to_the_next_dispatch(
+    pg_url, gateway, make_harness
+):
+    """The engine sweep's re-send of lost messages used to leave its charges queued for
+    another 10 minutes when the broker was down for it too."""
+    h = make_harness(pg_url, max_in_flight=10)
+    for i, alias in enumerate(gateway.seed_aliases("1234567", 2)):
+        h.subscribe(f"shop-{i}", alias)
+    h.engine.sweep_plan("monthly")
+    assert len(h.take_sent()) == 2  # their messages are lost
+    dead = broker.sending_app(Settings(broker_url="redis://127.0.0.1:1/0", queue="nowhere"))
+    working = h.engine.ctx.dispatcher
+    h.engine.ctx.dispatcher = lambda ids: broker.send_charges(dead, ids, 8)
+    later = utcnow() + timedelta(hours=1)
+
+    with pytest.raises(OperationalError):
+        h.engine.requeue_lost(later)
+
+    h.engine.ctx.dispatcher = working
+    assert h.engine.dispatch_due(later) == 2 and len(h.take_sent()) == 2

@@ -208,7 +208,8 @@ def test_a_cell_that_starts_like_a_formula_is_exported_as_text(
     [(" =1+1", "' =1+1"), ("\u00a0=1+1", "'\u00a0=1+1"), ("\u200b=1", "'\u200b=1"),
      ("\uff1d1+1", "'\uff1d1+1"), ("-\u0661\u0662", "'-\u0661\u0662"),
      ("x;=cmd|' /C calc'!A0", "x;'=cmd|' /C calc'!A0"), ("a, +1", "a,' +1"),
-     ("ok;fine", "ok;fine"), ("-10.00", "-10.00"), ("{\"soft\": false}", "{\"soft\": false}")],
+     ("x\n=cmd", "x\n'=cmd"), ("ok;fine", "ok;fine"), ("-10.00", "-10.00"),
+     ("{\"soft\": false}", "{\"soft\": false}")],
 )  # fmt: skip
 def test_no_part_of_a_cell_runs_however_a_spreadsheet_trims_or_splits_it(
     cell: str, safe: str

@@ -52,6 +52,8 @@ def _lock_dispatch(session: Session) -> bool:
         if not isinstance(exc.orig, LockNotAvailable):
             raise
         return False  # waited DISPATCH_LOCK_WAIT: the engine sweep fills the room instead
+    # The bound is for the lock only: the moves that follow wait for rows as usual.
+    connection.execute(text("SET LOCAL lock_timeout = DEFAULT"))
     return True
 
 
@@ -144,7 +146,11 @@ class Dispatch:
             )
         if ids:
             log.warning("re-sending %d charge message(s) queued before %s", len(ids), cutoff)
-            self.ctx.dispatcher(ids)
+            try:
+                self.ctx.dispatcher(ids)
+            except Exception:
+                self._unsend(ids, now)  # pending again: the next dispatch sends them
+                raise
         return len(ids)
 
 
