@@ -7,6 +7,7 @@ after reading the request, TLS servers that fail the handshake.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
@@ -629,6 +630,51 @@ def test_oversized_answer_is_read_up_to_the_limit() -> None:
             private_key=EUR_KEY,
         )
     assert isinstance(outcome, Declined) and outcome.code == "05"
+
+
+def test_a_cut_oversized_answer_never_leaks_into_the_next_call() -> None:
+    """An answer cut at the limit leaves bytes on its connection: the connection is
+    dropped, so the next call reads its own answer on a new one."""
+    big = ("RESPONSE=05&MESSAGE=" + "x" * (gateway.MAX_ANSWER_BYTES + 10)).encode()
+    answers = [big, b"RESPONSE=00&TX=12345&MONTANT=1.00"]
+
+    def respond(conn: socket.socket, request: bytes) -> None:
+        data = answers.pop(0)
+        head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+        with contextlib.suppress(OSError):  # the client hangs up once it has read enough
+            conn.sendall(head + data)
+
+    with LoopbackServer(respond) as server:
+        client = KlikAndPayClient(server.url)
+        first, second = (
+            client.duplicate(
+                merchant_id=EUR_MERCHANT, alias="abcdefgh", ip=IP,
+                amount=Decimal("1"), private_key=EUR_KEY,
+            )
+            for _ in range(2)
+        )  # fmt: skip
+        assert len(server.requests) == 2
+    assert isinstance(first, Declined) and first.code == "05"
+    assert isinstance(second, Approved) and second.tx == "12345", second
+
+
+def test_the_environment_proxy_carries_the_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``HTTP_PROXY`` is read once, when the client is made, and every POST goes through it
+    with the whole URL on its request line, as requests would send it."""
+    with LoopbackServer(http_answer(200, "RESPONSE=00&TX=777")) as proxy:
+        for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        client = KlikAndPayClient("http://gateway.invalid/paiement")
+        outcome = client.duplicate(
+            merchant_id=EUR_MERCHANT, alias="abcdefgh", ip=IP,
+            amount=Decimal("1"), private_key=EUR_KEY,
+        )  # fmt: skip
+        [request] = proxy.requests
+    assert isinstance(outcome, Approved) and outcome.tx == "777", outcome
+    assert request.startswith(b"POST http://gateway.invalid/paiement/duplicate.pl HTTP/1.1\r\n")
+    assert b"Content-Type: application/x-www-form-urlencoded" in request
+    assert _form(request)["ALIAS"] == "abcdefgh"
 
 
 def test_redirect_is_not_followed_and_is_unknown() -> None:
