@@ -556,9 +556,14 @@ class KlikAndPayClient:
         started = time.monotonic()
         outcome = self._send(script, form, secrets)
         elapsed_ms = (time.monotonic() - started) * 1000
+        # An answered call is DEBUG: its caller logs the one line of its outcome (a charge's,
+        # a settlement's) with the TX and HTTP status. A call left unanswered or unsent is a
+        # warning of its own, whoever made it.
+        level = logging.DEBUG if outcome.kind in ("approved", "declined") else logging.WARNING
+        if not log.isEnabledFor(level):
+            return outcome
         alias = alias or getattr(outcome, "alias", None)
         tx = tx or getattr(outcome, "tx", None)
-        level = logging.INFO if outcome.kind in ("approved", "declined") else logging.WARNING
         log.log(
             level,
             "klikandpay %s merchant=%s alias=%s tx=%s outcome=%s code=%s http=%s reason=%s"

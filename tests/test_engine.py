@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from decimal import Decimal
 
@@ -57,6 +58,32 @@ def test_approved_charge_moves_the_subscription_to_its_next_period(db_url, gatew
     )  # fmt: skip
     assert entry.tx == charge.tx and alias not in (entry.alias_masked or "")
     assert len(gateway.calls(alias=alias, script="duplicate")) == 1
+
+
+def test_an_approved_charge_is_one_log_line_with_its_transaction(
+    db_url, gateway, make_harness, caplog
+):
+    """The README's promise, one line per charge outcome: the charge's line carries what
+    the gateway's own line said (TX, HTTP status), and the gateway's line of an answered
+    call is DEBUG (an unanswered one stays a warning of its own)."""
+    h = make_harness(db_url)
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    sub_id = h.subscribe("shop-1", alias)
+    h.engine.sweep_plan("monthly")
+    caplog.set_level(logging.DEBUG, logger="billing")
+    caplog.clear()
+
+    assert h.run_sent() == ["done"]
+
+    charge = h.charge(sub_id)
+    lines = [r for r in caplog.records if r.name.startswith("billing") and r.levelno >= 20]
+    [line] = [r for r in lines if "charge outcome" in r.getMessage()]
+    assert lines == [line], [r.getMessage() for r in lines]
+    assert f"tx={charge.tx}" in line.getMessage() and "http=200" in line.getMessage()
+    assert (line.tx, line.http_status) == (charge.tx, 200)  # type: ignore[attr-defined]
+    assert alias not in line.getMessage()
+    [call] = [r for r in caplog.records if r.name == "billing.gateway"]
+    assert call.levelno == logging.DEBUG
 
 
 def test_soft_decline_waits_on_the_ladder_then_recovers(pg_url, gateway, make_harness):

@@ -743,21 +743,32 @@ class Calls:
         return ChargeResult(claim.charge.id, "done", "unknown")
 
     def _log(self, claim: Claim, result: Outcome, duration: float, *, late: bool) -> None:
+        """The one line of a charge's outcome (the gateway's own line of an answered call is
+        DEBUG: this one carries its TX and HTTP status)."""
+        if not log.isEnabledFor(logging.INFO):
+            return
         outcome = f"late_{result.kind}" if late else result.kind
+        alias = mask_alias(claim.subscription.alias)
+        tx = getattr(result, "tx", None)
         log.info(
-            "charge outcome charge=%s ref=%s alias=%s outcome=%s code=%s duration=%.3f",
+            "charge outcome charge=%s ref=%s alias=%s outcome=%s code=%s tx=%s http=%s"
+            " duration=%.3f",
             claim.charge.id,
             claim.subscription.external_ref,
-            mask_alias(claim.subscription.alias),
+            alias,
             outcome,
             result.code,
+            tx or "-",
+            result.http_status if result.http_status is not None else "-",
             duration,
             extra={
                 "charge_id": claim.charge.id,
                 "external_ref": claim.subscription.external_ref,
-                "alias": mask_alias(claim.subscription.alias),
+                "alias": alias,
                 "outcome": outcome,
                 "code": result.code,
+                "tx": tx,
+                "http_status": result.http_status,
                 "duration": round(duration, 4),
             },
         )

@@ -453,8 +453,9 @@ class Settlement:
             )  # fmt: skip
             self._events(session, claim, result, moved, sub)
         log.info(
-            "%s charge=%s amount=%s outcome=%s code=%s", kind, claim.charge.id, claim.amount,
-            result.kind, result.code,
+            "%s charge=%s tx=%s amount=%s outcome=%s code=%s http=%s", kind, claim.charge.id,
+            claim.charge.tx, claim.amount, result.kind, result.code,
+            result.http_status if result.http_status is not None else "-",
         )  # fmt: skip
         message = result.message or getattr(result, "reason", "")
         return SettlementResult(claim.charge.id, kind, result.kind, claim.amount, message, retry_in)
