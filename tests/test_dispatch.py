@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -13,6 +14,7 @@ from kombu.exceptions import OperationalError
 from sqlalchemy import create_engine, select
 
 from billing import broker
+from billing.charging import dispatch
 from billing.charging.dispatch import DISPATCH_LOCK, due_charges
 from billing.db import session_scope
 from billing.models import Charge, ChargeState, utcnow
@@ -127,3 +129,61 @@ def test_a_requeue_whose_send_fails_leaves_its_charges_to_the_next_dispatch(
 
     h.engine.ctx.dispatcher = working
     assert h.engine.dispatch_due(later) == 2 and len(h.take_sent()) == 2
+
+
+def _statements_of(url: str, block: Callable[[], object]) -> list[str]:
+    from sqlalchemy import event
+
+    from billing.db import get_engine
+
+    seen: list[str] = []
+
+    def count(_conn: object, _cursor: object, sql: str, *_args: object) -> None:
+        seen.append(sql)
+
+    engine = get_engine(url)
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        block()
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    return seen
+
+
+def test_a_dispatch_is_two_round_trips(pg_url, gateway, make_harness):
+    """A refill runs every few charges: its lock (bound, lock, bound lifted) used to take
+    five statements with a savepoint, and the room a count of its own. Now the lock is one
+    round trip and the room is counted by the move that sends."""
+    h = make_harness(pg_url, max_in_flight=3)
+    for i, alias in enumerate(gateway.seed_aliases("1234567", 5)):
+        h.subscribe(f"shop-{i}", alias)
+    h.engine.sweep_plan("monthly")
+    assert len(h.take_sent()) == 3
+    with session_scope(pg_url) as session:  # one of the three finishes
+        first = session.scalars(select(Charge).where(Charge.state == ChargeState.QUEUED)).first()
+        assert first is not None
+        first.state = ChargeState.APPROVED
+
+    seen = _statements_of(pg_url, h.engine.dispatch_due)
+
+    assert len(seen) == 2, seen
+    assert len(h.take_sent()) == 1  # the room: 3 less the 2 still queued
+    assert h.engine.dispatch_due() == 0  # and none beyond the bound
+
+
+def test_a_dispatch_that_waits_too_long_gives_up_cleanly(
+    pg_url, gateway, make_harness, monkeypatch
+):
+    """Past the lock's bound the dispatch sends nothing, leaves nothing half-done, and the
+    next one, once the lock is free, fills the room."""
+    monkeypatch.setattr(dispatch, "DISPATCH_LOCK_WAIT", "200ms")
+    h = make_harness(pg_url, max_in_flight=4)
+    for i, alias in enumerate(gateway.seed_aliases("1234567", 2)):
+        h.subscribe(f"shop-{i}", alias)
+    with psycopg.connect(_plain(pg_url)) as holder:
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (DISPATCH_LOCK,))
+        assert h.engine.sweep_plan("monthly").dispatched == 0
+        holder.rollback()
+    with session_scope(pg_url) as session:
+        assert set(session.scalars(select(Charge.state))) == {ChargeState.PENDING}
+    assert h.engine.dispatch_due() == 2 and len(h.take_sent()) == 2

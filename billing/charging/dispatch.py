@@ -13,7 +13,7 @@ import logging
 from datetime import datetime, timedelta
 
 from psycopg.errors import LockNotAvailable
-from sqlalchemy import Select, func, select, text, update
+from sqlalchemy import ColumnElement, Select, case, func, literal, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -40,24 +40,48 @@ def _lock_dispatch(session: Session) -> bool:
     counted before this one's charge finished, so giving up would leave that slot empty
     until the next engine sweep (and for ever where no beat runs). The lock is this
     transaction's first: it holds no row while it waits, so it cannot deadlock.
+
+    One round trip (a refill runs every few charges): the wait's bound, the lock, the bound
+    lifted, as one simple query. A lock that times out aborts the transaction, which has
+    written nothing yet: the caller's rollback is all there is to undo.
     """
     if session.get_bind().dialect.name != "postgresql":
         return True
-    connection = session.connection()
-    connection.execute(text(f"SET LOCAL lock_timeout = '{DISPATCH_LOCK_WAIT}'"))
     try:
-        with connection.begin_nested():
-            connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": DISPATCH_LOCK})
+        session.connection().exec_driver_sql(_lock_sql())
     except OperationalError as exc:
         if not isinstance(exc.orig, LockNotAvailable):
             raise
+        session.rollback()  # the aborted transaction, which had written nothing
         return False  # waited DISPATCH_LOCK_WAIT: the engine sweep fills the room instead
-    # The bound is for the lock only: the moves that follow wait for rows as usual.
-    connection.execute(text("SET LOCAL lock_timeout = DEFAULT"))
     return True
 
 
-def due_charges(now: datetime, room: int) -> Select[int]:
+def _lock_sql() -> str:
+    """The lock's simple query (no parameters: several statements in one round trip).
+    The bound is for the lock only: the move that follows waits for rows as usual."""
+    return (
+        f"SET LOCAL lock_timeout = '{DISPATCH_LOCK_WAIT}'; "
+        f"SELECT pg_advisory_xact_lock({int(DISPATCH_LOCK)}); "
+        "SET LOCAL lock_timeout = DEFAULT"
+    )
+
+
+def room(max_in_flight: int) -> ColumnElement[int]:
+    """How many more charges may be sent, counted by the statement that sends them (so
+    under the dispatch lock, in one round trip): ``max_in_flight`` less those queued or in
+    flight, never below 0 (a negative ``LIMIT`` is no limit at all on SQLite)."""
+    busy = (
+        select(func.count())
+        .select_from(Charge)
+        .where(Charge.state.in_((ChargeState.QUEUED, ChargeState.IN_FLIGHT)))
+        .scalar_subquery()
+    )
+    free = literal(max_in_flight) - busy
+    return case((free > 0, free), else_=0)
+
+
+def due_charges(now: datetime, room: int | ColumnElement[int]) -> Select[int]:
     """The IDs of the ``room`` due pending charges first in line (oldest due first, then
     by ID) whose subscriptions may be charged. Read in index order on PostgreSQL
     (``ix_charges_dispatch``: state, next_attempt_at, id), so a dispatch costs the same
@@ -87,15 +111,7 @@ class Dispatch:
         with session_scope(self.ctx.url) as session:
             if not _lock_dispatch(session):
                 return 0  # another process is dispatching right now; it fills the room
-            busy = session.connection().scalar(
-                select(func.count())
-                .select_from(Charge)
-                .where(Charge.state.in_((ChargeState.QUEUED, ChargeState.IN_FLIGHT)))
-            )
-            room = self.ctx.settings.max_in_flight - int(busy or 0)
-            if room <= 0:
-                return 0
-            due = due_charges(now, room)
+            due = due_charges(now, room(self.ctx.settings.max_in_flight))
             moved = lifecycle.move_many(
                 session,
                 "dispatch",
