@@ -337,9 +337,35 @@ _SEPARATOR = "(?>" + _alternation(PAN_SEPARATORS) + ")"
 # Any escape sequence, so that a run never starts inside one ("%20" + "4012..." must not
 # read as the digits "204012...").
 _ESCAPE = r"%(?:25)?[0-9A-Fa-f]{2}|(?:\\|%5[cC])(?:u[0-9A-Fa-f]{4}|x[0-9A-Fa-f]{2})"
+
+
+def _chars_of(ch: str, depth: int) -> frozenset[str]:
+    """Every character that ``char_pattern(ch, depth)`` may match."""
+    if depth == 0:
+        return frozenset(ch)
+    found: set[str] = set()
+    for form in _forms(ch):
+        for choices in form:
+            for choice in choices:
+                found |= _chars_of(choice, depth - 1)
+    return frozenset(found)
+
+
+#: Every character a run (digits and separators, as written or encoded) or an escape holds.
+_RUN_CHARS = frozenset(
+    set("%\\ux0123456789abcdefABCDEF").union(
+        *(_chars_of(ch, ENCODING_DEPTH) for ch in "0123456789" + PAN_SEPARATORS)
+    )
+)
 _RUN = re.compile(
-    # The lookahead first: most characters of a text can start neither, and say so at once.
-    rf"(?=[0-9%\\])(?:(?P<run>{_DIGIT}(?:(?:{_SEPARATOR}){{0,{PAN_MAX_SEPARATORS}}}{_DIGIT})*+)|{_ESCAPE})"
+    # The lookaheads first: most characters of a text can start neither, and say so at
+    # once; and a run shorter than a card number is never looked at, so a match is tried
+    # only where at least that many characters a run may hold follow (an alias's or a
+    # transaction number's digits are not). Where a match is so skipped, every later start
+    # up to the next character no run holds is skipped too, and what the full pattern
+    # would have matched there is shorter still: the runs found are the same.
+    rf"(?=[0-9%\\])(?=[{re.escape(''.join(sorted(_RUN_CHARS)))}]{{{PAN_DIGITS[0]}}})"
+    rf"(?:(?P<run>{_DIGIT}(?:(?:{_SEPARATOR}){{0,{PAN_MAX_SEPARATORS}}}{_DIGIT})*+)|{_ESCAPE})"
 )
 _ENOUGH_DIGITS = re.compile(rf"(?:\D*\d){{{PAN_DIGITS[0]}}}")
 _TOKEN = re.compile(f"(?P<digit>{_DIGIT})|(?P<dot>{char_pattern('.')})|(?P<sep>{_SEPARATOR})")

@@ -14,6 +14,7 @@ full scrubber gives, with given and with remembered secrets.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -324,3 +325,48 @@ def test_the_classifier_gives_what_it_gives_without_the_shortcut(
 
 def _fields(outcome: Any) -> dict[str, Any]:
     return {name: getattr(outcome, name) for name in outcome.__dataclass_fields__}
+
+
+#: ``_RUN`` as it was before it looked ahead for a card number's length of run characters.
+_RUN_BEFORE = re.compile(
+    rf"(?=[0-9%\\])(?:(?P<run>{redact_module._DIGIT}(?:(?:{redact_module._SEPARATOR})"
+    rf"{{0,{redact_module.PAN_MAX_SEPARATORS}}}{redact_module._DIGIT})*+)|{redact_module._ESCAPE})"
+)
+#: What runs are made of, and characters no run holds, to cut runs short.
+RUN_ALPHABET = "0123456789 .-+%\\uxabcdefABCDEF" + "=&é٣_"
+
+
+@st.composite
+def digit_texts(draw: st.DrawFn) -> str:
+    pieces = []
+    for _ in range(draw(st.integers(1, 5))):
+        kind = draw(st.sampled_from(["soup", "pan", "pan encoded", "filler"]))
+        if kind == "soup":
+            pieces.append(draw(st.text(RUN_ALPHABET, max_size=30)))
+        elif kind == "pan":
+            pieces.append(draw(grouped(draw(pans))))
+        elif kind == "pan encoded":
+            pieces.append(draw(encoded(draw(grouped(draw(pans))))))
+        else:
+            pieces.append(draw(st.text(FIELD_ALPHABET, max_size=10)))
+    return "".join(pieces)
+
+
+@EXAMPLES
+@given(digit_texts())
+def test_card_numbers_are_found_where_they_were_before_the_length_lookahead(text: str) -> None:
+    found = list(redact_module._pan_spans(text))
+    with mock.patch.object(redact_module, "_RUN", _RUN_BEFORE):
+        assert found == list(redact_module._pan_spans(text))
+
+
+@EXAMPLES
+@given(
+    st.sampled_from("0123456789" + redact_module.PAN_SEPARATORS).flatmap(
+        lambda ch: st.tuples(st.just(ch), encoded(ch))
+    )
+)
+def test_every_character_a_run_may_hold_is_a_run_character(drawn: tuple[str, str]) -> None:
+    ch, text = drawn
+    assert re.fullmatch(redact_module.char_pattern(ch), text)
+    assert set(text) <= redact_module._RUN_CHARS
