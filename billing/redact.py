@@ -506,6 +506,9 @@ def _redact_pans(text: str) -> str:
 # --- secret fields ----------------------------------------------------------------------
 
 _FIELD = re.compile(
+    # The lookahead first: a name can start only with one of the names' first letters (in
+    # either case, as the names themselves match), which most characters of a text are not.
+    "(?=[" + "".join(sorted({name[0] for name in SECRET_FIELDS})) + "])"
     r"(?P<key>\b(?:"
     + "|".join(sorted(SECRET_FIELDS))
     # Quotes around the key and the value: JSON's, Python's (a dict's repr, as Celery logs

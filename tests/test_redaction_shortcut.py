@@ -370,3 +370,36 @@ def test_every_character_a_run_may_hold_is_a_run_character(drawn: tuple[str, str
     ch, text = drawn
     assert re.fullmatch(redact_module.char_pattern(ch), text)
     assert set(text) <= redact_module._RUN_CHARS
+
+
+#: ``_FIELD`` as it was before its first-letter lookahead.
+_FIELD_BEFORE = re.compile(
+    redact_module._FIELD.pattern.split(")", 1)[1], redact_module._FIELD.flags
+)
+#: Letters of the names in any case, and characters that case-fold oddly (Kelvin sign, long
+#: s, dotted and dotless i, the ﬀ ligature), around the separators of a field.
+FIELD_NAME_ALPHABET = "cvnumartepxisoglCVNUMARTEPXISOG_Kſİıﬀ2=:%3Dd\"'\\ &é0123"
+
+
+@st.composite
+def field_texts(draw: st.DrawFn) -> str:
+    pieces = []
+    for _ in range(draw(st.integers(1, 4))):
+        if draw(st.booleans()):
+            name = draw(st.sampled_from(sorted(redact_module.SECRET_FIELDS)))
+            name = "".join(c.lower() if draw(st.booleans()) else c for c in name)
+            sep = draw(st.sampled_from(["=", ": ", "%3D", "%3a", '":"', '\\":\\"', " "]))
+            pieces.append(f"{name}{sep}")
+        pieces.append(draw(st.text(FIELD_NAME_ALPHABET, max_size=12)))
+    return "".join(pieces)
+
+
+@EXAMPLES
+@given(field_texts())
+def test_secret_fields_are_found_where_they_were_before_the_first_letter_lookahead(
+    text: str,
+) -> None:
+    assert _FIELD_BEFORE.pattern.startswith("(?P<key>")
+    mark = redact_module.SECRET_MARK
+    before = _FIELD_BEFORE.sub(lambda m: f"{m.group('key')}{m.group('sep')}{mark}", text)
+    assert redact_module._redact_fields(text) == before
