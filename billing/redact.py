@@ -360,10 +360,10 @@ _RUN_CHARS = frozenset(
 _RUN = re.compile(
     # The lookaheads first: most characters of a text can start neither, and say so at
     # once; and a run shorter than a card number is never looked at, so a match is tried
-    # only where at least that many characters a run may hold follow (an alias's or a
-    # transaction number's digits are not). Where a match is so skipped, every later start
-    # up to the next character no run holds is skipped too, and what the full pattern
-    # would have matched there is shorter still: the runs found are the same.
+    # only where at least that many characters a run may hold follow (not at a transaction
+    # number's digits, nor at most of a hex alias's). Where a match is so skipped, every
+    # later start up to the next character no run holds is skipped too, and what the full
+    # pattern would have matched there is shorter still: the runs found are the same.
     rf"(?=[0-9%\\])(?=[{re.escape(''.join(sorted(_RUN_CHARS)))}]{{{PAN_DIGITS[0]}}})"
     rf"(?:(?P<run>{_DIGIT}(?:(?:{_SEPARATOR}){{0,{PAN_MAX_SEPARATORS}}}{_DIGIT})*+)|{_ESCAPE})"
 )
