@@ -261,7 +261,6 @@ def _classify(
             return Unknown(reason=f"HTTP {status}", http_status=status, raw=raw)
         return Unknown(reason="answer without RESPONSE", http_status=status, raw=raw)
 
-    message = _clean(fields.get("MESSAGE", "").replace("+", " "), secrets, MESSAGE_LIMIT)
     where = "" if 200 <= status <= 299 else f" (in an HTTP {status})"
     if not code:
         return Unknown(
@@ -273,17 +272,18 @@ def _classify(
             http_status=status,
             raw=raw,
         )
+    message = _clean(fields.get("MESSAGE", "").replace("+", " "), secrets, MESSAGE_LIMIT)
+    safe_code = _clean(code, secrets, CODE_LIMIT)  # once, whichever outcome below shows it
     bad_tx = tx_problem(tx, tx_pattern) if tx else None
     if bad_tx is not None:
         # The TX is stored, logged and sent to the shop: what is not one is not trusted.
         return Unknown(
-            reason=f"answer {_clean(code, secrets, CODE_LIMIT)!r}{where}: {bad_tx}",
+            reason=f"answer {safe_code!r}{where}: {bad_tx}",
             http_status=status,
             raw=raw,
-            code=_clean(code, secrets, CODE_LIMIT),
+            code=safe_code,
             message=message,
         )
-    safe_code = _clean(code, secrets, CODE_LIMIT)
     if not DECLINE_CODE_SHAPE.fullmatch(code):
         # "RESPONSE=0" is what an approval cut short looks like: reading it as a decline
         # would let the retry ladder charge the card a second time.

@@ -16,6 +16,14 @@ Card numbers are found the same way: digits and the separators people group them
 A process also knows secrets that no caller passes explicitly (a log record does not know
 the private key): :func:`remember_secrets` adds them, and every :func:`redact` call blanks
 them too.
+
+Why :func:`redact` has a shortcut: most texts it is given are short and hold nothing (an
+answer's code, amount and message, redacted for every charge), and the full scrubber costs
+microseconds even then. A text with no ``%``, no backslash, no ``=`` or ``:``, fewer than 13
+digits and no plain form of any secret is one that no step of the full scrubber changes
+(:func:`_untouched` says why, step by step), so it is returned as it is; any other text is
+scrubbed in full. The shortcut decides nothing the full scrubber would not: a test compares
+the two on texts holding secrets and card numbers in every encoding.
 """
 
 from __future__ import annotations
@@ -122,6 +130,9 @@ def char_pattern(ch: str, depth: int = ENCODING_DEPTH) -> str:
 
 
 def _json_unescape(text: str) -> str:
+    if "\\" not in text:  # every escape begins with a backslash
+        return text
+
     def one(match: re.Match[str]) -> str:
         escape = match.group(1)
         if escape[0] == "u":
@@ -153,7 +164,7 @@ def _views(text: str) -> set[str]:
     a secret reads as the secret itself."""
     once = {text, unquote(text) if "%" in text else text, _escape_decode(text)}
     views = set(once)
-    for view in once:
+    for view in once - {text}:  # the text decoded once is in ``once`` already
         if "%" in view:
             views.add(unquote(view))
         views.add(_escape_decode(view))
@@ -162,6 +173,15 @@ def _views(text: str) -> set[str]:
 
 def _plain_forms(secret: str) -> tuple[str, ...]:
     """The secret as it reads once decoded, form-decoded too (``+`` read as a space)."""
+    if "%" not in secret and "\\" not in secret and "+" not in secret and " " not in secret:
+        # The common case (a key, an alias, a card number), worked out without decoding:
+        # nothing to percent-decode, unescape or form-decode, so the one form is the secret.
+        return (secret,) if len(secret) >= MIN_SECRET_LENGTH else ()
+    return _decoded_plain_forms(secret)
+
+
+def _decoded_plain_forms(secret: str) -> tuple[str, ...]:
+    """:func:`_plain_forms` worked out in full, whatever the secret holds."""
     forms = {
         variant
         for form in decoded_forms(secret)
@@ -250,6 +270,14 @@ def _secret_regex(secret: str) -> re.Pattern[str]:
 #: log line is redacted with all of them, and the forms cost more than the search.
 _remembered: dict[str, tuple[str, ...]] = {}
 _remembered_lock = threading.Lock()
+#: Every plain form of every remembered secret, replaced whole (never changed in place) at
+#: each change: what :func:`_untouched` reads without the lock.
+_remembered_forms: tuple[str, ...] = ()
+
+
+def _snapshot_locked() -> None:
+    global _remembered_forms
+    _remembered_forms = tuple(form for forms in _remembered.values() for form in forms)
 
 
 def _forms_of(secret: str) -> tuple[str, ...]:
@@ -268,6 +296,7 @@ def remember_secrets(*values: str | None) -> None:
                 _remembered[value] = _plain_forms(value)
         while len(_remembered) > MAX_REMEMBERED:
             del _remembered[next(iter(_remembered))]
+        _snapshot_locked()
 
 
 def forget_secrets(*values: str) -> None:
@@ -275,6 +304,7 @@ def forget_secrets(*values: str) -> None:
     with _remembered_lock:
         for value in values:
             _remembered.pop(value, None)
+        _snapshot_locked()
 
 
 def remembered_secrets() -> tuple[str, ...]:
@@ -307,9 +337,35 @@ _SEPARATOR = "(?>" + _alternation(PAN_SEPARATORS) + ")"
 # Any escape sequence, so that a run never starts inside one ("%20" + "4012..." must not
 # read as the digits "204012...").
 _ESCAPE = r"%(?:25)?[0-9A-Fa-f]{2}|(?:\\|%5[cC])(?:u[0-9A-Fa-f]{4}|x[0-9A-Fa-f]{2})"
+
+
+def _chars_of(ch: str, depth: int) -> frozenset[str]:
+    """Every character that ``char_pattern(ch, depth)`` may match."""
+    if depth == 0:
+        return frozenset(ch)
+    found: set[str] = set()
+    for form in _forms(ch):
+        for choices in form:
+            for choice in choices:
+                found |= _chars_of(choice, depth - 1)
+    return frozenset(found)
+
+
+#: Every character a run (digits and separators, as written or encoded) or an escape holds.
+_RUN_CHARS = frozenset(
+    set("%\\ux0123456789abcdefABCDEF").union(
+        *(_chars_of(ch, ENCODING_DEPTH) for ch in "0123456789" + PAN_SEPARATORS)
+    )
+)
 _RUN = re.compile(
-    # The lookahead first: most characters of a text can start neither, and say so at once.
-    rf"(?=[0-9%\\])(?:(?P<run>{_DIGIT}(?:(?:{_SEPARATOR}){{0,{PAN_MAX_SEPARATORS}}}{_DIGIT})*+)|{_ESCAPE})"
+    # The lookaheads first: most characters of a text can start neither, and say so at
+    # once; and a run shorter than a card number is never looked at, so a match is tried
+    # only where at least that many characters a run may hold follow (not at a transaction
+    # number's digits, nor at most of a hex alias's). Where a match is so skipped, every
+    # later start up to the next character no run holds is skipped too, and what the full
+    # pattern would have matched there is shorter still: the runs found are the same.
+    rf"(?=[0-9%\\])(?=[{re.escape(''.join(sorted(_RUN_CHARS)))}]{{{PAN_DIGITS[0]}}})"
+    rf"(?:(?P<run>{_DIGIT}(?:(?:{_SEPARATOR}){{0,{PAN_MAX_SEPARATORS}}}{_DIGIT})*+)|{_ESCAPE})"
 )
 _ENOUGH_DIGITS = re.compile(rf"(?:\D*\d){{{PAN_DIGITS[0]}}}")
 _TOKEN = re.compile(f"(?P<digit>{_DIGIT})|(?P<dot>{char_pattern('.')})|(?P<sep>{_SEPARATOR})")
@@ -409,11 +465,13 @@ def _pan_spans(text: str) -> Iterator[tuple[int, int]]:
     """
     if not _ENOUGH_DIGITS.match(text):  # every encoding of a digit holds that digit
         return
-    soup = len(_PLAIN_DIGITS.findall(text)) > PAN_MAX_TEXT_GROUPS
+    soup: bool | None = None  # counted at the first run long enough: most texts have none
     for match in _RUN.finditer(text):
         run = match.group("run")
         if run is None or len(run) < PAN_DIGITS[0]:
             continue
+        if soup is None:
+            soup = len(_PLAIN_DIGITS.findall(text)) > PAN_MAX_TEXT_GROUPS
         if soup:
             yield match.start(), match.end()
             continue
@@ -448,6 +506,9 @@ def _redact_pans(text: str) -> str:
 # --- secret fields ----------------------------------------------------------------------
 
 _FIELD = re.compile(
+    # The lookahead first: a name can start only with one of the names' first letters (in
+    # either case, as the names themselves match), which most characters of a text are not.
+    "(?=[" + "".join(sorted({name[0] for name in SECRET_FIELDS})) + "])"
     r"(?P<key>\b(?:"
     + "|".join(sorted(SECRET_FIELDS))
     # Quotes around the key and the value: JSON's, Python's (a dict's repr, as Celery logs
@@ -504,13 +565,53 @@ def _usable(secrets: Iterable[str | None]) -> list[str]:
     return sorted(found, key=lambda s: (-len(s), s))
 
 
+def _untouched(text: str, secrets: Iterable[str | None]) -> bool:
+    """Whether :func:`_redact_full` provably returns ``text`` as it is, found cheaply.
+
+    Most texts redacted are short fields that hold nothing (a result code, an amount, a
+    message), and the full scrubber costs microseconds even then. Each test below is what
+    one step of the full scrubber would find, so that ``True`` means every step would leave
+    the text alone (``False`` only means "run the full scrubber"):
+
+    - no ``%`` and no backslash: every encoding :func:`_views` undoes begins with one, so
+      the text is its only view, and the secret patterns are searched only where a plain
+      form of a secret is found in a view (``_scrubbed``);
+    - no plain form (``_forms_of``) of a given or remembered secret in the text: nothing
+      is replaced, nothing is found in the one view, so ``_scrubbed`` changes nothing;
+    - no ``=`` and no ``:`` (and no ``%``, so no ``%3D`` or ``%3A``): ``_FIELD`` needs one
+      between a secret field's name and its value;
+    - fewer than 13 digits: ``_pan_spans`` yields nothing (its own first test).
+    """
+    if "%" in text or "\\" in text or "=" in text or ":" in text:
+        return False
+    if len(text) >= PAN_DIGITS[0] and _ENOUGH_DIGITS.match(text):
+        return False
+    for form in _remembered_forms:
+        if form in text:
+            return False
+    for secret in secrets:
+        if secret and len(secret) >= MIN_SECRET_LENGTH:
+            for form in _forms_of(secret):
+                if form in text:
+                    return False
+    return True
+
+
+def _redact_full(text: str, secrets: Iterable[str | None]) -> str:
+    """:func:`redact` without its shortcut (see :func:`_untouched`)."""
+    out = _scrubbed(text, _usable(secrets), lambda _secret: SECRET_MARK)
+    return _redact_pans(_redact_fields(out))
+
+
 def redact(text: str | None, *, secrets: Iterable[str | None] = ()) -> str:
     """Return ``text`` with the given and remembered secrets (in every encoding), secret
     fields and card numbers (in any grouping and encoding) blanked."""
     if not text:
         return ""
-    out = _scrubbed(text, _usable(secrets), lambda _secret: SECRET_MARK)
-    return _redact_pans(_redact_fields(out))
+    secrets = tuple(secrets)  # read twice: once to decide, once to redact
+    if _untouched(text, secrets):
+        return text
+    return _redact_full(text, secrets)
 
 
 def redact_data(value: Any, *, secrets: Iterable[str | None] = ()) -> Any:
