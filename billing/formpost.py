@@ -38,10 +38,11 @@ READ_CHUNK = 65536
 
 @dataclass(frozen=True)
 class Route:
-    """Where one script's POSTs go: the pool and what goes on the request line."""
+    """Where one script's POSTs go: the pool, what goes on the request line, the headers."""
 
     pool: HTTPConnectionPool
     target: str
+    headers: Mapping[str, str]
 
 
 class FormPoster:
@@ -59,28 +60,33 @@ class FormPoster:
         self._lock = threading.Lock()
 
     def route(self, script: str) -> Route:
-        """The pool and request-line target of ``script``, resolved as requests would,
-        on the first call only. Raises what requests raises for a URL it cannot use."""
+        """The pool, request-line target and headers of ``script``, resolved as requests
+        would, on the first call only. Raises what requests raises for a URL it cannot use."""
         found = self._routes.get(script)
         if found is not None:
             return found
         with self._lock:
             found = self._routes.get(script)
             if found is None:
-                url = f"{self.base_url}/{script}"
-                prepared = requests.Request("POST", url).prepare()
-                adapter = self.session.get_adapter(url)
-                if not isinstance(adapter, requests.adapters.HTTPAdapter):
-                    raise TypeError(f"no HTTP adapter mounted for {self.base_url}")
-                proxies = self.session.proxies
-                pool = adapter.get_connection_with_tls_context(
-                    prepared, self.session.verify, proxies
-                )
-                if not isinstance(pool, HTTPConnectionPool):
-                    raise TypeError(f"no HTTP connection pool for {self.base_url}")
-                found = Route(pool, adapter.request_url(prepared, proxies))
-                self._routes[script] = found
+                found = self._routes[script] = self._resolve(f"{self.base_url}/{script}")
         return found
+
+    def _resolve(self, url: str) -> Route:
+        prepared = requests.Request("POST", url).prepare()  # credentials in the URL: auth
+        adapter = self.session.get_adapter(url)
+        if not isinstance(adapter, requests.adapters.HTTPAdapter):
+            raise TypeError(f"no HTTP adapter mounted for {self.base_url}")
+        proxies, verify = self.session.proxies, self.session.verify
+        pool = adapter.get_connection_with_tls_context(prepared, verify, proxies)
+        if not isinstance(pool, HTTPConnectionPool):
+            raise TypeError(f"no HTTP connection pool for {self.base_url}")
+        # What ``session.post`` does on every call: the CA bundle requests trusts (certifi,
+        # or the environment's), never only the operating system's store.
+        adapter.cert_verify(pool, url, verify, self.session.cert)  # type: ignore[no-untyped-call]
+        headers = dict(self.headers)
+        if "Authorization" in prepared.headers:
+            headers["Authorization"] = prepared.headers["Authorization"]
+        return Route(pool, adapter.request_url(prepared, proxies), headers)
 
     def post(
         self, script: str, form: Mapping[str, str], timeout: tuple[float, float]
@@ -96,7 +102,7 @@ class FormPoster:
             "POST",
             route.target,
             body=body,
-            headers=self.headers,
+            headers=route.headers,
             retries=False,
             redirect=False,
             assert_same_host=False,
@@ -107,23 +113,37 @@ class FormPoster:
 
 
 def read_answer(response: BaseHTTPResponse, limit: int) -> bytes:
-    """The answer's body, at most ``limit`` bytes. An answer longer than that has its
-    connection closed: the bytes left on it would be read as the next call's answer."""
+    """The answer's body, at most ``limit`` bytes (a longer one is cut: ``reusable``).
+
+    An interim answer (``1xx``: http.client takes a 102 or 103 for the answer) is not read:
+    reading it to its end would hand its connection back to the pool at once, with the
+    script's real answer still to come on it."""
+    if response.status < 200:
+        return b""
     chunks: list[bytes] = []
     size = 0
     for chunk in response.stream(READ_CHUNK, decode_content=True):
         chunks.append(chunk)
         size += len(chunk)
         if size >= limit:
-            response.close()
             break
     return b"".join(chunks)[:limit]
 
 
-def release(response: BaseHTTPResponse) -> None:
-    """Give the connection back to the pool (urllib3 closed it already if the answer
-    failed half-way, or ``read_answer`` did if it was cut; the pool then opens another)."""
+def reusable(response: BaseHTTPResponse, body: bytes, limit: int) -> bool:
+    """Whether the connection may serve another call: its answer was final (an interim
+    ``1xx`` is read by http.client as the answer, and the real one would then be read by
+    the next call on the connection) and read to its end (not cut at ``limit``)."""
+    return response.status >= 200 and len(body) < limit
+
+
+def release(response: BaseHTTPResponse, *, reuse: bool) -> None:
+    """Give the connection back to the pool, closed unless ``reuse``: bytes left on it (an
+    answer cut, failed half-way, or still to come after an interim one) would be read as
+    the next call's answer. The pool opens a new connection in its place."""
+    if not reuse:
+        response.close()
     response.release_conn()
 
 
-__all__ = ["READ_CHUNK", "FormPoster", "Route", "read_answer", "release"]
+__all__ = ["READ_CHUNK", "FormPoster", "Route", "read_answer", "release", "reusable"]

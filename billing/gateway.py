@@ -587,10 +587,20 @@ class KlikAndPayClient:
 
     def _send(self, script: str, form: dict[str, str], secrets: tuple[str, ...]) -> Outcome:
         response: BaseHTTPResponse | None = None
+        reuse = False
         with deadline(self.total_deadline) as call:
             try:
                 response = self.poster.post(script, form, self.timeout)
-                outcome = self._answer(response, secrets)
+                try:
+                    data = formpost.read_answer(response, MAX_ANSWER_BYTES)
+                except Exception as exc:  # the request was sent and an answer had begun
+                    outcome: Outcome = Unknown(
+                        reason=f"answer interrupted ({type(exc).__name__})",
+                        http_status=response.status,
+                    )
+                else:
+                    reuse = formpost.reusable(response, data, MAX_ANSWER_BYTES)
+                    outcome = self._answer(response, data, secrets)
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                 outcome = transport_outcome(exc)
             except Exception as exc:  # anything else from the stack: we cannot say what was sent
@@ -600,20 +610,13 @@ class KlikAndPayClient:
             # Out of the deadline's reach before the connection goes back to the pool.
             call.finish()
         if response is not None:
-            formpost.release(response)
+            formpost.release(response, reuse=reuse and not call.fired)
         if call.fired:
             return _cut(call, outcome)
         return outcome
 
-    def _answer(self, response: BaseHTTPResponse, secrets: tuple[str, ...]) -> Outcome:
-        """The outcome of an answer that has begun: read whole, then classified."""
-        try:
-            data = formpost.read_answer(response, MAX_ANSWER_BYTES)
-        except Exception as exc:  # the request was sent and an answer had begun
-            return Unknown(
-                reason=f"answer interrupted ({type(exc).__name__})",
-                http_status=response.status,
-            )
+    def _answer(self, response: BaseHTTPResponse, data: bytes, secrets: tuple[str, ...]) -> Outcome:
+        """The outcome of an answer read whole."""
         text = _decode(data, response.headers.get("Content-Type", ""))
         return classify(
             response.status,

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -677,6 +679,117 @@ def test_the_environment_proxy_carries_the_calls(monkeypatch: pytest.MonkeyPatch
     assert _form(request)["ALIAS"] == "abcdefgh"
 
 
+class KeepAliveServer:
+    """A TCP server on 127.0.0.1 that answers every request of a connection in turn (the
+    n-th request overall with ``answers[n]``, raw bytes or a function of the connection)."""
+
+    def __init__(self, answers: list[Callable[[socket.socket], None]]) -> None:
+        self.answers = answers
+        self.connections = 0
+        self.requests = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), conn:
+            while self._read_request(conn):
+                answer = self.answers[min(self.requests, len(self.answers) - 1)]
+                self.requests += 1
+                answer(conn)
+
+    @staticmethod
+    def _read_request(conn: socket.socket) -> bool:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return False
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        match = re.search(rb"(?i)content-length:\s*(\d+)", head)
+        while match and len(body) < int(match.group(1)):
+            body += conn.recv(65536)
+        return True
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def _ok(body: bytes) -> Callable[[socket.socket], None]:
+    def answer(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    return answer
+
+
+def test_an_interim_answer_never_hands_the_real_one_to_the_next_call() -> None:
+    """http.client reads a 103 Early Hints as the answer: the connection went back to the
+    pool with the script's real answer (a decline) still to come, and the next charge, on
+    that connection, read it as its own — a decline for a charge the gateway approved,
+    which the retry ladder would charge again (found by review)."""
+
+    def early_hints_then_decline(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n")
+        time.sleep(0.3)
+        _ok(b"RESPONSE=05&MESSAGE=refused")(conn)
+
+    server = KeepAliveServer([early_hints_then_decline, _ok(b"RESPONSE=00&TX=999&MONTANT=1.00")])
+    try:
+        client = KlikAndPayClient(server.url, connect_timeout=2, read_timeout=3)
+        first, second = (
+            client.duplicate(
+                merchant_id=EUR_MERCHANT, alias="abcdefgh", ip=IP,
+                amount=Decimal("1"), private_key=EUR_KEY,
+            )
+            for _ in range(2)
+        )  # fmt: skip
+    finally:
+        server.close()
+    assert isinstance(first, Unknown) and first.http_status == 103, first
+    assert isinstance(second, Approved) and second.tx == "999", second
+    assert server.connections == 2
+
+
+def test_a_connection_is_reused_only_after_a_whole_answer() -> None:
+    """Keep-alive still works for whole answers: three calls, one connection."""
+    server = KeepAliveServer([_ok(b"RESPONSE=00&TX=4242&MONTANT=1.00")])
+    try:
+        client = KlikAndPayClient(server.url)
+        outcomes = [
+            client.duplicate(
+                merchant_id=EUR_MERCHANT, alias="abcdefgh", ip=IP,
+                amount=Decimal("1"), private_key=EUR_KEY,
+            )
+            for _ in range(3)
+        ]  # fmt: skip
+    finally:
+        server.close()
+    assert all(isinstance(o, Approved) for o in outcomes), outcomes
+    assert (server.connections, server.requests) == (1, 3)
+
+
+def test_credentials_in_the_gateway_url_are_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gateway URL with ``user:password@`` is sent with basic auth, as requests did."""
+    with LoopbackServer(http_answer(200, "RESPONSE=00&TX=1")) as server:
+        url = server.url.replace("http://", "http://shop:s3cret@")
+        KlikAndPayClient(url).duplicate(
+            merchant_id=EUR_MERCHANT, alias="abcdefgh", ip=IP,
+            amount=Decimal("1"), private_key=EUR_KEY,
+        )  # fmt: skip
+        [request] = server.requests
+    assert b"Authorization: Basic c2hvcDpzM2NyZXQ=" in request
+
+
 def test_redirect_is_not_followed_and_is_unknown() -> None:
     def redirect(conn: socket.socket, request: bytes) -> None:
         conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n")
@@ -735,6 +848,26 @@ def _tls(certificate: tuple[Path, Path]) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(*certificate)
     return context
+
+
+def test_charges_trust_what_requests_trusts_not_the_os_store(
+    certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The POSTs bypass ``session.post``: they used to skip its ``cert_verify`` and trust
+    OpenSSL's default store (``SSL_CERT_FILE``, a host's added CAs), sending the form and its
+    private key to a server requests would refuse (found by review)."""
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))  # OpenSSL trusts it, certifi not
+    with LoopbackServer(http_answer(200, "RESPONSE=00&TX=1"), tls=_tls(certificate)) as server:
+        client = KlikAndPayClient(server.url, connect_timeout=2)
+        outcome = client.duplicate(
+            merchant_id=EUR_MERCHANT, alias="abcdefgh", ip=IP,
+            amount=Decimal("1"), private_key=EUR_KEY,
+        )  # fmt: skip
+        assert server.requests == []
+    assert isinstance(outcome, NotSent) and outcome.reason == "TLS handshake failed"
+    assert client.poster.route(gateway.SCRIPT_DUPLICATE).pool.ca_certs == requests.certs.where()
 
 
 def test_https_to_a_plain_server_fails_handshake_not_sent() -> None:
