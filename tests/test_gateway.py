@@ -34,7 +34,7 @@ from billing.gateway import (
     get_client,
     transport_outcome,
 )
-from billing.outcomes import Approved, Declined, NotSent, Unknown
+from billing.outcomes import Approved, Declined, NotSent, Outcome, Unknown
 from billing.sandbox import Sandbox
 from billing.settings import Settings
 from tests.fixtures.sandbox import (
@@ -634,6 +634,13 @@ def test_oversized_answer_is_read_up_to_the_limit() -> None:
     assert isinstance(outcome, Declined) and outcome.code == "05"
 
 
+def _duplicate(client: KlikAndPayClient) -> Outcome:
+    """One charge of 1 EUR on a made-up alias (the server decides the answer)."""
+    return client.duplicate(
+        merchant_id=EUR_MERCHANT, alias="abcdefgh", ip=IP, amount=Decimal("1"), private_key=EUR_KEY
+    )
+
+
 def test_a_cut_oversized_answer_never_leaks_into_the_next_call() -> None:
     """An answer cut at the limit leaves bytes on its connection: the connection is
     dropped, so the next call reads its own answer on a new one."""
@@ -648,13 +655,7 @@ def test_a_cut_oversized_answer_never_leaks_into_the_next_call() -> None:
 
     with LoopbackServer(respond) as server:
         client = KlikAndPayClient(server.url)
-        first, second = (
-            client.duplicate(
-                merchant_id=EUR_MERCHANT, alias="abcdefgh", ip=IP,
-                amount=Decimal("1"), private_key=EUR_KEY,
-            )
-            for _ in range(2)
-        )  # fmt: skip
+        first, second = _duplicate(client), _duplicate(client)
         assert len(server.requests) == 2
     assert isinstance(first, Declined) and first.code == "05"
     assert isinstance(second, Approved) and second.tx == "12345", second
@@ -746,13 +747,7 @@ def test_an_interim_answer_never_hands_the_real_one_to_the_next_call() -> None:
     server = KeepAliveServer([early_hints_then_decline, _ok(b"RESPONSE=00&TX=999&MONTANT=1.00")])
     try:
         client = KlikAndPayClient(server.url, connect_timeout=2, read_timeout=3)
-        first, second = (
-            client.duplicate(
-                merchant_id=EUR_MERCHANT, alias="abcdefgh", ip=IP,
-                amount=Decimal("1"), private_key=EUR_KEY,
-            )
-            for _ in range(2)
-        )  # fmt: skip
+        first, second = _duplicate(client), _duplicate(client)
     finally:
         server.close()
     assert isinstance(first, Unknown) and first.http_status == 103, first
@@ -765,13 +760,7 @@ def test_a_connection_is_reused_only_after_a_whole_answer() -> None:
     server = KeepAliveServer([_ok(b"RESPONSE=00&TX=4242&MONTANT=1.00")])
     try:
         client = KlikAndPayClient(server.url)
-        outcomes = [
-            client.duplicate(
-                merchant_id=EUR_MERCHANT, alias="abcdefgh", ip=IP,
-                amount=Decimal("1"), private_key=EUR_KEY,
-            )
-            for _ in range(3)
-        ]  # fmt: skip
+        outcomes = [_duplicate(client) for _ in range(3)]
     finally:
         server.close()
     assert all(isinstance(o, Approved) for o in outcomes), outcomes
