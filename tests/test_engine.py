@@ -9,8 +9,10 @@ from decimal import Decimal
 import pytest
 from freezegun import freeze_time
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import OperationalError
 
 from billing import broker, dates
+from billing.charging import context
 from billing.db import session_scope
 from billing.errors import ConfigError
 from billing.models import Charge, ChargeState, LedgerEntry, SubscriptionStatus, utcnow
@@ -84,6 +86,31 @@ def test_an_approved_charge_is_one_log_line_with_its_transaction(
     assert alias not in line.getMessage()
     [call] = [r for r in caplog.records if r.name == "billing.gateway"]
     assert call.levelno == logging.DEBUG
+
+
+def test_an_approval_whose_record_fails_still_leaves_its_tx_in_the_logs(
+    db_url, gateway, make_harness, caplog, monkeypatch
+):
+    """Since the gateway's line of an answered call is DEBUG, the charge's line is the one
+    that names the TX; when the record fails (the database stays away) that line is never
+    written, and the TX was in no log at all (found by review)."""
+    h = make_harness(db_url)
+    (alias,) = gateway.seed_aliases("1234567", 1)
+    h.subscribe("shop-1", alias)
+    h.engine.sweep_plan("monthly")
+    (charge_id,) = h.take_sent()
+    monkeypatch.setattr(context, "RECORD_RETRY_PAUSES", ())
+
+    def database_down(*_args: object, **_kwargs: object) -> None:
+        raise OperationalError("UPDATE charges", {}, Exception("database down"))
+
+    monkeypatch.setattr(h.engine.calls, "record", database_down)
+    caplog.set_level(logging.INFO, logger="billing")
+    with pytest.raises(OperationalError):
+        h.engine.charge(charge_id)
+    [call] = gateway.calls(alias=alias, script="duplicate")
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(f"tx={call['tx']}" in line and "outcome=approved" in line for line in said), said
 
 
 def test_soft_decline_waits_on_the_ladder_then_recovers(pg_url, gateway, make_harness):

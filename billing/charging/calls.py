@@ -160,9 +160,19 @@ class Calls:
                 f"charge {claim.charge.id}",
             )
         except OperationalError:
+            # The charge's one line would have said what the gateway answered: say it here,
+            # since the stuck sweep will only know the charge as unknown.
+            log.error(
+                "charge %s: the database stayed away; the answer (outcome=%s code=%s tx=%s)"
+                " is not recorded, the stuck sweep will mark the charge unknown",
+                claim.charge.id, result.kind, result.code, getattr(result, "tx", None) or "-",
+            )  # fmt: skip
             raise
         except Exception as exc:
-            log.exception("charge %s: the outcome could not be recorded", claim.charge.id)
+            log.exception(
+                "charge %s: the answer (outcome=%s code=%s tx=%s) could not be recorded",
+                claim.charge.id, result.kind, result.code, getattr(result, "tx", None) or "-",
+            )  # fmt: skip
             return self.record_unknown(claim, result, exc)
 
     # ----------------------------------------------------------------------- claim
