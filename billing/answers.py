@@ -275,6 +275,10 @@ def _classify(
     message = _clean(fields.get("MESSAGE", "").replace("+", " "), secrets, MESSAGE_LIMIT)
     safe_code = _clean(code, secrets, CODE_LIMIT)  # once, whichever outcome below shows it
     bad_tx = tx_problem(tx, tx_pattern) if tx else None
+    if bad_tx is None and tx and _scrub(tx, secrets) != tx:
+        # A TX is stored, logged and sent to the shop as it is: one that is (or holds) a
+        # private key or a card number is never one.
+        bad_tx = "its transaction number carries a secret"
     if bad_tx is not None:
         # The TX is stored, logged and sent to the shop: what is not one is not trusted.
         return Unknown(

@@ -198,3 +198,18 @@ def test_a_garbled_answer_leaves_the_charge_unknown_and_it_is_never_sent_again(
     assert len(gateway.calls(alias=alias, script="duplicate")) == 1
     assert h.charge(sub_id).state == ChargeState.UNKNOWN
     assert [e.outcome for e in h.ledger(sub_id)] == ["unknown"]
+
+
+@pytest.mark.parametrize(
+    "tx",
+    ["test-key-eur", "x-test-key-eur", "test%2Dkey%2Deur", "4012888888881881x"],
+)
+def test_a_transaction_number_that_carries_a_secret_is_never_kept(tx: str) -> None:
+    """A TX is stored, logged and sent to the shop as it is: a hostile answer echoing the
+    private key (in any encoding) or a card number in its place used to be approved with
+    it (found by review)."""
+    outcome = classify(200, f"RESPONSE=00&TX={tx}&MONTANT=1.00", secrets=("test-key-eur",))
+    assert isinstance(outcome, Unknown), outcome
+    assert outcome.tx is None
+    for secret in ("test-key-eur", "4012888888881881"):
+        assert secret not in repr(outcome)
