@@ -44,8 +44,7 @@ Only for statements whose text SQLAlchemy does not rewrite at execution (no expa
 
 from __future__ import annotations
 
-import threading
-import weakref
+import functools
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -155,21 +154,16 @@ def _cursor(conn: Connection) -> Any:
     return cursor
 
 
-_COMPILED: weakref.WeakKeyDictionary[Dialect, dict[Hashable, DriverStatement]] = (
-    weakref.WeakKeyDictionary()
-)
-_LOCK = threading.Lock()
+@functools.lru_cache(maxsize=64)
+def compiled(
+    dialect: Dialect, build: Callable[..., Select[Any]], *args: Hashable
+) -> DriverStatement:
+    """The statement ``build(*args)`` returns, compiled for ``dialect`` once.
 
-
-def compiled(key: Hashable, dialect: Dialect, build: Callable[[], Select[Any]]) -> DriverStatement:
-    """The statement ``build()`` returns, compiled once for ``dialect`` under ``key``."""
-    try:
-        return _COMPILED[dialect][key]
-    except KeyError:
-        pass
-    statement = DriverStatement(build(), dialect)
-    with _LOCK:
-        return _COMPILED.setdefault(dialect, {}).setdefault(key, statement)
+    Bounded, not weak: a compiled statement's conversions hold its dialect, and an engine
+    (its dialect) is made anew after ``dispose_all`` (after a fork, between test runs), so a
+    cache keyed weakly on the dialect would keep every one; 64 is a few engines' worth."""
+    return DriverStatement(build(*args), dialect)
 
 
 __all__ = ["DriverStatement", "compiled"]

@@ -216,7 +216,7 @@ def claim(
     or must not go out: the general claim then says why, and holds it)."""
     if not plans or not currencies:
         return None
-    row = driversql.compiled("claim", conn.dialect, claim_statement).first(
+    row = driversql.compiled(conn.dialect, claim_statement).first(
         conn,
         {
             "p_charge_id": charge_id,
@@ -446,11 +446,8 @@ def approve(
         **{"l_" + name: approval.ledger_row[name] for name in ledger.COLUMNS},
         **{"e_" + name: event.columns[name] for name in _EVENT_COLUMNS},
     }
-    deferred, mismatch = approval.deferred, approval.mismatch
     statement = driversql.compiled(
-        ("approve", deferred, mismatch),
-        conn.dialect,
-        lambda: approve_statement(deferred, mismatch),
+        conn.dialect, approve_statement, approval.deferred, approval.mismatch
     )
     return statement.first(conn, values) is not None
 
