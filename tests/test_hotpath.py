@@ -10,17 +10,26 @@ charge holds, an earlier late approval on the charge, a first attempt declined (
 subscription past due), webhook endpoints with filters, and a person or the sweep acting
 between the claim and the answer (pause, a new card, a new price, the stuck sweep, a
 resolve that makes the answer late).
+
+Both hot statements run as driver SQL (``billing.charging.driversql``): their parameters
+are converted and the claim's row is read without SQLAlchemy's result machinery, so the
+scenarios also carry what a conversion could get wrong (a non-ASCII reference, e-mail and
+gateway message, which land in the JSON payload, the ledger's JSON details and text
+columns; an amount override with cents; absent optional values), the JSON columns are
+compared as the text PostgreSQL keeps (a ``json`` column keeps it verbatim), and the claim
+each path returns is compared value by value with its type and time zone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -45,6 +54,8 @@ TABLES = {
     "events": "id",
     "event_deliveries": "event_id, endpoint",
 }
+#: JSON columns, also compared as the text PostgreSQL keeps (``json`` keeps it verbatim).
+AS_TEXT = {"ledger": "details", "events": "payload"}
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:[+-]\d\d:\d\d|Z)?")
 
@@ -60,12 +71,18 @@ class Scenario:
     declined_first: bool
     endpoints: tuple[tuple[str, ...], ...]
     between: str
+    #: The subscription's reference (in the event's payload and the ledger row).
+    ref: str = "shop-1"
+    email: str | None = None
+    amount_override: str | None = None
+    #: What the gateway said with the approval (the charge's and the ledger's message).
+    message: str = ""
 
 
 scenarios = st.builds(
     Scenario,
     plan=st.sampled_from(["monthly", "deferred"]),
-    amount=st.sampled_from(["asked", "asked", "other", "unreadable", "absent"]),
+    amount=st.sampled_from(["asked", "asked", "other", "unreadable", "unreadable_euro", "absent"]),
     tx_reused=st.booleans(),
     late_flag=st.booleans(),
     declined_first=st.booleans(),
@@ -74,6 +91,10 @@ scenarios = st.builds(
         max_size=2,
     ).map(tuple),
     between=st.sampled_from(BETWEEN),
+    ref=st.sampled_from(["shop-1", "boutique-é-東京"]),
+    email=st.sampled_from([None, "zoé@exemple.fr"]),
+    amount_override=st.sampled_from([None, "1234.56"]),
+    message=st.sampled_from(["", 'Paiement accepté ✓ "ok"']),
 )
 
 
@@ -91,18 +112,24 @@ class Statements:
 
 
 def _approval(scenario: Scenario, asked: Decimal, tx: str) -> Approved:
+    said = scenario.message
     match scenario.amount:
         case "asked":
-            return Approved(tx=tx, amount=asked, amount_text=f"{asked:.2f}")
+            return Approved(tx=tx, amount=asked, amount_text=f"{asked:.2f}", message=said)
         case "other":
-            return Approved(tx=tx, amount=asked + 1, amount_text=f"{asked + 1:.2f}")
+            return Approved(tx=tx, amount=asked + 1, amount_text=f"{asked + 1:.2f}", message=said)
         case "unreadable":
-            return Approved(tx=tx, amount=None, amount_text="1E+30")
-    return Approved(tx=tx)
+            return Approved(tx=tx, amount=None, amount_text="1E+30", message=said)
+        case "unreadable_euro":
+            return Approved(tx=tx, amount=None, amount_text="12,00 €", message=said)
+    return Approved(tx=tx, message=said)
 
 
-def _play(h: Any, url: str, aliases: list[str], scenario: Scenario, clock: datetime) -> int:
-    """The scenario on an empty database; the statements the final record sent."""
+def _play(
+    h: Any, url: str, aliases: list[str], scenario: Scenario, clock: datetime
+) -> tuple[int, Claim]:
+    """The scenario on an empty database; the statements the final record sent, and the
+    claim it recorded."""
     with session_scope(url) as session:
         for number, filters in enumerate(scenario.endpoints):
             session.add(
@@ -120,7 +147,10 @@ def _play(h: Any, url: str, aliases: list[str], scenario: Scenario, clock: datet
         h.engine.calls.record(
             _claimed(h, other, clock), Approved(tx="71000001", amount=Decimal("9.99")), now=clock
         )
-    h.subscribe("shop-1", aliases[0], plan=scenario.plan, next_charge_at=due)
+    extra: dict[str, Any] = {"email": scenario.email}
+    if scenario.amount_override is not None:
+        extra["amount_override"] = Decimal(scenario.amount_override)
+    h.subscribe(scenario.ref, aliases[0], plan=scenario.plan, next_charge_at=due, **extra)
     h.engine.sweep_plan(scenario.plan, now=clock)
     (charge_id,) = h.take_sent()
     if scenario.late_flag:
@@ -136,13 +166,13 @@ def _play(h: Any, url: str, aliases: list[str], scenario: Scenario, clock: datet
         h.take_sent()
         claim = _claimed(h, charge_id, later)
     at = claim.charge.claimed_at or clock
-    _between(h, url, scenario.between, charge_id, aliases[2], at)
+    _between(h, url, scenario.ref, scenario.between, charge_id, aliases[2], at)
     tx = "71000001" if scenario.tx_reused else "71000002"
     statements = Statements(url)
     statements.on = True
     h.engine.calls.record(claim, _approval(scenario, claim.charge.amount, tx), now=at)
     statements.on = False
-    return statements.count
+    return statements.count, claim
 
 
 def _claimed(h: Any, charge_id: int, now: datetime) -> Claim:
@@ -151,19 +181,21 @@ def _claimed(h: Any, charge_id: int, now: datetime) -> Claim:
     return claim
 
 
-def _between(h: Any, url: str, what: str, charge_id: int, alias: str, now: datetime) -> None:
+def _between(
+    h: Any, url: str, ref: str, what: str, charge_id: int, alias: str, now: datetime
+) -> None:
     with session_scope(url) as session:
         match what:
             case "pause":
-                subscriptions.pause(session, "shop-1", now=now, by="alice")
+                subscriptions.pause(session, ref, now=now, by="alice")
             case "new_card":
                 changes.update_subscription(
-                    session, h.plans, "shop-1", by="alice", reason="new card", alias=alias,
+                    session, h.plans, ref, by="alice", reason="new card", alias=alias,
                     now=now,
                 )  # fmt: skip
             case "new_price":
                 changes.update_subscription(
-                    session, h.plans, "shop-1", by="alice", reason="price", amount="31.00",
+                    session, h.plans, ref, by="alice", reason="price", amount="31.00",
                     now=now,
                 )  # fmt: skip
     if what.startswith("stuck"):
@@ -193,14 +225,36 @@ def _snapshot(url: str, clock: datetime) -> dict[str, list[dict[str, Any]]]:
             value = _ISO.sub(lambda m: plain(datetime.fromisoformat(m[0])), value)
         return value
 
+    def query(table: str, order: str) -> str:
+        column = AS_TEXT.get(table)
+        extra = f", {column}::text AS {column}_text" if column else ""
+        return f"SELECT *{extra} FROM {table} ORDER BY {order}"
+
     with get_engine(url).connect() as conn:
         return {
             table: [
                 {key: plain(value) for key, value in row._mapping.items()}
-                for row in conn.execute(text(f"SELECT * FROM {table} ORDER BY {order}"))
+                for row in conn.execute(text(query(table, order)))
             ]
             for table, order in TABLES.items()
         }
+
+
+def _typed(claim: Claim, clock: datetime) -> list[tuple[str, str]]:
+    """The claim's charge and subscription, each value with its type (its ``repr``; a time
+    with its zone, as minutes from the scenario's clock), and its attempt."""
+
+    def shown(value: Any) -> str:
+        if isinstance(value, datetime):
+            return f"{value.tzinfo!r} t{round((value - clock).total_seconds() / 600)}"
+        return repr(value)
+
+    rows = (("charge", claim.charge), ("subscription", claim.subscription))
+    return [
+        (f"{what}.{field.name}", shown(getattr(row, field.name)))
+        for what, row in rows
+        for field in dataclasses.fields(row)
+    ] + [("attempt", repr(claim.attempt_id))]
 
 
 @settings(
@@ -223,9 +277,10 @@ def test_the_hot_path_writes_what_the_general_path_writes(
         truncate_all(pg_url)
         h = make_harness(pg_url)
         h.engine.calls.at_once = at_once
-        statements = _play(h, pg_url, aliases, scenario, clock)
-        runs.append((statements, _snapshot(pg_url, clock)))
-    (fast, hot), (_, general) = runs
+        statements, claim = _play(h, pg_url, aliases, scenario, clock)
+        runs.append((statements, _typed(claim, clock), _snapshot(pg_url, clock)))
+    (fast, hot_claim, hot), (_, general_claim, general) = runs
+    assert hot_claim == general_claim
     for table in TABLES:
         assert hot[table] == general[table], table
     # The common case really took the one-statement record (the general one takes ~10).
@@ -373,3 +428,117 @@ def test_psycopg_keeps_the_hot_statements_parsed(pg_url: str, gateway: Any, make
     for statement, count in seen:  # the test psycopg applies before it caches a query
         assert len(statement) <= _queries.MAX_CACHED_STATEMENT_LENGTH
         assert count <= _queries.MAX_CACHED_STATEMENT_PARAMS
+
+
+# --- driver SQL: the same text and values as SQLAlchemy sends ---------------------------
+
+
+def _sample(bind_type: Any) -> Any:
+    """A value of the parameter's type that a conversion could get wrong."""
+    from sqlalchemy import JSON, DateTime, Integer, Numeric, String
+    from sqlalchemy.dialects.postgresql import ARRAY
+
+    if isinstance(bind_type, ARRAY):
+        return ["é", "b"]
+    if isinstance(bind_type, JSON):
+        return {"ref": "boutique-é-東京", "amount": "12.30", "none": None}
+    if isinstance(bind_type, DateTime) or getattr(bind_type, "impl", None).__class__ is DateTime:
+        return datetime(2026, 1, 31, 23, 30, tzinfo=UTC_PLUS_2)
+    if isinstance(bind_type, Numeric):
+        return Decimal("1234.50")
+    if isinstance(bind_type, String):
+        return "zoé"
+    if isinstance(bind_type, Integer):
+        return 999_999
+    return 999_999  # untyped: an ID
+
+
+UTC_PLUS_2 = timezone(timedelta(hours=2))
+
+
+def _sent(url: str, run: Any) -> list[tuple[str, dict[str, Any]]]:
+    """What ``run(conn)`` sent to the driver (statement, parameters; a ``Json`` as what
+    makes its bytes: its value and its ``dumps``), in a transaction rolled back."""
+    from psycopg.types.json import Json
+
+    seen: list[tuple[str, dict[str, Any]]] = []
+
+    def keep(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        shown = {
+            name: (type(value), value.obj, value.dumps) if isinstance(value, Json) else value
+            for name, value in parameters.items()
+        }
+        seen.append((statement, shown))
+
+    engine = get_engine(url)
+    event.listen(engine, "before_cursor_execute", keep)
+    try:
+        with engine.connect() as conn, conn.begin() as transaction:
+            run(conn)
+            transaction.rollback()
+    finally:
+        event.remove(engine, "before_cursor_execute", keep)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "which", ["claim", "approve", "approve_deferred", "approve_mismatch", "approve_both"]
+)
+def test_the_driver_gets_the_text_and_values_sqlalchemy_gives_it(pg_url: str, which: str):
+    from billing.charging import driversql, hotpath
+
+    if which == "claim":
+        statement = hotpath.claim_statement()
+    else:
+        statement = hotpath.approve_statement(
+            which in ("approve_deferred", "approve_both"),
+            which in ("approve_mismatch", "approve_both"),
+        )
+    compiled = statement.compile(dialect=get_engine(pg_url).dialect)
+    values = {
+        name: None if name.endswith(("_code", "_message", "_reason")) else _sample(bind.type)
+        for bind, name in compiled.bind_names.items()
+        if bind.required
+    }
+
+    by_sqlalchemy = _sent(pg_url, lambda conn: conn.execute(statement, values).all())
+    as_driver_sql = _sent(
+        pg_url,
+        lambda conn: driversql.DriverStatement(statement, conn.dialect).first(conn, values),
+    )
+    assert as_driver_sql == by_sqlalchemy
+    assert len(by_sqlalchemy) == 1
+
+
+def test_a_failed_driver_statement_is_sqlalchemys_error_and_the_next_one_runs(pg_url: str):
+    """A driver error comes out as SQLAlchemy's (what the callers' retry branches read),
+    and the kept cursor, which SQLAlchemy closes on an error, is made again."""
+    from sqlalchemy import literal_column, select
+    from sqlalchemy.exc import DBAPIError
+
+    from billing.charging import driversql
+
+    failing = driversql.DriverStatement(select(literal_column("1 / 0")), get_engine(pg_url).dialect)
+    fine = driversql.DriverStatement(select(literal_column("2")), get_engine(pg_url).dialect)
+    with get_engine(pg_url).connect() as conn:
+        assert fine.first(conn, {}) == (2,)
+        kept = conn.connection.info[driversql._CURSOR]
+        assert fine.first(conn, {}) == (2,)
+        assert conn.connection.info[driversql._CURSOR] is kept
+        with pytest.raises(DBAPIError, match="division by zero") as raised:
+            failing.first(conn, {})
+        assert not raised.value.connection_invalidated
+        conn.rollback()
+        assert fine.first(conn, {}) == (2,)
+        assert conn.connection.info[driversql._CURSOR] is not kept
+
+
+def test_a_statement_sqlalchemy_rewrites_at_each_run_is_refused(pg_url: str):
+    from sqlalchemy import bindparam, select
+
+    from billing.charging import driversql
+    from billing.models import Charge
+
+    expanding = select(Charge.id).where(Charge.id.in_(bindparam("ids", expanding=True)))
+    with pytest.raises(ValueError, match="rewritten"):
+        driversql.DriverStatement(expanding, get_engine(pg_url).dialect)

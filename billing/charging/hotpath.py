@@ -21,6 +21,12 @@ and the lock order is the one of everywhere: the charge first (its move), then t
 subscription (its update waits for the move: ``EXISTS`` over the move's result, a one-time
 filter PostgreSQL evaluates before it scans).
 
+Both run as driver SQL (``billing.charging.driversql``): compiled by SQLAlchemy once per
+process into the text it would send, run on the caller's connection and in its transaction
+with each parameter converted as SQLAlchemy converts it, and the claim's row read by
+position into ``ChargeRow`` and ``SubRow``, without SQLAlchemy's execution context and
+result metadata, which cost more CPU than the rest of the two statements' work here.
+
 SQLite has no data-modifying ``WITH``: it always takes the general path.
 """
 
@@ -55,8 +61,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from billing import ledger, widths
-from billing.charging import lifecycle
-from billing.charging.rows import CHARGE_COLUMNS, SUB_FIELDS, ChargeRow, SubRow
+from billing.charging import driversql, lifecycle
+from billing.charging.rows import CHARGE_COLUMNS, CHARGE_FIELDS, SUB_FIELDS, ChargeRow, SubRow
 from billing.events import data_of_charge, event_row
 from billing.models import (
     Attempt,
@@ -187,7 +193,13 @@ def claim_statement() -> Select[Any]:
         .returning(A.c.id)
         .cte("attempt")
     )
-    return select(moved, attempt.c.id.label("attempt_id")).select_from(moved.join(attempt, true()))
+    statement = select(moved, attempt.c.id.label("attempt_id")).select_from(
+        moved.join(attempt, true())
+    )
+    returned = tuple(column.key for column in statement.selected_columns)
+    if returned != _CLAIM_COLUMNS:  # ``claim`` reads the row by position
+        raise ValueError(f"the claim returns {returned}, not {_CLAIM_COLUMNS}")
+    return statement
 
 
 def claim(
@@ -204,8 +216,8 @@ def claim(
     or must not go out: the general claim then says why, and holds it)."""
     if not plans or not currencies:
         return None
-    row = conn.execute(
-        claim_statement(),
+    row = driversql.compiled(conn.dialect, claim_statement).first(
+        conn,
         {
             "p_charge_id": charge_id,
             "p_now": now,
@@ -214,12 +226,19 @@ def claim(
             "p_currencies": list(currencies),
             "p_worker": widths.fit(worker, widths.ACTOR),
         },
-    ).one_or_none()
+    )
     if row is None:
         return None
-    mapping = row._mapping
-    sub = SubRow(**{name: mapping[SUB_PREFIX + name] for name in SUB_FIELDS})
-    return Claimed(ChargeRow.of(row), sub, int(mapping["attempt_id"]))
+    # By position: the statement returns the charge's columns, the subscription's, the
+    # attempt's ID, in that order (``claim_statement``; checked by ``_CLAIM_COLUMNS``).
+    subscription = SubRow(*row[_CHARGE_END:_SUB_END])
+    return Claimed(ChargeRow(*row[:_CHARGE_END]), subscription, int(row[_SUB_END]))
+
+
+_CHARGE_END = len(CHARGE_FIELDS)
+_SUB_END = _CHARGE_END + len(SUB_FIELDS)
+#: What ``claim_statement`` returns, column by column, as ``claim`` reads it.
+_CLAIM_COLUMNS = (*CHARGE_FIELDS, *(SUB_PREFIX + name for name in SUB_FIELDS), "attempt_id")
 
 
 # --- an approval in time ------------------------------------------------------------
@@ -427,8 +446,10 @@ def approve(
         **{"l_" + name: approval.ledger_row[name] for name in ledger.COLUMNS},
         **{"e_" + name: event.columns[name] for name in _EVENT_COLUMNS},
     }
-    statement = approve_statement(approval.deferred, approval.mismatch)
-    return conn.execute(statement, values).one_or_none() is not None
+    statement = driversql.compiled(
+        conn.dialect, approve_statement, approval.deferred, approval.mismatch
+    )
+    return statement.first(conn, values) is not None
 
 
 __all__ = [
