@@ -542,3 +542,28 @@ def test_a_statement_sqlalchemy_rewrites_at_each_run_is_refused(pg_url: str):
     expanding = select(Charge.id).where(Charge.id.in_(bindparam("ids", expanding=True)))
     with pytest.raises(ValueError, match="rewritten"):
         driversql.DriverStatement(expanding, get_engine(pg_url).dialect)
+
+
+def test_a_driver_write_on_a_connection_with_no_transaction_begun_is_committed(pg_url: str):
+    """``_cursor_execute`` alone skips SQLAlchemy's autobegin: psycopg opened a transaction
+    SQLAlchemy did not know, ``commit()`` did nothing and the pool rolled the write back — a
+    claim that seems made while its charge stays queued for another worker (review
+    finding; no caller does so today)."""
+    from sqlalchemy import Column, Integer, MetaData, Table, insert, select
+
+    from billing.charging import driversql
+
+    table = Table(f"t_{uuid.uuid4().hex[:8]}", MetaData(), Column("n", Integer))
+    engine = get_engine(pg_url)
+    with engine.begin() as conn:
+        table.create(conn)
+    written = insert(table).values(n=7).returning(table.c.n).cte("written")
+    write = driversql.DriverStatement(select(written.c.n), engine.dialect)
+    with engine.connect() as conn:
+        assert write.first(conn, {}) == (7,)
+        assert conn.in_transaction()
+        conn.commit()
+    with engine.connect() as conn:
+        assert conn.execute(select(table.c.n)).scalars().all() == [7]
+        table.drop(conn)
+        conn.commit()

@@ -99,6 +99,11 @@ class DriverStatement:
     def first(self, conn: Connection, values: Mapping[str, Any]) -> tuple[Any, ...] | None:
         """Run the statement in ``conn`` (its transaction, if one is begun) and return its
         first row, its values converted as SQLAlchemy converts them; ``None`` if none."""
+        # What ``Connection.execute`` does first: a connection with no transaction begun
+        # begins one, so the caller's ``commit()`` commits it (``_cursor_execute`` alone
+        # would leave a transaction SQLAlchemy does not know, rolled back when pooled).
+        if conn._transaction is None:
+            conn._autobegin()
         cursor = _cursor(conn)
         conn._cursor_execute(cursor, self.sql, self.parameters(values))
         row = cursor.fetchone()
