@@ -53,8 +53,9 @@ MIN_SECRET_LENGTH = 4
 ENCODING_DEPTH = 2
 #: Card numbers have 13 to 19 digits (ISO/IEC 7812).
 PAN_DIGITS = (13, 19)
-#: Separator characters a card number may be grouped with, at most this many in a row.
-PAN_SEPARATORS = " .-+"
+#: Separator characters a card number may be grouped with, at most this many in a row: the
+#: spaces of French digit grouping (no-break, narrow no-break, thin) and a tab too.
+PAN_SEPARATORS = " .-+\u00a0\u202f\u2009\t"
 PAN_MAX_SEPARATORS = 3
 #: A run of more digit groups than this is blanked whole, and so is every long run of a
 #: text with more groups than ``PAN_MAX_TEXT_GROUPS`` (see ``_pan_spans``).

@@ -18,7 +18,7 @@ import pytest
 from billing.errors import BillingError
 from billing.gateway import DirectPayment, KlikAndPayClient
 from billing.outcomes import Approved, Declined, NotSent, Outcome, Unknown
-from billing.redact import mask_alias
+from billing.redact import mask_alias, redact
 from billing.sandbox import Sandbox
 from tests.fixtures.sandbox import (
     EUR_KEY,
@@ -480,3 +480,14 @@ def test_a_secret_too_long_for_a_pattern_is_still_scrubbed_as_encoders_write_it(
     lower = re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), percent)
     for form in (key, key.replace("+", " "), percent, lower, json.dumps(key)[1:-1]):
         assert redact(f"x {form} y", secrets=(key,)) == "x [redacted] y"
+
+
+@pytest.mark.parametrize(
+    "sep", ["\u00a0", "\u202f", "\u2009", "\t", "%C2%A0", "\\u00a0", "%E2%80%AF"]
+)
+def test_a_card_number_grouped_with_french_spaces_is_redacted(sep: str) -> None:
+    """French digit grouping writes a card number with no-break (or narrow no-break, or
+    thin) spaces: copied from a page into a reason, or echoed in a gateway message, it was
+    kept whole (found by review)."""
+    text = f"carte 4012{sep}8888{sep}8888{sep}1881 refusée"
+    assert "1881" not in redact(text), redact(text)
