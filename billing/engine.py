@@ -89,7 +89,7 @@ class Engine:
         self._finished = itertools.count(1)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
-        self._refill_every = max(1, settings.max_in_flight // 4)
+        self._refill_every = max(1, settings.max_in_flight // 8)
 
     @property
     def settings(self) -> Settings:
@@ -162,8 +162,15 @@ class Engine:
         charge it left queued is sent again by the engine sweep)."""
         if len(charge_ids) == 1:
             return [self.charge(charge_ids[0])]
-        futures = [self._calls_pool().submit(self.charge, charge_id) for charge_id in charge_ids]
+        futures = [
+            self._calls_pool().submit(self.calls.charge, charge_id) for charge_id in charge_ids
+        ]
         errors = [f.exception() for f in futures]
+        # The message's slots are free: fill them now, whatever its charges came to. Once per
+        # message, not counted: with counters only, P processes could each stay just short of
+        # their count while every charge in flight finished, and without beat the charges
+        # still due would wait for ever (five or more processes at a quarter of the bound).
+        self._dispatch_quietly()
         for error in errors:
             if error is not None:
                 raise error
@@ -190,16 +197,20 @@ class Engine:
         return self.calls.record(claim, result, retries=retries, now=now)
 
     def _refill(self) -> None:
-        """Slots in flight freed up: keep the pipeline full without waiting for beat.
+        """A lone charge freed its slot: keep the pipeline full without waiting for beat.
 
-        Every few finished charges (a quarter of the in-flight bound, per process), not
-        after each one: a dispatch counts what is in flight and sends a message, so doing it
-        per charge would cost a query and a message per charge for no gain while plenty is
-        still queued. With the bench's bound of twice the calls at once, two processes each
-        a quarter short still leave every call thread something to do.
+        Every few finished charges (an eighth of the in-flight bound), not after each one:
+        a dispatch counts what is in flight, so doing it per charge would cost a query per
+        charge for no gain while plenty is still queued. A message of several charges
+        refills once it is done instead (:meth:`charge_many`), so most charges never count
+        here: lone charges are the few a dispatch sends by themselves, and retries.
         """
         if next(self._finished) % self._refill_every:
             return
+        self._dispatch_quietly()
+
+    def _dispatch_quietly(self) -> None:
+        """:meth:`dispatch_due`, logging rather than raising what fails."""
         try:
             self.dispatch_due()
         except Exception as exc:

@@ -14,6 +14,7 @@ from sqlalchemy.exc import OperationalError
 from billing import broker, dates
 from billing.charging import context
 from billing.db import session_scope
+from billing.engine import Engine
 from billing.errors import ConfigError
 from billing.models import Charge, ChargeState, LedgerEntry, SubscriptionStatus, utcnow
 from billing.plans import load_plans
@@ -522,3 +523,28 @@ def test_a_refill_that_cannot_reach_the_broker_leaves_the_charge_done(
         states = sorted(session.scalars(select(Charge.state)))
     # The second charge, queued for the failed send, is due again for the next dispatch.
     assert states == sorted([ChargeState.APPROVED, ChargeState.PENDING])
+
+
+def test_many_processes_never_leave_the_pipeline_dry(pg_url, gateway, make_harness):
+    """Each process refilled after a count of its own finished charges: with a quarter of
+    the bound as the count, five processes could each finish just short of it while every
+    charge in flight finished, and with no beat the charges still due waited for ever
+    (found by review: ``make bench`` on a 5-core machine would stall after one wave). A
+    message of several charges now refills once it is done."""
+    h = make_harness(pg_url, max_in_flight=20)
+    for i, alias in enumerate(gateway.seed_aliases("1234567", 25)):
+        h.subscribe(f"shop-{i}", alias)
+    h.engine.sweep_plan("monthly")
+    wave = h.take_sent()
+    assert len(wave) == 20
+    processes = [
+        Engine(
+            h.engine.settings, plans=h.plans, client=h.engine.ctx.client,
+            dispatcher=h.sent.extend, limiter=None, actor=f"process-{n}",
+        )
+        for n in range(5)
+    ]  # fmt: skip
+    for n, process in enumerate(processes):  # one message of 4 charges each, as Redis deals
+        results = process.charge_many(wave[n * 4 : (n + 1) * 4])
+        assert [r.status for r in results] == ["done"] * 4
+    assert len(h.take_sent()) == 5, "the 5 charges still due were left for beat"
