@@ -19,10 +19,10 @@ Celery never appears here: the task layer hands in a ``dispatcher`` that sends m
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -86,10 +86,13 @@ class Engine:
         self.calls = Calls(self.ctx)
         self.settlement = Settlement(self.ctx)
         self.housekeeping = Housekeeping(self.ctx)
-        self._finished = itertools.count(1)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
-        self._refill_every = max(1, settings.max_in_flight // 8)
+        self._refill_every = max(1, settings.max_in_flight // 4)
+        self._messages = 0
+        #: Charges finished since this process last refilled.
+        self._unfilled = 0
+        self._messages_lock = threading.Lock()
 
     @property
     def settings(self) -> Settings:
@@ -148,33 +151,53 @@ class Engine:
 
     def charge(self, charge_id: int, *, retries: int = 0) -> ChargeResult:
         """Make one gateway call for a queued charge and record what came of it."""
-        result = self.calls.charge(charge_id, retries=retries)
-        if result.status == "done":
-            self._refill()
-        return result
+        with self._message():
+            return self._charge_one(charge_id, retries=retries)
 
     def charge_many(self, charge_ids: Sequence[int]) -> list[ChargeResult]:
-        """Each of ``charge_ids`` charged on its own (:meth:`charge`), all at once: a message
-        of several charges takes as long as its slowest call, not the sum of its calls.
+        """Each of ``charge_ids`` charged on its own, all at once: a message of several
+        charges takes as long as its slowest call, not the sum of its calls.
 
         Every call runs to its end and is recorded before this returns, whatever another
         one raised; then the first error is raised (the message is dead-lettered, and a
         charge it left queued is sent again by the engine sweep)."""
         if len(charge_ids) == 1:
             return [self.charge(charge_ids[0])]
-        futures = [
-            self._calls_pool().submit(self.calls.charge, charge_id) for charge_id in charge_ids
-        ]
-        errors = [f.exception() for f in futures]
-        # The message's slots are free: fill them now, whatever its charges came to. Once per
-        # message, not counted: with counters only, P processes could each stay just short of
-        # their count while every charge in flight finished, and without beat the charges
-        # still due would wait for ever (five or more processes at a quarter of the bound).
-        self._dispatch_quietly()
+        with self._message():
+            futures = [self._calls_pool().submit(self._charge_one, cid) for cid in charge_ids]
+            errors = [f.exception() for f in futures]
         for error in errors:
             if error is not None:
                 raise error
         return [f.result() for f in futures]
+
+    def _charge_one(self, charge_id: int, *, retries: int = 0) -> ChargeResult:
+        result = self.calls.charge(charge_id, retries=retries)
+        if result.status == "done":
+            self._refill()
+        return result
+
+    @contextlib.contextmanager
+    def _message(self) -> Iterator[None]:
+        """One message of this process being worked on. The last one to end while no other
+        is under way refills: the counts of :meth:`_refill` are per process, so several
+        processes could each stay just short of theirs while every charge in flight
+        finished, and with no beat the charges still due would wait for ever (review: five
+        processes at a quarter of the bound). A process left with nothing to do asks."""
+        with self._messages_lock:
+            self._messages += 1
+        try:
+            yield
+        finally:
+            with self._messages_lock:
+                self._messages -= 1
+                # Only if a charge finished since this process last refilled: a message whose
+                # last charge has just made the count refill needs no second dispatch.
+                idle = self._messages == 0 and self._unfilled > 0
+                if idle:
+                    self._unfilled = 0
+            if idle:
+                self._dispatch_quietly()
 
     def _calls_pool(self) -> ThreadPoolExecutor:
         """Threads for the calls of several-charge messages (``calls_per_process``, started
@@ -197,17 +220,20 @@ class Engine:
         return self.calls.record(claim, result, retries=retries, now=now)
 
     def _refill(self) -> None:
-        """A lone charge freed its slot: keep the pipeline full without waiting for beat.
+        """Slots in flight freed up: keep the pipeline full without waiting for beat.
 
-        Every few finished charges (an eighth of the in-flight bound), not after each one:
-        a dispatch counts what is in flight, so doing it per charge would cost a query per
-        charge for no gain while plenty is still queued. A message of several charges
-        refills once it is done instead (:meth:`charge_many`), so most charges never count
-        here: lone charges are the few a dispatch sends by themselves, and retries.
+        Every few finished charges (a quarter of the in-flight bound, per process), not
+        after each one: a dispatch counts what is in flight and sends a message, so doing it
+        per charge would cost a query and a message per charge for no gain while plenty is
+        still queued. A process whose last message ends refills too (:meth:`_message`).
         """
-        if next(self._finished) % self._refill_every:
-            return
-        self._dispatch_quietly()
+        with self._messages_lock:
+            self._unfilled += 1
+            due = self._unfilled >= self._refill_every
+            if due:
+                self._unfilled = 0
+        if due:
+            self._dispatch_quietly()
 
     def _dispatch_quietly(self) -> None:
         """:meth:`dispatch_due`, logging rather than raising what fails."""
