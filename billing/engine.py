@@ -151,8 +151,7 @@ class Engine:
 
     def charge(self, charge_id: int, *, retries: int = 0) -> ChargeResult:
         """Make one gateway call for a queued charge and record what came of it."""
-        with self._message():
-            return self._charge_one(charge_id, retries=retries)
+        return self._charge_one(charge_id, retries=retries)
 
     def charge_many(self, charge_ids: Sequence[int]) -> list[ChargeResult]:
         """Each of ``charge_ids`` charged on its own, all at once: a message of several
@@ -179,11 +178,13 @@ class Engine:
 
     @contextlib.contextmanager
     def _message(self) -> Iterator[None]:
-        """One message of this process being worked on. The last one to end while no other
-        is under way refills: the counts of :meth:`_refill` are per process, so several
-        processes could each stay just short of theirs while every charge in flight
-        finished, and with no beat the charges still due would wait for ever (review: five
-        processes at a quarter of the bound). A process left with nothing to do asks."""
+        """One message of several charges being worked on in this process. The last one to
+        end while no other is under way refills: the counts of :meth:`_refill` are per
+        process, so several processes could each stay just short of theirs while every
+        charge in flight finished, and with no beat the charges still due would wait for
+        ever (review: five processes at a quarter of the bound). A process left with nothing
+        to do asks. A lone charge (a retry, or the one charge a dispatch had room for) only
+        counts: dispatches send lone charges only when the room is one."""
         with self._messages_lock:
             self._messages += 1
         try:

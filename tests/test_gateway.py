@@ -643,22 +643,23 @@ def _duplicate(client: KlikAndPayClient) -> Outcome:
 
 def test_a_cut_oversized_answer_never_leaks_into_the_next_call() -> None:
     """An answer cut at the limit leaves bytes on its connection: the connection is
-    dropped, so the next call reads its own answer on a new one."""
-    big = ("RESPONSE=05&MESSAGE=" + "x" * (gateway.MAX_ANSWER_BYTES + 10)).encode()
-    answers = [big, b"RESPONSE=00&TX=12345&MONTANT=1.00"]
+    dropped, so the next call reads its own answer on a new one (on a keep-alive server,
+    which would otherwise answer the next request on the same connection)."""
+    big = ("RESPONSE=05&MESSAGE=" + "x" * (gateway.MAX_ANSWER_BYTES + 200_000)).encode()
 
-    def respond(conn: socket.socket, request: bytes) -> None:
-        data = answers.pop(0)
-        head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+    def oversized(conn: socket.socket) -> None:
         with contextlib.suppress(OSError):  # the client hangs up once it has read enough
-            conn.sendall(head + data)
+            _ok(big)(conn)
 
-    with LoopbackServer(respond) as server:
+    server = KeepAliveServer([oversized, _ok(b"RESPONSE=00&TX=12345&MONTANT=1.00")])
+    try:
         client = KlikAndPayClient(server.url)
         first, second = _duplicate(client), _duplicate(client)
-        assert len(server.requests) == 2
+    finally:
+        server.close()
     assert isinstance(first, Declined) and first.code == "05"
     assert isinstance(second, Approved) and second.tx == "12345", second
+    assert (server.connections, server.requests) == (2, 2)
 
 
 def test_the_environment_proxy_carries_the_calls(monkeypatch: pytest.MonkeyPatch) -> None:
