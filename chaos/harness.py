@@ -26,6 +26,12 @@ CHAOS_SETTINGS = {
     **FAST_RECOVERY,
     "BILLING_VISIBILITY_TIMEOUT": "20",
     "BILLING_MAX_IN_FLIGHT": "120",
+    # Six worker processes (four prefork children, two thread pools) beside two beats and
+    # the run itself share PostgreSQL's 100 connections: a process holds up to one per call
+    # it makes at once (README, BILLING_CALLS_PER_PROCESS), so 32 each would not fit. With
+    # messages of 8 charges a prefork child never made more than 8; with 32 it does (CI
+    # ran out of connections when the batch grew).
+    "BILLING_CALLS_PER_PROCESS": "10",
 }
 
 
